@@ -1,0 +1,45 @@
+"""The ``i2p`` command group.
+
+Subcommands are imported only when invoked, so ``i2p detect`` never pays for (or needs) torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute"; the training and export commands need the [train]/[export] extras.
+COMMANDS = {
+    "train": "i2p.train.cli:train",
+    "layers": "i2p.train.cli:layers",
+    "eval": "i2p.train.cli:evaluate",
+    "demo": "i2p.train.demo:demo",
+    "export": "i2p.export.cli:export",
+    "detect": "i2p.runtime.cli:detect",
+    "bench": "i2p.runtime.cli:bench",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            extra = "train" if module.startswith(("i2p.train", "i2p.export")) else "gpu"
+            raise click.ClickException(
+                f"'i2p {name}' needs packages that are not installed ({e.name or e}). "
+                f"Install them with: pip install 'i2p-detector[{'export' if 'export' in module else extra}]'"
+            ) from e
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="i2p-detector")
+def main() -> None:
+    """I2P synthetic-image detector: train, export, detect, benchmark."""
