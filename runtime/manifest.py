@@ -79,8 +79,12 @@ class Manifest:
                 **{
                     **d,
                     "preprocess": PreprocessSpec.from_dict(d["preprocess"]),
-                    "inputs": tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
-                    "outputs": tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]),
+                    "inputs": tuple(
+                        TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]
+                    ),
+                    "outputs": tuple(
+                        TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]
+                    ),
                     "models": tuple(ModelFile(**m) for m in d["models"]),
                 }
             )

@@ -50,9 +50,13 @@ class PreprocessSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; this i2p version knows {sorted(known)}")
+            raise ValueError(
+                f"unknown preprocessing keys {sorted(unknown)}; this i2p version knows {sorted(known)}"
+            )
         if d.get("resize", "shortest") != "shortest" or d.get("interpolation", "bicubic") != "bicubic":
-            raise ValueError(f"unsupported preprocessing {d}: only shortest-side bicubic resize is implemented")
+            raise ValueError(
+                f"unsupported preprocessing {d}: only shortest-side bicubic resize is implemented"
+            )
         if d.get("crop", "center") != "center":
             raise ValueError(f"unsupported crop {d.get('crop')!r}: only 'center' is implemented")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -109,9 +113,7 @@ def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> 
     elif isinstance(src, (str, os.PathLike, bytes)):
         img = _open(src, name, max_pixels)
     else:
-        raise TypeError(
-            f"cannot read {name}: expected a path, bytes, a PIL image or a uint8 HxWx3 array"
-        )
+        raise TypeError(f"cannot read {name}: expected a path, bytes, a PIL image or a uint8 HxWx3 array")
     try:
         if img.width * img.height > max_pixels:
             raise ImageError(f"{name}: {img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")

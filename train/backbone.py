@@ -1,0 +1,137 @@
+"""The frozen CLIP image tower: built from an open_clip config, weights from a local file (or a tag on request).
+
+Only the vision tower is built (no text tower), and nothing is downloaded unless the user names an
+open_clip pretrained tag. Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from i2p.runtime.manifest import sha256_file
+from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
+from open_clip.model import _build_vision_tower
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the demo
+
+
+class BackboneError(ValueError):
+    """The backbone name, its weights file or its architecture cannot be used."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a checkpoint records about its frozen base, so export can find and verify it again."""
+
+    model: str  # open_clip model name
+    pretrained: str  # file path, open_clip tag, or "none"
+    sha256: str  # of the weights file; of the state dict for random init
+    num_layers: int
+    width: int
+    preprocess: PreprocessSpec
+
+
+def build_tower(model: str) -> VisionTransformer:
+    """An open_clip ViT image tower with random weights, checked to be one this package can adapt."""
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise BackboneError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+    tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+    if not isinstance(tower, VisionTransformer) or tower.attn_pool is not None:
+        raise BackboneError(f"{model}: only plain open_clip ViT image towers are supported")
+    if not all(type(b) is ResidualAttentionBlock for b in tower.transformer.resblocks):
+        raise BackboneError(
+            f"{model}: custom attention blocks are not supported (need nn.MultiheadAttention)"
+        )
+    if getattr(tower, "class_embedding", None) is None:
+        raise BackboneError(f"{model}: the tower has no class token, which the detector head reads")
+    return tower
+
+
+def preprocess_spec(model: str) -> PreprocessSpec:
+    cfg = open_clip.get_model_config(model)
+    size = cfg["vision_cfg"]["image_size"]
+    size = size if isinstance(size, int) else size[0]
+    pp = cfg.get("preprocess_cfg", {})
+    return PreprocessSpec(
+        size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD))
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """An open_clip full-model or visual-only state dict as the ``visual`` tower's keys."""
+    if not path.is_file():
+        raise BackboneError(f"{path}: backbone weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad files; all mean the same to the user
+        raise BackboneError(
+            f"{path}: cannot read weights ({type(e).__name__}: {e}). Expected a safetensors file or a "
+            "plain torch state dict (TorchScript archives are refused: they contain code)"
+        ) from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_weights(model: str, pretrained: str) -> Path | None:
+    """A local path stays as it is; an open_clip tag is downloaded (the user asked for it); "none" -> None."""
+    if pretrained == "none":
+        return None
+    path = Path(pretrained).expanduser()
+    if path.exists() or path.suffix in (".pt", ".bin", ".safetensors", ".pth"):
+        return path
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise BackboneError(
+            f"--pretrained {pretrained!r} is neither a file nor an open_clip tag for {model} (tags: {tags})"
+        )
+    return Path(open_clip.download_pretrained(cfg))
+
+
+def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[VisionTransformer, BackboneInfo]:
+    """The frozen tower in eval mode, and the record a checkpoint keeps of it."""
+    torch.manual_seed(seed)  # random init ("none") must be reproducible across resume
+    tower = build_tower(model)
+    weights = resolve_weights(model, pretrained)
+    if weights is not None:
+        sd = read_state_dict(weights)
+        missing, unexpected = tower.load_state_dict(sd, strict=False)
+        if missing:
+            raise BackboneError(f"{weights}: weights do not fit {model}: missing {missing[:5]}…")
+        digest = sha256_file(weights)
+    else:
+        digest = state_dict_sha256(tower.state_dict())
+    tower.eval().requires_grad_(False)
+    info = BackboneInfo(
+        model=model,
+        pretrained=str(weights) if weights else "none",
+        sha256=digest,
+        num_layers=len(tower.transformer.resblocks),
+        width=tower.transformer.width,
+        preprocess=preprocess_spec(model),
+    )
+    return tower, info

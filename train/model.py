@@ -1,0 +1,119 @@
+"""The detector: a CLIP tower truncated at the critical layer L*, subspace deltas, and a one-logit head.
+
+Like timm models it is ``forward_features`` (CLS token after block L*) + ``forward_head`` (logit).
+Blocks after L* are dropped at construction, so they are never run in training or deployment.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from . import subspace
+
+
+class Head(nn.Module):
+    """LayerNorm + Linear -> one logit, on the layer-L* CLS token.
+
+    The UnivFD baseline reads CLIP's final embedding instead: its head is CLIP's own ln_post and
+    projection (frozen) followed by the linear layer, which folds into the same LayerNorm + Linear.
+    """
+
+    def __init__(self, width: int, norm: nn.LayerNorm | None = None, proj: torch.Tensor | None = None):
+        super().__init__()
+        self.norm = norm if norm is not None else nn.LayerNorm(width)
+        self.register_buffer("proj", proj)
+        self.fc = nn.Linear(width if proj is None else proj.shape[1], 1)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        x = self.norm(cls)
+        if self.proj is not None:
+            x = x @ self.proj
+        return self.fc(x).squeeze(-1)
+
+    def folded(self) -> nn.Sequential:
+        """The same function as plain LayerNorm + Linear(width, 1): the projection folded into fc."""
+        fc = nn.Linear(self.norm.normalized_shape[0], 1)
+        with torch.no_grad():
+            w = self.fc.weight if self.proj is None else self.fc.weight @ self.proj.T
+            fc.weight.copy_(w)
+            fc.bias.copy_(self.fc.bias)
+        return nn.Sequential(copy.deepcopy(self.norm), fc)
+
+
+class I2PModel(nn.Module):
+    def __init__(self, tower: VisionTransformer, layer: int, baseline: bool = False):
+        super().__init__()
+        num_layers = len(tower.transformer.resblocks)
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"layer {layer} is outside 1..{num_layers}")
+        width = tower.transformer.width
+        if baseline:  # UnivFD: frozen full tower, final embedding, linear head
+            head = Head(
+                width, norm=copy.deepcopy(tower.ln_post).requires_grad_(False), proj=tower.proj.detach()
+            )
+        else:
+            head = Head(width)
+        tower.transformer.resblocks = tower.transformer.resblocks[:layer]
+        tower.ln_post, tower.proj = nn.Identity(), None
+        tower.requires_grad_(False)
+        self.tower, self.head = tower, head
+        self.layer, self.num_layers, self.baseline = layer, num_layers, baseline
+        self.deltas: dict[str, subspace.SubspaceDelta] = {}
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.tower.transformer.resblocks
+
+    def add_deltas(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Attach trainable subspace deltas to every linear map of blocks 1..L*."""
+        self.deltas = subspace.attach(self.blocks, bases)
+
+    def merge(self) -> None:
+        """Fold the deltas into the base weights: afterwards the tower holds plain ViT blocks."""
+        subspace.merge(self.blocks)
+        self.deltas = {}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tower.transformer(self.tower._embeds(x))[:, 0]
+
+    def forward_head(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.head(cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: head tensors and each delta's U, V, A (the frozen base is referenced)."""
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        for name, d in self.deltas.items():
+            state.update({f"delta.{name}.U": d.U, f"delta.{name}.V": d.V, f"delta.{name}.A": d.A})
+        return {k: v.detach() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of trainable_state on a freshly built model (deltas are created from the stored bases)."""
+        bases = {
+            k[len("delta.") : -len(".U")]: (v, state[k[:-2] + ".V"])
+            for k, v in state.items()
+            if k.startswith("delta.") and k.endswith(".U")
+        }
+        if bases:
+            self.add_deltas(bases)
+            with torch.no_grad():
+                for name, d in self.deltas.items():
+                    d.A.copy_(state[f"delta.{name}.A"])
+        self.head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; the frozen base counts once, U/V bases are buffers."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
