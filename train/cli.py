@@ -1,0 +1,154 @@
+"""``i2p-train``, ``i2p layers`` and ``i2p eval``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from .augment import AugmentConfig
+from .config import TrainConfig
+
+DEFAULTS = TrainConfig(data="")
+
+
+def data_options(f):
+    """Options shared by every command that reads a training set and a backbone."""
+    options = [
+        click.option(
+            "--data", required=True, type=click.Path(exists=True), help="Image folder or CSV manifest."
+        ),
+        click.option(
+            "--val", type=click.Path(exists=True), help="Validation folder/CSV (default: split --data)."
+        ),
+        click.option("--val-fraction", default=DEFAULTS.val_fraction, show_default=True),
+        click.option("--model", default=DEFAULTS.model, show_default=True, help="open_clip model name."),
+        click.option(
+            "--pretrained",
+            required=True,
+            help="Weights file (.safetensors/.pt/.bin, open_clip full or visual-only), an open_clip tag "
+            "(downloads: you asked), or 'none' (random init, for tests and demos).",
+        ),
+        click.option(
+            "--calib-size",
+            default=DEFAULTS.calib_size,
+            show_default=True,
+            help="Images per split to score layers.",
+        ),
+        click.option("--layer", default="auto", show_default=True, help="auto | last | block number."),
+        click.option("--layer-tolerance", default=DEFAULTS.layer_tolerance, show_default=True),
+        click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True),
+        click.option("--workers", default=DEFAULTS.workers, show_default=True, help="DataLoader processes."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--seed", default=DEFAULTS.seed, show_default=True),
+        click.option(
+            "--out", default=DEFAULTS.out, show_default=True, type=click.Path(), help="Run directory."
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config(**kw) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in kw.items() if k in fields and v is not None})
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _run(fn, *args):
+    """Turn the package's own errors into clean CLI errors; keep tracebacks for real bugs."""
+    from .backbone import BackboneError
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    try:
+        return fn(*args)
+    except (BackboneError, CheckpointError, DataError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.command("train")
+@data_options
+@click.option(
+    "--rank",
+    default=DEFAULTS.rank,
+    show_default=True,
+    help="Subspace directions per linear map (0 = head only).",
+)
+@click.option(
+    "--sensitivity", type=click.Choice(["singular", "fisher"]), default="singular", show_default=True
+)
+@click.option(
+    "--baseline", is_flag=True, help="UnivFD recipe: frozen full tower, final embedding, linear head."
+)
+@click.option("--epochs", default=DEFAULTS.epochs, show_default=True)
+@click.option("--lr", default=DEFAULTS.lr, show_default=True)
+@click.option("--weight-decay", default=DEFAULTS.weight_decay, show_default=True)
+@click.option("--warmup-fraction", default=DEFAULTS.warmup_fraction, show_default=True)
+@click.option("--max-steps-per-epoch", default=0, help="Cap steps per epoch (0 = all).")
+@click.option("--no-augment", is_flag=True, help="Train without blur/JPEG/crop/flip augmentation.")
+@click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
+@click.option("--embed-base", is_flag=True, help="Copy the frozen base weights into the checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete epoch.")
+def train(no_augment: bool, no_amp: bool, resume: bool, **kw) -> None:
+    """Train an I2P detector: pick the critical layer, tune a low-sensitivity subspace, calibrate."""
+    from .loop import train as run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    augment = (
+        AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip=False, scale_jitter=1.0)
+        if no_augment
+        else AugmentConfig()
+    )
+    _run(run, _config(**kw, augment=augment, amp=not no_amp), resume)
+
+
+@click.command("layers")
+@data_options
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def layers(as_json: bool, **kw) -> None:
+    """Stage 1 alone: score every block and write layer_importance.json + .png to --out."""
+    from .loop import importance_table, profile_layers
+
+    cfg = _config(**kw)
+    profile = _run(profile_layers, cfg)
+    json_path, png_path = profile.save(Path(cfg.out))
+    if as_json:
+        click.echo(json.dumps(profile.to_dict(), indent=2))
+    else:
+        click.echo(importance_table(profile))
+        click.echo(f"L* = {profile.layer} ({profile.mode}); wrote {json_path} and {png_path}")
+
+
+@click.command("eval")
+@click.option(
+    "--ckpt", required=True, type=click.Path(exists=True, dir_okay=False), help="checkpoint.safetensors"
+)
+@click.option("--data", required=True, type=click.Path(exists=True), help="Image folder or CSV manifest.")
+@click.option("--backbone", type=click.Path(exists=True, dir_okay=False), help="Base weights if they moved.")
+@click.option("--threshold", type=float, help="Override the calibrated threshold.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(
+    ckpt: str, data: str, backbone: str | None, threshold: float | None, as_json: bool, **kw
+) -> None:
+    """Metrics of a trained checkpoint on a labelled set, per generator and mean."""
+    from .loop import evaluate_checkpoint
+    from .metrics import metrics_table
+
+    metrics, used = _run(evaluate_checkpoint, ckpt, data, backbone, threshold, kw)
+    if as_json:
+        click.echo(
+            json.dumps({"threshold": used, "metrics": {g: m.to_dict() for g, m in metrics.items()}}, indent=2)
+        )
+    else:
+        click.echo(metrics_table(metrics))
+        click.echo(f"threshold {used:.4f}")

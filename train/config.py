@@ -1,0 +1,71 @@
+"""Training configuration: one dataclass, stored verbatim in every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .augment import AugmentConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str  # image folder (UniversalFakeDetect, flat or real/fake layout) or CSV manifest
+    out: str = "runs/i2p"  # run directory: checkpoint, metrics, importance profile
+    val: str | None = None  # validation folder/CSV; else a stratified split of `data`
+    val_fraction: float = 0.2
+    model: str = "ViT-L-14"  # open_clip model name
+    pretrained: str = "none"  # weights file, open_clip tag (downloads), or "none" (random init)
+    layer: str = "auto"  # "auto" | "last" | block number 1..N
+    layer_tolerance: float = 0.05  # L* = shallowest layer within this of the best importance
+    calib_size: int = 512  # images per split used to score layers
+    rank: int = 16  # directions per linear map; 0 = head only (critical-layer linear probe)
+    sensitivity: str = "singular"  # "singular" | "fisher": how directions are ranked
+    baseline: bool = False  # UnivFD recipe: frozen full tower, final embedding, linear head
+    epochs: int = 5
+    batch_size: int = 32  # global batch, split across DDP processes
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    embed_base: bool = False  # copy the frozen base into the checkpoint
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for demos and tests
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.layer not in ("auto", "last") and not str(self.layer).isdigit():
+            raise ValueError(f"--layer must be auto, last or a block number, got {self.layer!r}")
+        if self.sensitivity not in ("singular", "fisher"):
+            raise ValueError(f"--sensitivity must be singular or fisher, got {self.sensitivity!r}")
+        if self.rank < 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("rank must be >= 0, epochs and batch size >= 1")
+        if self.baseline and self.rank:
+            object.__setattr__(self, "rank", 0)  # the UnivFD baseline trains the linear head only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        aug = AugmentConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("augment", {}).items()}
+        )
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "augment": aug})
+
+    # Settings that change the model or the data; a resumed run must match them.
+    IDENTITY = (
+        "data",
+        "val",
+        "val_fraction",
+        "model",
+        "pretrained",
+        "layer",
+        "rank",
+        "sensitivity",
+        "baseline",
+        "seed",
+    )

@@ -1,0 +1,177 @@
+"""Stage 1, critical-layer perception: how well each block's CLS token separates real from generated.
+
+Two scores per block, both on CLS features of a calibration subset:
+
+* **Fisher ratio** (training-free): mean over feature dimensions of (μ_fake − μ_real)² / (σ²_real + σ²_fake).
+* **Linear-probe AUC**: a logistic regression on the LayerNorm'ed CLS token (the head's own form),
+  fit on the calibration features and scored on validation features.
+
+Rule for L* (``--layer auto``): min-max normalize each score across layers, average them into an
+importance, and take the *shallowest* layer whose importance is within ``tolerance`` of the best.
+Validation AUC alone saturates by the middle layers on real data; the Fisher ratio keeps ranking
+layers there, and preferring the shallowest near-best layer also buys speed at deployment (the
+exported network runs only L* of N blocks).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+
+from .metrics import roc_auc
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    layer: int  # 1-based block index
+    fisher: float
+    probe_auc: float
+    probe_loss: float  # validation binary cross-entropy of the probe
+    importance: float  # the combined score the rule reads
+
+
+@dataclass(frozen=True)
+class ImportanceProfile:
+    scores: tuple[LayerScore, ...]
+    layer: int  # the chosen L*
+    mode: str  # "auto" | "last" | "fixed"
+    tolerance: float
+    n_calib: int
+    n_val: int
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rule": __doc__.split("Rule for L*")[1].strip().split("\n\n")[0]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImportanceProfile:
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**fields, "scores": tuple(LayerScore(**s) for s in d["scores"])})
+
+    def save(self, out_dir: Path) -> tuple[Path, Path]:
+        """layer_importance.json and layer_importance.png in ``out_dir``."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path, png_path = out_dir / "layer_importance.json", out_dir / "layer_importance.png"
+        json_path.write_text(json.dumps(self.to_dict(), indent=2))
+        plot(self, png_path)
+        return json_path, png_path
+
+
+@torch.no_grad()
+def block_cls_features(
+    tower: VisionTransformer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS token after every block: features [L, N, width] (float32, CPU) and labels [N]."""
+    feats, labels = [], []
+    for x, y in batches:
+        h = tower._embeds(x.to(device))
+        per_block = []
+        for block in tower.transformer.resblocks:
+            h = block(h)
+            per_block.append(h[:, 0].float().cpu())
+        feats.append(torch.stack(per_block))
+        labels.append(y.float())
+    return torch.cat(feats, dim=1), torch.cat(labels)
+
+
+def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
+    real, fake = x[y == 0].double(), x[y == 1].double()
+    num = (fake.mean(0) - real.mean(0)) ** 2
+    den = real.var(0, unbiased=False) + fake.var(0, unbiased=False) + 1e-12
+    return float((num / den).mean())
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> torch.nn.Linear:
+    """Logistic regression on F.layer_norm(x): the same function as a fresh Head, so it can warm-start one."""
+    z = F.layer_norm(x.float(), x.shape[-1:])
+    probe = torch.nn.Linear(x.shape[1], 1)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(probe(z).squeeze(-1), y) + l2 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return probe.requires_grad_(False)
+
+
+def probe_logits(probe: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return probe(F.layer_norm(x.float(), x.shape[-1:])).squeeze(-1)
+
+
+def choose_layer(importance: list[float], tolerance: float) -> int:
+    """1-based index of the shallowest layer within ``tolerance`` of the best importance."""
+    best = max(importance)
+    return next(i + 1 for i, v in enumerate(importance) if v >= best - tolerance)
+
+
+def _minmax(values: list[float]) -> list[float]:
+    lo, hi = min(values), max(values)
+    return [0.0 if hi - lo < 1e-12 else (v - lo) / (hi - lo) for v in values]
+
+
+def profile(
+    calib: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    layer: str | int = "auto",
+    tolerance: float = 0.05,
+) -> tuple[ImportanceProfile, torch.nn.Linear]:
+    """Score every block and pick L*; also returns the probe at L* (the head's warm start)."""
+    (xc, yc), (xv, yv) = calib, val
+    if len(torch.unique(yc)) < 2 or len(torch.unique(yv)) < 2:
+        raise ValueError(
+            "layer importance needs real and generated images in both calibration and validation"
+        )
+    probes = [fit_probe(xc[i], yc) for i in range(xc.shape[0])]
+    fisher = [fisher_ratio(xc[i], yc) for i in range(xc.shape[0])]
+    aucs, losses = [], []
+    for i, probe in enumerate(probes):
+        logits = probe_logits(probe, xv[i])
+        aucs.append(roc_auc(yv.numpy(), logits.numpy()))
+        losses.append(float(F.binary_cross_entropy_with_logits(logits, yv)))
+    importance = [(a + f) / 2 for a, f in zip(_minmax(aucs), _minmax(fisher), strict=True)]
+    n = len(probes)
+    if layer == "auto":
+        chosen, mode = choose_layer(importance, tolerance), "auto"
+    elif layer == "last":
+        chosen, mode = n, "last"
+    else:
+        chosen, mode = int(layer), "fixed"
+        if not 1 <= chosen <= n:
+            raise ValueError(f"--layer {chosen} is outside 1..{n} for this backbone")
+    scores = tuple(LayerScore(i + 1, fisher[i], aucs[i], losses[i], importance[i]) for i in range(n))
+    result = ImportanceProfile(scores, chosen, mode, tolerance, int(yc.numel()), int(yv.numel()))
+    return result, probes[chosen - 1]
+
+
+def plot(p: ImportanceProfile, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [s.layer for s in p.scores]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    ax.plot(layers, _minmax([s.probe_auc for s in p.scores]), "o-", label="probe AUC (normalized)")
+    ax.plot(layers, _minmax([s.fisher for s in p.scores]), "s-", label="Fisher ratio (normalized)")
+    ax.plot(layers, [s.importance for s in p.scores], "k-", lw=2, label="importance")
+    ax.axvline(p.layer, color="tab:red", ls="--", label=f"L* = {p.layer} ({p.mode})")
+    aucs = ", ".join(f"{s.probe_auc:.3f}" for s in p.scores)
+    ax.set_title(f"Layer importance (probe AUC per layer: {aucs})" if len(aucs) < 90 else "Layer importance")
+    ax.set_xlabel("block")
+    ax.set_xticks(layers)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
