@@ -8,8 +8,10 @@ center-crop ``size``×``size``, scale to [0, 1], normalize by mean/std, lay out 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# What untrusted files may be: the common photo formats. Pillow's exotic plugins (EPS runs Ghostscript,
+# PSD, FITS, ...) are never reached from a file's magic bytes.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # JPEG covers MPO (phones' multi-picture)
+# Every exception type Pillow's decoders raise on malformed data (found by tests/test_fuzz_decode.py).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -123,7 +131,7 @@ def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> 
         return _to_rgb(img, name)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot decode image ({e})") from e
 
 
@@ -131,24 +139,40 @@ def _open(src: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.I
     if isinstance(src, bytes):
         fp: Any = io.BytesIO(src)
     else:
-        path = Path(src)
-        if path.is_dir():
-            raise ImageError(f"{name}: is a directory, not an image")
-        try:
-            fp = io.BytesIO(path.read_bytes())
-        except OSError as e:
-            raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from e
+        fp = io.BytesIO(_read_file(Path(src), name))
     if fp.getbuffer().nbytes == 0:
         raise ImageError(f"{name}: empty file")
     try:
-        img = Image.open(fp)
+        img = Image.open(fp, formats=_allowed_formats())
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(f"{name}: not a readable image (not one of {', '.join(_allowed_formats())})") from e
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: exceeds the {max_pixels:,}-pixel limit ({e})") from e
-    except (OSError, ValueError, SyntaxError) as e:
+    except DECODE_ERRORS as e:
         raise ImageError(f"{name}: not a readable image ({e})") from e
     if img.width * img.height > max_pixels:
         raise ImageError(f"{name}: {img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
     return img
+
+
+@functools.cache
+def _allowed_formats() -> tuple[str, ...]:
+    """FORMATS that this Pillow build can decode (a build may lack WebP or AVIF)."""
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def _read_file(path: Path, name: str) -> bytes:
+    """The file's bytes; directories, FIFOs and devices are refused before opening (a FIFO would block)."""
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError(f"{name}: is a directory, not an image")
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{name}: not a regular file")
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from e
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
@@ -180,9 +204,18 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), "RGB")
 
 
-def resize_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop."""
+def resize_crop(img: Image.Image, spec: PreprocessSpec, name: str = "image") -> Image.Image:
+    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop.
+
+    The resized intermediate obeys ``max_pixels`` too: a 1-pixel-high strip would otherwise grow to
+    ``size`` times its width before the crop.
+    """
     plan = resize_plan(img.width, img.height, spec.size)
+    if plan.out_w * plan.out_h > spec.max_pixels:
+        raise ImageError(
+            f"{name}: a {img.width}x{img.height} image is too elongated: resizing it to {plan.out_w}x{plan.out_h} "
+            f"exceeds the {spec.max_pixels:,}-pixel limit"
+        )
     resized = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
     return resized.crop((plan.left, plan.top, plan.left + spec.size, plan.top + spec.size))
 
@@ -197,4 +230,4 @@ def normalize(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def preprocess(src: ImageInput, spec: PreprocessSpec) -> np.ndarray:
     """One input -> float32 CHW model input. Raises ImageError for unusable images."""
     img = load_image(src, spec.max_pixels)
-    return normalize(np.asarray(resize_crop(img, spec)), spec)
+    return normalize(np.asarray(resize_crop(img, spec, describe(src))), spec)

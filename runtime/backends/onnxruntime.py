@@ -1,0 +1,108 @@
+"""ONNX Runtime backend: the one that runs anywhere (CPU EP), and on NVIDIA GPUs via the CUDA/TensorRT EPs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("i2p")
+
+TENSORRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+GPU_EPS = (TENSORRT_EP, CUDA_EP)
+
+# What InferenceSession accepts: a provider name, or (name, options).
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def cache_dir() -> Path:
+    """Per-user cache (``$XDG_CACHE_HOME/i2p``): artifacts are verified read-only, so caches live here."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "i2p"
+
+
+def provider_name(p: Provider) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+def auto_providers(
+    device: int = 0,
+    precision: str = "fp32",
+    available: list[str] | None = None,
+    engine_cache: Path | None = None,
+    input_shape: tuple[str, int, int, int, int] | None = None,
+) -> list[Provider]:
+    """Best providers first: TensorRT EP, CUDA EP, then the CPU EP every build has.
+
+    ``input_shape`` = (input name, max batch, channels, height, width) gives the TensorRT EP one
+    optimization profile (batch 1..max) instead of a rebuild per new batch size; ``engine_cache`` is
+    where it keeps its engines (key it by the model's sha256).
+    """
+    available = ort.get_available_providers() if available is None else available
+    providers: list[Provider] = []
+    if TENSORRT_EP in available:
+        opts: dict[str, Any] = {"device_id": device, "trt_fp16_enable": precision == "fp16"}
+        if engine_cache is not None:
+            engine_cache.mkdir(parents=True, exist_ok=True)
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache))
+        if input_shape is not None:
+            name, max_batch, *chw = input_shape
+            dims = "x".join(str(d) for d in chw)
+            opts.update(
+                trt_profile_min_shapes=f"{name}:1x{dims}",
+                trt_profile_opt_shapes=f"{name}:{max_batch}x{dims}",
+                trt_profile_max_shapes=f"{name}:{max_batch}x{dims}",
+            )
+        providers.append((TENSORRT_EP, opts))
+    if CUDA_EP in available:
+        providers.append((CUDA_EP, {"device_id": device}))
+    providers.append(CPU_EP)
+    return providers
+
+
+class OnnxRuntimeBackend:
+    """One InferenceSession; ``infer`` may be called from several threads at once (``run`` is thread-safe)."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        providers: list[Provider] | None = None,
+        device: int = 0,
+        threads: int | None = None,
+        *,
+        precision: str = "fp32",
+    ) -> None:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: ORT's placement warnings are expected and not actionable
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        providers = auto_providers(device, precision) if providers is None else providers
+        try:
+            self.session = ort.InferenceSession(os.fspath(model_path), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT raises its own pybind exception types
+            raise RuntimeError(f"{model_path}: ONNX Runtime cannot load this model ({e})") from e
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime[{self.providers[0]}]"
+        self.precision = precision
+        self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "logit" not in outputs:
+            raise RuntimeError(f"{model_path}: the model has no 'logit' output (outputs: {outputs})")
+        wanted = [provider_name(p) for p in providers]
+        if self.providers[0] != wanted[0]:
+            log.warning("ONNX Runtime could not use %s; running on %s", wanted[0], self.providers[0])
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] in GPU_EPS
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, S, S] -> float32 logits [N]."""
+        (logits,) = self.session.run(["logit"], {self.input_name: batch})
+        return logits

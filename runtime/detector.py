@@ -1,0 +1,282 @@
+"""``Detector``: an exported artifact behind a small API that never lets one bad image fail a batch.
+
+Loading checks the manifest and the sha256 of the network file before anything is parsed, then picks
+the fastest backend present: TensorRT (engine cached per GPU), else ONNX Runtime with its best
+providers (FP16 model on a GPU, FP32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from PIL import Image
+
+from .backends import Backend
+from .manifest import ArtifactError, read_manifest, verify_file
+from .preprocess import ImageError, ImageInput, describe, load_image, preprocess
+
+log = logging.getLogger("i2p")
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+PRECISIONS = ("fp32", "fp16")
+_SINGLE = (str, os.PathLike, bytes, Image.Image, np.ndarray)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend that was asked for cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result for one input: a probability and a label, or the reason there is none."""
+
+    source: str  # the path, or a short description of an in-memory input
+    probability: float | None  # that the image is generated
+    is_fake: bool | None  # probability >= the detector's threshold
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str | None:
+        return None if self.is_fake is None else ("fake" if self.is_fake else "real")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One decoded input, ready to batch: model input, or the error that replaced it."""
+
+    source: str
+    data: np.ndarray | None  # float32 CHW, or uint8 HWC for backends that preprocess on the GPU
+    error: str | None = None
+
+
+class Detector:
+    """An i2p artifact ready to score images; safe to share between threads."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        backend: str = "auto",
+        device: int = 0,
+        batch_size: int = 32,
+        precision: str | None = None,
+        threads: int | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"Detector(path) takes the artifact directory (str or Path), got {type(path).__name__}"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+        if precision not in (None, *PRECISIONS):
+            raise ValueError(f"precision={precision!r}: choose None (automatic), 'fp32' or 'fp16'")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest.models:
+            raise ArtifactError(f"{self.path}: the manifest lists no model files; re-export the artifact")
+        self.spec = self.manifest.preprocess
+        self.threshold = self.manifest.threshold if threshold is None else float(threshold)
+        self.batch_size = batch_size
+        self.backend: Backend = self._open_backend(backend, device, precision, threads)
+        self._gpu_preprocess = callable(getattr(self.backend, "infer_images", None))
+        log.info(
+            "i2p: %s loaded on %s, precision %s%s",
+            self.path,
+            self.backend.name,
+            self.backend.precision,
+            ", GPU preprocessing" if self._gpu_preprocess else "",
+        )
+
+    def __repr__(self) -> str:
+        return f"Detector({str(self.path)!r}, backend={self.backend.name!r}, precision={self.backend.precision!r})"
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def _open_backend(self, backend: str, device: int, precision: str | None, threads: int | None) -> Backend:
+        if backend == "tensorrt" and precision == "fp32":
+            raise ValueError("the TensorRT backend runs FP16 engines; use backend='onnxruntime' for fp32")
+        if backend != "onnxruntime" and precision != "fp32":
+            trt = _tensorrt_module()
+            if trt is None and backend == "tensorrt":
+                raise BackendUnavailableError(
+                    "backend='tensorrt' needs an NVIDIA GPU with the tensorrt and pycuda packages "
+                    "(pip install 'i2p-detector[gpu]', or JetPack's python3-libnvinfer); "
+                    "use backend='auto' or 'onnxruntime' to run without it"
+                )
+            if trt is not None:
+                try:
+                    return trt.TensorRTBackend(self.path, self.manifest, device, self.batch_size)
+                except ArtifactError:
+                    raise
+                except Exception as e:
+                    if backend == "tensorrt":
+                        raise
+                    log.warning("i2p: TensorRT backend failed (%s); falling back to ONNX Runtime", e)
+        return self._open_onnxruntime(device, precision, threads)
+
+    def _open_onnxruntime(self, device: int, precision: str | None, threads: int | None) -> Backend:
+        import onnxruntime as ort
+
+        from .backends.onnxruntime import GPU_EPS, OnnxRuntimeBackend, auto_providers, cache_dir
+
+        available = ort.get_available_providers()
+        gpu = any(p in available for p in GPU_EPS)
+        chosen = precision or ("fp16" if gpu and self.manifest.model("fp16") else "fp32")
+        model = self.manifest.model(chosen)
+        if model is None:
+            have = ", ".join(m.precision for m in self.manifest.models)
+            raise ArtifactError(
+                f"{self.path}: no {chosen} model in this artifact (it has: {have}); "
+                f"pass precision={have.split(', ')[0]!r} or re-export (i2p-export --fp16 adds the fp16 model)"
+            )
+        path = verify_file(self.path, self.manifest, model.path)
+        size = self.spec.size
+        providers = auto_providers(
+            device,
+            chosen,
+            available,
+            engine_cache=cache_dir() / "ort-trt" / self.manifest.files[model.path][:16] if gpu else None,
+            input_shape=(self.manifest.inputs[0].name, self.batch_size, 3, size, size),
+        )
+        backend = OnnxRuntimeBackend(path, providers, device, threads, precision=chosen)
+        if precision is None and chosen == "fp16" and not backend.on_gpu:
+            log.warning("i2p: no GPU provider could start; using the fp32 model on the CPU instead")
+            return self._open_onnxruntime(device, "fp32", threads)
+        return backend
+
+    def close(self) -> None:
+        """Release the backend's device resources now rather than at garbage collection."""
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def predict(self, inputs: Sequence[ImageInput] | ImageInput) -> list[Prediction]:
+        """One Prediction per input (paths, bytes, PIL images, uint8 HxWx3 arrays), in order.
+
+        An image that cannot be decoded gets a Prediction with ``error`` set; inputs of a type this
+        method cannot read raise TypeError before any work is done.
+        """
+        items = [inputs] if isinstance(inputs, _SINGLE) else _as_list(inputs)
+        for i, item in enumerate(items):
+            _check_input(item, i)
+        results: list[Prediction] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            results.extend(self.predict_prepared([self.prepare(x) for x in chunk]))
+        return results
+
+    def prepare(self, src: ImageInput) -> Prepared:
+        """Decode and preprocess one input (the part worth running in worker threads)."""
+        source = describe(src)
+        try:
+            if self._gpu_preprocess:
+                data = np.asarray(load_image(src, self.spec.max_pixels))
+            else:
+                data = preprocess(src, self.spec)
+        except ImageError as e:
+            return Prepared(source, None, str(e))
+        return Prepared(source, data)
+
+    def predict_prepared(self, items: Sequence[Prepared]) -> list[Prediction]:
+        """Run the network on the prepared inputs that decoded; the rest keep their errors."""
+        good = [p.data for p in items if p.error is None]
+        probs = iter(self._probabilities(good))
+        return [
+            self._result(p.source, next(probs))
+            if p.error is None
+            else Prediction(p.source, None, None, p.error)
+            for p in items
+        ]
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities [N] for an already preprocessed float [N, 3, S, S] batch."""
+        size = self.spec.size
+        if not isinstance(batch, np.ndarray):
+            raise TypeError(
+                f"predict_batch takes a numpy array, got {type(batch).__name__}; use predict() for images"
+            )
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or batch.dtype.kind != "f":
+            raise ValueError(
+                f"predict_batch expects float32 [N, 3, {size}, {size}] normalized as the manifest says, "
+                f"got {batch.dtype} {batch.shape}; use predict() for raw images"
+            )
+        return self._probabilities(batch.astype(np.float32, copy=False))
+
+    def _probabilities(self, inputs: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Probabilities for float32 CHW inputs (an array or a list) or, on GPU preprocessing, uint8 images."""
+        parts = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            if isinstance(chunk, list) and chunk[0].dtype == np.uint8:
+                logits = self.backend.infer_images(chunk)  # type: ignore[attr-defined]
+            else:
+                logits = self.backend.infer(
+                    np.ascontiguousarray(np.stack(chunk) if isinstance(chunk, list) else chunk)
+                )
+            parts.append(_sigmoid(np.asarray(logits).reshape(-1)))
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def _result(self, source: str, probability: np.float32) -> Prediction:
+        if not np.isfinite(probability):
+            return Prediction(source, None, None, f"{source}: the network returned a non-finite output")
+        p = float(probability)
+        return Prediction(source, p, p >= self.threshold)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Overflow-free logistic function, computed in float64."""
+    return np.exp(-np.logaddexp(0.0, -logits.astype(np.float64))).astype(np.float32)
+
+
+def _as_list(inputs: Iterable[ImageInput]) -> list[ImageInput]:
+    try:
+        return list(inputs)
+    except TypeError:
+        raise TypeError(
+            f"predict() takes an image or a sequence of images (paths, bytes, PIL images, uint8 arrays), "
+            f"got {type(inputs).__name__}"
+        ) from None
+
+
+def _check_input(item: object, index: int) -> None:
+    if not isinstance(item, _SINGLE):
+        raise TypeError(
+            f"input {index} is a {type(item).__name__}; expected a path, bytes, a PIL image or a uint8 HxWx3 array"
+        )
+    if isinstance(item, np.ndarray) and item.ndim == 4:
+        raise TypeError(
+            f"input {index} is a 4-D array {item.shape}; use predict_batch() for preprocessed batches"
+        )
+
+
+def _tensorrt_module() -> ModuleType | None:
+    """The TensorRT backend module when TensorRT can run here, else None (imported only then)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        from .backends import tensorrt as trt_backend
+    except ImportError as e:
+        log.warning("i2p: tensorrt is installed but its backend cannot load (%s)", e)
+        return None
+    return trt_backend if trt_backend.tensorrt_available() else None

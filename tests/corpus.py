@@ -1,0 +1,154 @@
+"""A generated corpus of awkward and hostile image files, with what the runtime must make of each.
+
+Bad files must come back as an error naming the file (``Case.error`` is a substring of the message);
+good files must give the same result as their upright 8-bit RGB pixels (``Case.pixels``), which are
+computed here independently of the decode path under test (numpy, or a lossless encoding).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Case:
+    error: str | None = None  # expected substring of the error message; None for a good image
+    pixels: np.ndarray | None = None  # good images: the upright uint8 RGB pixels it must score as
+    tolerance: float = 0.0  # on the probability, for lossy re-encodings (CMYK JPEG)
+
+
+def base_image(width: int = 48, height: int = 40, seed: int = 0) -> np.ndarray:
+    """A smooth, asymmetric RGB test picture (gradients plus a little noise) that survives JPEG well."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rng = np.random.default_rng(seed)
+    img = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 5 + y / 9)], axis=2)
+    return (img + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+def png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows: Iterable[bytes]) -> bytes:
+    """A PNG written by hand, for what Pillow will not write (16-bit RGB, a 20000x20000 bomb)."""
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(b"\0" + row) for row in rows) + comp.flush()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def encode(img: Image.Image | np.ndarray, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(img) if isinstance(img, np.ndarray) else img).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
+    """Write the corpus into ``directory``; return file name -> expected outcome."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = base_image()
+    noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)  # enough entropy-coded data to cut into
+    jpeg = encode(noise, "JPEG", quality=90)
+    png = encode(noise, "PNG")
+    files: dict[str, bytes] = {}
+    cases: dict[str, Case] = {}
+
+    def add(name: str, data: bytes, case: Case) -> None:
+        files[name] = data
+        cases[name] = case
+
+    # -- unreadable ---------------------------------------------------------------------------------
+    add("truncated.jpg", jpeg[: len(jpeg) // 2], Case(error="truncated"))
+    add("truncated.png", png[: len(png) // 2], Case(error="truncated"))
+    corrupt = bytearray(jpeg)
+    corrupt[len(jpeg) // 3 : len(jpeg) // 3 + 400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
+    add("corrupt.jpg", bytes(corrupt), Case(error="cannot decode"))
+    add("empty.jpg", b"", Case(error="empty file"))
+    add(
+        "random.jpg", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), Case(error="not a readable image")
+    )
+    # A format Pillow decodes but untrusted input may not use (the allowlist in preprocess.FORMATS).
+    add("pcx_inside.jpg", encode(base, "PCX"), Case(error="not a readable image"))
+    # 20000x20000 1-bit PNG of zeros: 50 KB on disk, 1.6 GB once decoded to RGB.
+    bomb_rows = (bytes(2500) for _ in range(20000))
+    add("bomb.png", png_bytes(20000, 20000, 1, 0, bomb_rows), Case(error="pixel limit"))
+    # 9000x9000 = 81 MP: under Pillow's own bomb threshold (89 MP), over the runtime's 64 MP default.
+    add(
+        "bomb_81mp.png",
+        png_bytes(9000, 9000, 1, 0, (bytes(1125) for _ in range(9000))),
+        Case(error="pixel limit"),
+    )
+    # 5,000,000x1: within the pixel limit, but resizing its height to `size` would multiply it.
+    add("sliver.png", png_bytes(5_000_000, 1, 1, 0, [bytes(625_000)]), Case(error="too elongated"))
+
+    # -- good, in awkward encodings -------------------------------------------------------------------
+    add("plain.png", encode(base, "PNG"), Case(pixels=base))
+    add("png_named.jpg", encode(base, "PNG"), Case(pixels=base))
+    cmyk = Image.fromarray(base).convert("CMYK")
+    add("cmyk.jpg", encode(cmyk, "JPEG", quality=100, subsampling=0), Case(pixels=base, tolerance=0.02))
+    grey = base[:, :, 1]
+    add(
+        "grey16.png",
+        encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        Case(pixels=_grey_rgb(grey)),
+    )
+    rgb16 = (base.astype(">u2") * 257).reshape(base.shape[0], -1)
+    add(
+        "rgb16.png",
+        png_bytes(base.shape[1], base.shape[0], 16, 2, (r.tobytes() for r in rgb16)),
+        Case(pixels=base),
+    )
+    alpha = np.linspace(0, 255, base.shape[0] * base.shape[1]).reshape(base.shape[:2]).astype(np.uint8)
+    add("rgba.png", encode(np.dstack([base, alpha]), "PNG"), Case(pixels=base))  # alpha is dropped
+    palette = Image.fromarray(base).quantize(64)
+    palette_rgb = np.asarray(palette.convert("RGB"))
+    add("palette.png", encode(palette, "PNG", transparency=0), Case(pixels=palette_rgb))
+    frames = [palette, *(Image.fromarray(255 - base).quantize(64) for _ in range(2))]
+    add(
+        "anim.gif",
+        encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        Case(pixels=palette_rgb),
+    )
+    webp_frames = [Image.fromarray(base), Image.fromarray(255 - base)]
+    anim_webp = encode(webp_frames[0], "WEBP", save_all=True, append_images=webp_frames[1:], lossless=True)
+    add("anim.webp", anim_webp, Case(pixels=base))
+    # Orientation 6 ("rotate 90° clockwise to display"): stored sideways, must score as upright.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = encode(Image.fromarray(np.rot90(base)), "JPEG", quality=95, exif=exif)
+    stored = np.asarray(Image.open(io.BytesIO(sideways)).convert("RGB"))
+    add("exif_rotated.jpg", sideways, Case(pixels=np.ascontiguousarray(np.rot90(stored, k=-1))))
+    add("one_pixel.png", encode(base[:1, :1], "PNG"), Case(pixels=base[:1, :1]))
+    strip = np.repeat(base[:10, :], 209, axis=1)[:, :10000]
+    add("strip_10000x10.png", encode(strip, "PNG"), Case(pixels=strip))
+
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+
+    # -- not files ------------------------------------------------------------------------------------
+    (root / "folder.jpg").mkdir(exist_ok=True)
+    cases["folder.jpg"] = Case(error="is a directory")
+    os.symlink(root / "no-such-target.jpg", root / "dangling.jpg")
+    cases["dangling.jpg"] = Case(error="cannot read file")
+    os.mkfifo(root / "fifo.jpg")  # reading it would block forever: refused before it is opened
+    cases["fifo.jpg"] = Case(error="not a regular file")
+    if os.geteuid() != 0:  # root reads a chmod-000 file anyway; tests/test_runtime_corpus.py says so
+        (root / "unreadable.jpg").write_bytes(jpeg)
+        (root / "unreadable.jpg").chmod(0)
+        cases["unreadable.jpg"] = Case(error="Permission denied")
+    return cases
+
+
+def _grey_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, None], 3, axis=2)
