@@ -1,0 +1,88 @@
+"""Train-time augmentation: the CNNDetection / UnivFD protocol, at the evaluation scale.
+
+Blur and JPEG re-encoding teach the detector not to rely on the high-frequency traces that ordinary
+post-processing destroys (Wang et al., CVPR 2020); the random crop and flip are mild geometric jitter.
+The crop is taken at the evaluation scale (shorter side between ``size`` and ``size * 8/7``, the
+resize-then-crop margin CLIP's own evaluation uses), so training and deployment see objects at the same
+size. The last step is the runtime's ``normalize``, so the pixel arithmetic matches deployment.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, resize_plan
+from PIL import Image, ImageFilter
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of each augmentation (defaults: the standard protocol)."""
+
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.0, 3.0)  # Gaussian sigma in pixels, uniform in the range
+    jpeg_prob: float = 0.5
+    jpeg_quality: tuple[int, int] = (30, 100)  # Pillow JPEG quality, uniform integer, both ends included
+    flip: bool = True  # random horizontal flip with p = 0.5
+    scale_jitter: float = 8 / 7  # shorter side resized to a random size in [size, round(size * this)]
+
+    def __post_init__(self) -> None:
+        for name in ("blur_prob", "jpeg_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        lo, hi = self.blur_sigma
+        if not 0.0 <= lo <= hi:
+            raise ValueError(
+                f"AugmentConfig.blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}"
+            )
+        lo, hi = self.jpeg_quality
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(
+                f"AugmentConfig.jpeg_quality must be (low, high) with 1 <= low <= high <= 100, got {self.jpeg_quality}"
+            )
+        if self.scale_jitter < 1.0:
+            raise ValueError(f"AugmentConfig.scale_jitter must be >= 1, got {self.scale_jitter}")
+
+
+def augment(
+    img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator, spec: PreprocessSpec, name: str = "image"
+) -> np.ndarray:
+    """RGB PIL image -> augmented float32 CHW model input; ImageError (naming ``name``) if unusable.
+
+    Every random number is drawn up front in a fixed order, whichever branches are taken, so one
+    ``rng`` state always gives the same augmentation and changing one probability does not reshuffle
+    the others.
+    """
+    u_blur, sigma, u_jpeg = rng.random(), rng.uniform(*cfg.blur_sigma), rng.random()
+    quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+    short = int(rng.integers(spec.size, round(spec.size * cfg.scale_jitter) + 1))
+    u_left, u_top, u_flip = rng.random(3)
+
+    if u_blur < cfg.blur_prob and sigma > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=sigma))  # Pillow's radius is the std dev
+    if u_jpeg < cfg.jpeg_prob:
+        img = _jpeg(img, quality)
+    plan = resize_plan(img.width, img.height, short)
+    if plan.out_w * plan.out_h > spec.max_pixels:  # the same guard as the runtime's resize_crop
+        raise ImageError(
+            f"{name}: a {img.width}x{img.height} image is too elongated: resizing it to {plan.out_w}x{plan.out_h} "
+            f"exceeds the {spec.max_pixels:,}-pixel limit"
+        )
+    img = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
+    left = int(u_left * (plan.out_w - spec.size + 1))
+    top = int(u_top * (plan.out_h - spec.size + 1))
+    img = img.crop((left, top, left + spec.size, top + spec.size))
+    if cfg.flip and u_flip < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return normalize(np.asarray(img), spec)
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    out = Image.open(buf)
+    out.load()
+    return out.convert("RGB")

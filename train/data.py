@@ -1,0 +1,309 @@
+"""Labelled image sets for training and evaluation: discovery, splitting, checking, and the Dataset.
+
+Sources (see ``discover``): a UniversalFakeDetect folder ``<root>/<generator>/{0_real,1_fake}``, a flat
+``<root>/{0_real,1_fake}``, either with ``real``/``fake`` folder names, or a CSV manifest
+``path,label[,generator]``. Evaluation images go through ``i2p.runtime.preprocess.preprocess``, the
+code the deployed runtime runs, so a trained model is measured on exactly what it will be served.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, _open, load_image, preprocess
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .augment import AugmentConfig, augment
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CLASS_DIRS = {"0_real": 0, "real": 0, "1_fake": 1, "fake": 1}  # folder name (any case) -> label
+CSV_LABELS = {"0": 0, "real": 0, "1": 1, "fake": 1}
+
+
+class DataError(ValueError):
+    """A data source does not match any supported layout; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 real, 1 fake
+    generator: str
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def discover(source: str | os.PathLike) -> list[Sample]:
+    """All labelled images of a folder or CSV manifest, sorted by (generator, label, path).
+
+    Folders: if ``source`` itself holds class folders (``0_real``/``1_fake`` or ``real``/``fake``) it is
+    one generator named after the folder; otherwise each sub-folder is a generator, and its class
+    folders may sit at any depth (CNNDetection's ``progan/airplane/0_real`` counts as ``progan``). Images
+    are found recursively inside class folders, by extension; hidden files and folders are skipped.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise DataError(f"{src}: no such file or folder")
+    if src.is_file():
+        if src.suffix.lower() != ".csv":
+            raise DataError(f"{src}: expected a folder of images or a .csv manifest (path,label[,generator])")
+        samples = _read_csv(src)
+    else:
+        samples = _read_folder(src)
+    return sorted(samples, key=lambda s: (s.generator, s.label, str(s.path)))
+
+
+def _read_folder(root: Path) -> list[Sample]:
+    if _class_dirs(root):
+        return _read_generator(root, root.name)
+    generators = _subdirs(root)
+    empty = [d for d in generators if not _find_class_dirs(d)]
+    if not generators or len(empty) == len(generators):
+        raise DataError(
+            f"{root}: no class folders found. Expected <root>/<generator>/{{0_real,1_fake}}, "
+            f"<root>/{{0_real,1_fake}} (or real/fake names), or a CSV manifest"
+        )
+    if empty:
+        raise DataError(f"{empty[0]}: generator folder without 0_real/1_fake (or real/fake) folders inside")
+    return [s for g in generators for s in _read_generator(g, g.name)]
+
+
+def _read_generator(folder: Path, generator: str) -> list[Sample]:
+    samples = []
+    for class_dir, label in _find_class_dirs(folder):
+        images = list(_images_under(class_dir))
+        if not images:
+            raise DataError(
+                f"{class_dir}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        samples += [Sample(p, label, generator) for p in images]
+    return samples
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _class_dirs(folder: Path) -> list[tuple[Path, int]]:
+    """Class folders directly inside ``folder``; two folders for one class is an error."""
+    found = [(d, CLASS_DIRS[d.name.lower()]) for d in _subdirs(folder) if d.name.lower() in CLASS_DIRS]
+    for label in (0, 1):
+        same = [d.name for d, lab in found if lab == label]
+        if len(same) > 1:
+            raise DataError(f"{folder}: both {' and '.join(same)} exist; keep one folder per class")
+    return found
+
+
+def _find_class_dirs(folder: Path) -> list[tuple[Path, int]]:
+    """Class folders at the shallowest depths below ``folder`` (never looking inside a class folder)."""
+    found = _class_dirs(folder)
+    if found:
+        return found
+    return [c for d in _subdirs(folder) for c in _find_class_dirs(d)]
+
+
+def _images_under(folder: Path) -> Iterator[Path]:
+    """Image files below ``folder`` in sorted order, following symlinked folders once."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath) / name
+
+
+def _read_csv(path: Path) -> list[Sample]:
+    """``path,label[,generator]`` rows; relative paths are resolved against the CSV's folder."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        if "path" not in header or "label" not in header:
+            raise DataError(
+                f"{path}: header must name the columns path,label[,generator]; got {header or 'nothing'}"
+            )
+        reader.fieldnames = header
+        samples = []
+        for row in reader:
+            samples.append(_csv_row(path, reader.line_num, row))
+    if not samples:
+        raise DataError(f"{path}: the manifest lists no images")
+    return samples
+
+
+def _csv_row(csv_path: Path, line: int, row: dict[str | None, str | None]) -> Sample:
+    where = f"{csv_path}, line {line}"
+    if None in row or any(v is None for v in row.values()):
+        raise DataError(f"{where}: the number of fields differs from the header's {len(row) - (None in row)}")
+    file = (row["path"] or "").strip()
+    if not file:
+        raise DataError(f"{where}: empty path")
+    label = (row["label"] or "").strip().lower()
+    if label not in CSV_LABELS:
+        raise DataError(f"{where}: label {row['label']!r} is not one of 0, 1, real, fake")
+    generator = (row.get("generator") or "").strip() or csv_path.stem
+    return Sample(csv_path.parent / file, CSV_LABELS[label], generator)
+
+
+def class_counts(samples: Sequence[Sample]) -> dict[str, tuple[int, int]]:
+    """generator -> (number of real, number of fake) images, for summaries and sanity checks."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for s in samples:
+        counts[s.generator][s.label] += 1
+    return {g: (c[0], c[1]) for g, c in sorted(counts.items())}
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+
+
+def split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified (generator, label) train/validation split; the same inputs and seed give the same split.
+
+    Each stratum sends ``round(n * val_fraction)`` images to validation, at least one when it has two or
+    more, and always keeps one for training. Both halves keep the input order.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    strata: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        strata[(s.generator, s.label)].append(i)
+    rng = np.random.default_rng(seed)
+    in_val = np.zeros(len(samples), dtype=bool)
+    for key in sorted(strata):
+        members = strata[key]
+        n_val = min(max(round(len(members) * val_fraction), 1), len(members) - 1)
+        in_val[rng.permutation(members)[:n_val]] = True
+    train = [s for s, v in zip(samples, in_val, strict=True) if not v]
+    val = [s for s, v in zip(samples, in_val, strict=True) if v]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+
+def scan(
+    samples: Sequence[Sample], max_pixels: int, progress: bool = True, workers: int = 8
+) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """Split samples into (openable, [(unreadable, reason)]) from the file headers alone.
+
+    Catches missing, empty, non-image and oversized files cheaply, without decoding pixels; a file
+    whose body is damaged is caught later, when the Dataset loads it (see ``collate_skip_bad``).
+    Reads run on ``workers`` threads (file I/O), results keep the input order.
+    """
+
+    def check(s: Sample) -> str | None:
+        try:
+            _open(s.path, str(s.path), max_pixels).close()
+        except ImageError as e:
+            return str(e)
+        return None
+
+    show = progress and sys.stderr.isatty()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(
+            tqdm(
+                pool.map(check, samples),
+                total=len(samples),
+                desc="checking images",
+                unit="img",
+                disable=not show,
+            )
+        )
+    good = [s for s, r in zip(samples, reasons, strict=True) if r is None]
+    bad = [(s, r) for s, r in zip(samples, reasons, strict=True) if r is not None]
+    return good, bad
+
+
+# ---------------------------------------------------------------------------------------------- Dataset
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """What ``ImageDataset`` returns for a file it cannot decode; ``collate_skip_bad`` drops it."""
+
+    index: int
+    path: Path
+    reason: str
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 [N, 3, S, S]; N may be 0 when every file of the batch failed
+    labels: torch.Tensor  # float32 [N], 1 = fake
+    indices: torch.Tensor  # int64 [N], positions in the dataset
+    bad: list[BadSample]  # files dropped from this batch, with the reason
+
+
+class ImageDataset(Dataset):
+    """Samples -> (float32 CHW tensor, label, index), augmented for training or as deployed for evaluation.
+
+    Augmentation randomness comes from ``numpy.random.default_rng((seed, epoch, index))``: it depends
+    on nothing else (not the worker, not the order of loading), so a resumed run sees exactly the
+    augmentations of an uninterrupted one. Call ``set_epoch`` before creating each epoch's iterator
+    (DataLoader workers copy the dataset when the iterator starts; do not use persistent workers).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        spec: PreprocessSpec,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.samples = list(samples)
+        self.spec = spec
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadSample:
+        sample = self.samples[index]
+        try:
+            if self.augment is None:
+                x = preprocess(sample.path, self.spec)
+            else:
+                rng = np.random.default_rng((self.seed, self.epoch, index))
+                img = load_image(sample.path, self.spec.max_pixels)
+                x = augment(img, self.augment, rng, self.spec, str(sample.path))
+        except (ImageError, OSError) as e:
+            return BadSample(index, sample.path, str(e))
+        return torch.from_numpy(x), sample.label, index
+
+
+def collate_skip_bad(items: Sequence[tuple[torch.Tensor, int, int] | BadSample]) -> Batch:
+    """DataLoader ``collate_fn``: stacks the good items and lists the undecodable ones in ``Batch.bad``."""
+    good = [it for it in items if not isinstance(it, BadSample)]
+    bad = [it for it in items if isinstance(it, BadSample)]
+    if not good:
+        return Batch(
+            torch.empty(0, dtype=torch.float32), torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+        )
+    return Batch(
+        torch.stack([x for x, _, _ in good]),
+        torch.tensor([label for _, label, _ in good], dtype=torch.float32),
+        torch.tensor([i for _, _, i in good], dtype=torch.int64),
+        bad,
+    )
