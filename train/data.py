@@ -66,23 +66,24 @@ def discover(source: str | os.PathLike) -> list[Sample]:
 
 
 def _read_folder(root: Path) -> list[Sample]:
-    if _class_dirs(root):
-        return _read_generator(root, root.name)
-    generators = _subdirs(root)
-    empty = [d for d in generators if not _find_class_dirs(d)]
-    if not generators or len(empty) == len(generators):
+    own = _class_dirs(root)
+    if own:
+        return _read_classes(own, root.name)
+    generators = {d: _find_class_dirs(d) for d in _subdirs(root)}
+    if not any(generators.values()):
         raise DataError(
             f"{root}: no class folders found. Expected <root>/<generator>/{{0_real,1_fake}}, "
             f"<root>/{{0_real,1_fake}} (or real/fake names), or a CSV manifest"
         )
-    if empty:
-        raise DataError(f"{empty[0]}: generator folder without 0_real/1_fake (or real/fake) folders inside")
-    return [s for g in generators for s in _read_generator(g, g.name)]
+    for folder, classes in generators.items():
+        if not classes:
+            raise DataError(f"{folder}: generator folder without 0_real/1_fake (or real/fake) folders inside")
+    return [s for folder, classes in generators.items() for s in _read_classes(classes, folder.name)]
 
 
-def _read_generator(folder: Path, generator: str) -> list[Sample]:
+def _read_classes(class_dirs: list[tuple[Path, int]], generator: str) -> list[Sample]:
     samples = []
-    for class_dir, label in _find_class_dirs(folder):
+    for class_dir, label in class_dirs:
         images = list(_images_under(class_dir))
         if not images:
             raise DataError(
@@ -139,18 +140,16 @@ def _read_csv(path: Path) -> list[Sample]:
                 f"{path}: header must name the columns path,label[,generator]; got {header or 'nothing'}"
             )
         reader.fieldnames = header
-        samples = []
-        for row in reader:
-            samples.append(_csv_row(path, reader.line_num, row))
+        samples = [_csv_row(path, reader.line_num, row, len(header)) for row in reader]
     if not samples:
         raise DataError(f"{path}: the manifest lists no images")
     return samples
 
 
-def _csv_row(csv_path: Path, line: int, row: dict[str | None, str | None]) -> Sample:
+def _csv_row(csv_path: Path, line: int, row: dict[str | None, str | None], n_columns: int) -> Sample:
     where = f"{csv_path}, line {line}"
-    if None in row or any(v is None for v in row.values()):
-        raise DataError(f"{where}: the number of fields differs from the header's {len(row) - (None in row)}")
+    if None in row or any(v is None for v in row.values()):  # DictReader's marks of extra / missing fields
+        raise DataError(f"{where}: the number of fields differs from the header's {n_columns}")
     file = (row["path"] or "").strip()
     if not file:
         raise DataError(f"{where}: empty path")
