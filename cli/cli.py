@@ -43,3 +43,7 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="i2p-detector")
 def main() -> None:
     """I2P synthetic-image detector: train, export, detect, benchmark."""
+
+
+if __name__ == "__main__":
+    main()

@@ -287,6 +287,8 @@ def restore_state(
         state.setdefault(int(idx), {})["step"] = torch.tensor(step)
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # the scheduler's state does not carry the optimizer's current rate
     return meta["epoch"] + 1
 
 
