@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from images import make_image_folder
+from safetensors.torch import load_file
+
 from i2p.train import importance, subspace
 from i2p.train.backbone import load_backbone
 from i2p.train.checkpoint import CheckpointError, load_model, read_checkpoint
 from i2p.train.cli import train as train_cmd
 from i2p.train.model import I2PModel
-from images import make_image_folder
-from safetensors.torch import load_file
 
 TINY = ["--model", "i2p-tiny-vit", "--pretrained", "none", "--workers", "0", "--batch-size", "16"]
 

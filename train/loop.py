@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from i2p.runtime.manifest import write_json_atomic
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
+
+from i2p.runtime.manifest import write_json_atomic
 
 from . import data as data_mod
 from . import importance, subspace
@@ -248,6 +249,15 @@ def fisher_statistics(
     return {name: s / max(batches, 1) for name, s in sums.items()}
 
 
+def batch_is_empty(n: int, rt: Runtime) -> bool:
+    """Skip a step on every rank together: one rank skipping alone would hang DDP's all-reduce."""
+    if rt.world == 1:
+        return n == 0
+    flag = torch.tensor([float(n == 0)], device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def cosine_with_warmup(total: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -392,7 +402,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             for bad in batch.bad:
                 say(rt, f"skipped {bad.path}: {bad.reason}")
             x, y = batch.images.to(rt.device), batch.labels.to(rt.device)
-            if not len(y):  # every file of this batch was unreadable
+            if batch_is_empty(len(y), rt):  # every file of this batch (on some rank) was unreadable
                 scheduler.step()
                 continue
             with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp):
