@@ -246,7 +246,8 @@ class Detector:
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function, computed in float64."""
-    return np.exp(-np.logaddexp(0.0, -logits.astype(np.float64))).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # NaN stays NaN, and becomes an error row
+        return np.exp(-np.logaddexp(0.0, -logits.astype(np.float64))).astype(np.float32)
 
 
 def _as_list(inputs: Iterable[ImageInput]) -> list[ImageInput]:

@@ -1,0 +1,86 @@
+"""Streaming over image files for ``i2p-detect``: discovery, threaded decoding, in-order batches.
+
+Files are yielded while directories are being read (only the names of subdirectories still to visit
+are kept), and at most a fixed number of decoded images are in flight, so a tree of millions of files
+runs in bounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from .detector import Detector, Prediction, Prepared
+
+log = logging.getLogger("i2p")
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif"}
+)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def iter_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> Iterator[str]:
+    """Image paths under ``paths``, yielded as the directories are read (in directory order).
+
+    A path named explicitly is always yielded, whatever its extension (its row explains if it is not
+    an image). Inside directories only image extensions count; with ``recursive``, subdirectories are
+    walked (symlinked ones are not followed, so a link loop cannot trap the walk).
+    """
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            yield from _walk(path, recursive)
+        else:
+            yield path
+
+
+def _walk(top: str, recursive: bool) -> Iterator[str]:
+    pending = deque([top])
+    while pending:
+        directory = pending.popleft()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if recursive and entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif is_image_name(entry.name):
+                        yield entry.path  # a non-file named like an image gets its error row
+        except OSError as e:
+            log.warning("i2p: skipping directory %s: %s", directory, e.strerror or e)
+
+
+def prepare_stream(
+    detector: Detector, sources: Iterable[str], workers: int, ahead: int
+) -> Iterator[Prepared]:
+    """``detector.prepare`` over ``sources`` in ``workers`` threads, in order, at most ``ahead`` in flight."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="i2p-decode") as pool:
+        pending: deque[Future[Prepared]] = deque()
+        try:
+            for src in sources:
+                pending.append(pool.submit(detector.prepare, src))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def predict_stream(detector: Detector, sources: Iterable[str], workers: int) -> Iterator[Prediction]:
+    """Predictions in source order; decoding of the next batch overlaps inference on this one."""
+    batch: list[Prepared] = []
+    for item in prepare_stream(detector, sources, workers, ahead=2 * detector.batch_size + workers):
+        batch.append(item)
+        if len(batch) == detector.batch_size:
+            yield from detector.predict_prepared(batch)
+            batch = []
+    if batch:
+        yield from detector.predict_prepared(batch)

@@ -1,0 +1,95 @@
+"""The ONNX Runtime backend: provider order and options, I/O checks, concurrent ``run``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from fake_artifact import build_model, make_artifact
+
+from i2p.runtime.backends.onnxruntime import (
+    CPU_EP,
+    CUDA_EP,
+    TENSORRT_EP,
+    OnnxRuntimeBackend,
+    auto_providers,
+    cache_dir,
+)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("artifact") / "fake.i2p")
+
+
+def test_provider_order_prefers_tensorrt_then_cuda_then_cpu(tmp_path: Path) -> None:
+    assert auto_providers(available=[CPU_EP]) == [CPU_EP]
+    assert auto_providers(device=2, available=[CPU_EP, CUDA_EP]) == [(CUDA_EP, {"device_id": 2}), CPU_EP]
+    providers = auto_providers(
+        device=1,
+        precision="fp16",
+        available=[CPU_EP, CUDA_EP, TENSORRT_EP],
+        engine_cache=tmp_path / "engines",
+        input_shape=("image", 32, 3, 224, 224),
+    )
+    assert [p if isinstance(p, str) else p[0] for p in providers] == [TENSORRT_EP, CUDA_EP, CPU_EP]
+    trt = providers[0][1]
+    assert trt["device_id"] == 1 and trt["trt_fp16_enable"] is True
+    assert trt["trt_engine_cache_enable"] and trt["trt_engine_cache_path"] == str(tmp_path / "engines")
+    assert (tmp_path / "engines").is_dir()
+    assert trt["trt_profile_min_shapes"] == "image:1x3x224x224"
+    assert trt["trt_profile_max_shapes"] == trt["trt_profile_opt_shapes"] == "image:32x3x224x224"
+    assert auto_providers(precision="fp32", available=[TENSORRT_EP, CPU_EP])[0][1]["trt_fp16_enable"] is False
+
+
+def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "i2p"
+
+
+def test_infer_returns_the_logit_output(artifact: Path) -> None:
+    backend = OnnxRuntimeBackend(artifact / "model.onnx", threads=1)
+    assert backend.name == "onnxruntime[CPUExecutionProvider]" and not backend.on_gpu
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
+    logits = backend.infer(x)
+    assert logits.shape == (5,) and logits.dtype == np.float32
+    logit, prob = backend.session.run(["logit", "probability"], {"image": x})
+    np.testing.assert_array_equal(logits, logit)
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), prob, rtol=1e-6)
+
+
+def test_unloadable_or_wrong_models_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(RuntimeError, match="junk.onnx: ONNX Runtime cannot load this model"):
+        OnnxRuntimeBackend(tmp_path / "junk.onnx")
+    model = build_model(32)
+    model.graph.output[0].name = "score"
+    model.graph.node[4].output[0] = "score"
+    onnx.save(model, tmp_path / "renamed.onnx")
+    with pytest.raises(RuntimeError, match=r"no 'logit' output \(outputs: \['score', 'probability'\]\)"):
+        OnnxRuntimeBackend(tmp_path / "renamed.onnx")
+
+
+def test_concurrent_run_is_thread_safe(artifact: Path) -> None:
+    """ONNX Runtime documents InferenceSession.run as thread-safe; check it on our session options."""
+    backend = OnnxRuntimeBackend(artifact / "model.fp16.onnx", precision="fp16")
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((int(rng.integers(1, 9)), 3, 32, 32), dtype=np.float32) for _ in range(64)]
+    serial = [backend.infer(b) for b in batches]
+    out: list[np.ndarray | None] = [None] * len(batches)
+
+    def worker(t: int) -> None:
+        for _ in range(5):
+            for i in range(t, len(batches), 8):
+                out[i] = backend.infer(batches[i])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for a, b in zip(out, serial, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,313 @@
+"""Detector: predictions, batching, artifact checks, misuse, thread safety, backend choice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from corpus import base_image, encode
+from fake_artifact import build_model, make_artifact
+from PIL import Image
+
+from i2p.runtime import ArtifactError, BackendUnavailableError, Detector, ImageError, Prediction
+from i2p.runtime import detector as detector_module
+from i2p.runtime.manifest import FORMAT_VERSION
+from i2p.runtime.preprocess import preprocess
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("artifact") / "fake.i2p")
+
+
+@pytest.fixture(scope="module")
+def det(artifact: Path) -> Detector:
+    return Detector(artifact, backend="onnxruntime")
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Distinct images of assorted sizes (none square, so the resize and crop are exercised)."""
+    rng = np.random.default_rng(seed)
+    return [base_image(int(rng.integers(20, 90)), int(rng.integers(20, 90)), seed=i) for i in range(n)]
+
+
+def test_every_input_kind_gives_the_same_result(det: Detector, tmp_path: Path) -> None:
+    pixels = base_image(61, 47)
+    png = encode(pixels, "PNG")
+    (tmp_path / "a.png").write_bytes(png)
+    results = det.predict([tmp_path / "a.png", str(tmp_path / "a.png"), png, Image.fromarray(pixels), pixels])
+    assert all(r.ok for r in results), results
+    assert len({r.probability for r in results}) == 1
+    assert results[0].source == str(tmp_path / "a.png")
+    # The probability is the network's on exactly the preprocessed tensor.
+    expected = det.predict_batch(preprocess(pixels, det.spec)[None])
+    assert results[0].probability == pytest.approx(float(expected[0]), abs=0)
+
+
+def test_predict_batch_equals_predict_through_preprocess(det: Detector) -> None:
+    imgs = images(7)
+    batch = np.stack([preprocess(im, det.spec) for im in imgs])
+    probs = det.predict_batch(batch)
+    assert probs.shape == (7,) and probs.dtype == np.float32
+    assert [r.probability for r in det.predict(imgs)] == [float(p) for p in probs]
+    assert len(set(probs.tolist())) == 7  # the images really differ to the network
+
+
+def test_single_input_and_empty_sequence(det: Detector) -> None:
+    img = images(1)[0]
+    [single] = det.predict(img)
+    assert single == det.predict([img])[0]
+    assert det.predict([]) == []
+    assert det.predict_batch(np.zeros((0, 3, 32, 32), np.float32)).shape == (0,)
+
+
+def test_batching_does_not_change_results(artifact: Path, det: Detector) -> None:
+    imgs = images(11)
+    small = Detector(artifact, backend="onnxruntime", batch_size=3)
+    assert small.predict(imgs) == det.predict(imgs)
+    batch = np.stack([preprocess(im, det.spec) for im in imgs])
+    np.testing.assert_array_equal(small.predict_batch(batch), det.predict_batch(batch))
+
+
+def test_threshold_decides_the_label(artifact: Path, tmp_path: Path) -> None:
+    imgs = images(8)
+    probs = np.array([r.probability for r in Detector(artifact).predict(imgs)])
+    cut = float(np.median(probs))
+    via_manifest = Detector(make_artifact(tmp_path / "t.i2p", threshold=cut))
+    via_argument = Detector(artifact, threshold=cut)
+    assert via_manifest.threshold == via_argument.threshold == cut
+    for d in (via_manifest, via_argument):
+        results = d.predict(imgs)
+        assert [r.is_fake for r in results] == [bool(p >= cut) for p in probs]
+        assert {r.label for r in results} == {"fake", "real"}
+
+
+def test_fp16_model_agrees_with_fp32(artifact: Path, det: Detector) -> None:
+    fp16 = Detector(artifact, backend="onnxruntime", precision="fp16")
+    assert (fp16.backend.precision, det.backend.precision) == ("fp16", "fp32")
+    imgs = images(6)
+    a = np.array([r.probability for r in det.predict(imgs)])
+    b = np.array([r.probability for r in fp16.predict(imgs)])
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    assert not np.array_equal(a, b)  # it really ran the other network
+
+
+def test_a_bad_input_never_fails_the_batch(det: Detector, tmp_path: Path) -> None:
+    good = images(3)
+    missing = tmp_path / "missing.jpg"
+    results = det.predict(
+        [good[0], b"not an image", good[1], missing, np.zeros((0, 5, 3), np.uint8), good[2]]
+    )
+    assert [r.ok for r in results] == [True, False, True, False, False, True]
+    assert [r.probability for r in results if r.ok] == [r.probability for r in det.predict(good)]
+    assert "<12 bytes>" in results[1].error and "not a readable image" in results[1].error
+    assert str(missing) in results[3].error and "No such file" in results[3].error
+    assert "shape (0, 5, 3)" in results[4].error
+    assert results[1] == Prediction(results[1].source, None, None, results[1].error)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "message"),
+    [
+        (lambda d: d.predict(5), TypeError, "got int"),
+        (lambda d: d.predict([base_image(), None]), TypeError, "input 1 is a NoneType"),
+        (lambda d: d.predict(np.zeros((2, 3, 32, 32), np.float32)), TypeError, "use predict_batch"),
+        (lambda d: d.predict_batch([[1.0]]), TypeError, "numpy array"),
+        (
+            lambda d: d.predict_batch(np.zeros((2, 32, 32, 3), np.float32)),
+            ValueError,
+            "float32 [N, 3, 32, 32]",
+        ),
+        (lambda d: d.predict_batch(np.zeros((2, 3, 32, 32), np.uint8)), ValueError, "got uint8"),
+    ],
+)
+def test_misuse_raises_a_clear_error(det: Detector, call, exc, message) -> None:
+    with pytest.raises(exc, match=message.replace("[", r"\[")):
+        call(det)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"backend": "cuda"}, ValueError, "choose one of auto, tensorrt, onnxruntime"),
+        ({"precision": "int8"}, ValueError, "precision='int8'"),
+        ({"batch_size": 0}, ValueError, "positive integer"),
+        ({"backend": "tensorrt", "precision": "fp32"}, ValueError, "TensorRT backend runs FP16"),
+    ],
+)
+def test_bad_arguments(artifact: Path, kwargs, exc, message) -> None:
+    with pytest.raises(exc, match=message):
+        Detector(artifact, **kwargs)
+
+
+def test_not_an_artifact(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="artifact directory"):
+        Detector(42)  # type: ignore[arg-type]
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        Detector(tmp_path / "nope.i2p")
+    with pytest.raises(ArtifactError, match="no manifest.json here"):
+        Detector(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="unreadable manifest"):
+        Detector(tmp_path)
+
+
+def _rewrite_manifest(root: Path, **changes: object) -> None:
+    data = json.loads((root / "manifest.json").read_text())
+    data.update(changes)
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
+def test_tampered_truncated_and_missing_models_are_refused(tmp_path: Path) -> None:
+    root = make_artifact(tmp_path / "a.i2p")
+    onnx.save(build_model(32, seed=1), root / "model.onnx")  # a valid network, but not the exported one
+    with pytest.raises(ArtifactError, match=r"model.onnx: sha256 .* does not match the manifest.*re-export"):
+        Detector(root, precision="fp32")
+    Detector(root, precision="fp16")  # only the file in use is read, and that one is intact
+
+    root = make_artifact(tmp_path / "b.i2p")
+    data = (root / "model.fp16.onnx").read_bytes()
+    (root / "model.fp16.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="model.fp16.onnx: sha256 .* does not match"):
+        Detector(root, precision="fp16")
+
+    (root / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="model.onnx: listed in manifest.json but missing"):
+        Detector(root, precision="fp32")
+
+
+def test_unlisted_model_and_missing_precision_are_refused(tmp_path: Path) -> None:
+    root = make_artifact(tmp_path / "a.i2p")
+    _rewrite_manifest(root, files={})
+    with pytest.raises(ArtifactError, match="not listed in manifest.json; refusing an unverified file"):
+        Detector(root)
+    root = make_artifact(tmp_path / "b.i2p", fp16=False)
+    with pytest.raises(ArtifactError, match=r"no fp16 model in this artifact \(it has: fp32\).*--fp16"):
+        Detector(root, precision="fp16")
+    _rewrite_manifest(root, models=[])
+    with pytest.raises(ArtifactError, match="lists no model files"):
+        Detector(root)
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    root = make_artifact(tmp_path / "new.i2p", format_version=FORMAT_VERSION + 1)
+    with pytest.raises(
+        ArtifactError, match=f"format version {FORMAT_VERSION + 1} is newer.*upgrade i2p-detector"
+    ):
+        Detector(root)
+
+
+def test_concurrent_predict_matches_serial(det: Detector) -> None:
+    """8 threads x 500 calls on one Detector give exactly the serial results."""
+    inputs = images(16, seed=3)
+    calls = [[inputs[(t * 7 + i) % 16], inputs[(t + i * 3) % 16]] for t in range(8) for i in range(500)]
+    serial = [det.predict(c) for c in calls]
+    results: list[list[Prediction] | None] = [None] * len(calls)
+    barrier = threading.Barrier(8)
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        for i in range(t, len(calls), 8):
+            results[i] = det.predict(calls[i])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == serial
+
+
+def test_logs_the_backend_and_precision(artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="i2p"):
+        Detector(artifact)
+    assert "onnxruntime[CPUExecutionProvider], precision fp32" in caplog.text
+
+
+# -- backend choice and hooks, with stand-in backends -----------------------------------------------------
+
+
+class FakeTensorRT:
+    """Stands in for i2p.runtime.backends.tensorrt on machines without TensorRT."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple] = []
+
+    def TensorRTBackend(self, artifact_dir, manifest, device, max_batch):  # noqa: N802 (the class it fakes)
+        self.calls.append((artifact_dir, manifest.name, device, max_batch))
+        if self.fail:
+            raise RuntimeError("no engine for this GPU")
+        return SimpleNamespace(
+            name="tensorrt", precision="fp16", infer=lambda x: np.zeros(len(x), np.float32)
+        )
+
+
+def test_tensorrt_is_preferred_when_present(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeTensorRT()
+    monkeypatch.setattr(detector_module, "_tensorrt_module", lambda: fake)
+    d = Detector(artifact, device=1, batch_size=4)
+    assert d.backend.name == "tensorrt" and fake.calls == [(artifact, "fake", 1, 4)]
+    assert Detector(artifact, backend="onnxruntime").backend.name.startswith("onnxruntime")
+    assert Detector(artifact, precision="fp32").backend.name.startswith("onnxruntime")
+
+
+def test_auto_falls_back_when_tensorrt_fails(
+    artifact: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(detector_module, "_tensorrt_module", lambda: FakeTensorRT(fail=True))
+    with caplog.at_level(logging.WARNING, logger="i2p"):
+        assert Detector(artifact).backend.name.startswith("onnxruntime")
+    assert "TensorRT backend failed (no engine for this GPU); falling back" in caplog.text
+    with pytest.raises(RuntimeError, match="no engine for this GPU"):
+        Detector(artifact, backend="tensorrt")
+
+
+def test_tensorrt_backend_without_tensorrt(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detector_module, "_tensorrt_module", lambda: None)
+    with pytest.raises(BackendUnavailableError, match="needs an NVIDIA GPU with the tensorrt and pycuda"):
+        Detector(artifact, backend="tensorrt")
+
+
+def test_gpu_preprocessing_hook_gets_decoded_images(
+    artifact: Path, det: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend with infer_images receives uint8 HWC images at their own size, bad inputs excluded."""
+    seen: list[list[tuple]] = []
+
+    def infer_images(imgs: list[np.ndarray]) -> np.ndarray:  # preprocess "on the device": here, on the CPU
+        seen.append([(im.shape, im.dtype) for im in imgs])
+        return det.backend.infer(np.stack([preprocess(im, det.spec) for im in imgs]))
+
+    gpu = SimpleNamespace(
+        name="gpu-stand-in", precision="fp32", infer=det.backend.infer, infer_images=infer_images
+    )
+    monkeypatch.setattr(Detector, "_open_backend", lambda self, *a: gpu)
+    hooked = Detector(artifact, batch_size=2)
+    imgs = images(3)
+    results = hooked.predict([imgs[0], b"junk", imgs[1], imgs[2]])
+    expected = [r.probability for r in det.predict(imgs)]
+    assert [r.probability for r in results] == [expected[0], None, expected[1], expected[2]]
+    assert seen == [[(imgs[0].shape, np.uint8)], [(imgs[1].shape, np.uint8), (imgs[2].shape, np.uint8)]]
+    batch = np.stack([preprocess(im, det.spec) for im in imgs])
+    np.testing.assert_array_equal(hooked.predict_batch(batch), det.predict_batch(batch))  # floats: infer()
+
+
+def test_non_finite_network_output_is_an_error_row(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nan = SimpleNamespace(name="nan", precision="fp16", infer=lambda x: np.full(len(x), np.nan, np.float32))
+    monkeypatch.setattr(Detector, "_open_backend", lambda self, *a: nan)
+    [r] = Detector(artifact).predict(images(1))
+    assert not r.ok and "non-finite" in r.error and r.probability is None
+
+
+def test_image_error_is_a_value_error(det: Detector) -> None:
+    """Callers catching ValueError around preprocess keep working."""
+    assert issubclass(ImageError, ValueError)
+    with pytest.raises(ImageError, match="<3 bytes>: not a readable image"):
+        preprocess(b"abc", det.spec)
