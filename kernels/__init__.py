@@ -214,8 +214,14 @@ def check_images(images: Sequence[Any]) -> list[np.ndarray]:
 
 
 def driver() -> Any:
-    """``pycuda.driver``, initialized (raises ImportError without pycuda)."""
-    import pycuda.driver as cuda  # lazy: pycuda is an optional dependency
+    """``pycuda.driver``, initialized; ImportError with install advice when pycuda is missing."""
+    try:
+        import pycuda.driver as cuda  # lazy: pycuda is an optional dependency
+    except ImportError as e:
+        raise ImportError(
+            f"GPU preprocessing needs pycuda ({e}): pip install pycuda with the CUDA toolkit's nvcc on PATH "
+            "(on Jetson: export PATH=/usr/local/cuda/bin:$PATH first)"
+        ) from e
 
     cuda.init()
     return cuda
@@ -313,13 +319,13 @@ class GpuPreprocessor:
         if self.out_dtype not in KERNELS:
             raise ValueError(f"out_dtype must be float32 or float16, not {self.out_dtype}")
         self._cuda = driver()
-        self._context = primary_context(device)
+        self.context = primary_context(device)
         self._lock = threading.Lock()
         self._mean = [np.float32(m) for m in spec.mean]
         self._std = [np.float32(s) for s in spec.std]
         cc = compute_capability(device)
         cubin = compile_kernels(f"sm_{cc[0]}{cc[1]}")
-        with activated(self._context):
+        with activated(self.context):
             self.stream = stream if stream is not None else self._cuda.Stream()
             self._module = self._cuda.module_from_file(str(cubin))
             self._kernel = self._module.get_function(KERNELS[self.out_dtype]).prepare("PPPPiffffff")
@@ -338,7 +344,7 @@ class GpuPreprocessor:
             raise ValueError(f"batch of {len(images)} images exceeds max_batch={self.max_batch}")
         layout = plan_batch([img.shape for img in images], self.spec)
         cuda, stream = self._cuda, self.stream
-        with self._lock, activated(self._context):
+        with self._lock, activated(self.context):
             self._uploaded.synchronize()  # the pinned staging buffers are free again
             self._src.ensure(cuda, layout.src_bytes, stream)
             self._descs.ensure(cuda, layout.descs.nbytes, stream)
@@ -370,20 +376,20 @@ class GpuPreprocessor:
         size = self.spec.size
         shape = (len(images), 3, size, size)
         nbytes = int(np.prod(shape)) * self.out_dtype.itemsize
-        with self._lock, activated(self._context):
+        with self._lock, activated(self.context):
             if self._out is None:
                 full = self.max_batch * 3 * size * size * self.out_dtype.itemsize
                 self._out = self._cuda.mem_alloc(full)
                 self._out_host = self._cuda.pagelocked_empty(full, np.uint8)
         self.launch(images, int(self._out))
-        with self._lock, activated(self._context):
+        with self._lock, activated(self.context):
             self._cuda.memcpy_dtoh_async(self._out_host[:nbytes], self._out, self.stream)
             self.stream.synchronize()
             return self._out_host[:nbytes].view(self.out_dtype).reshape(shape).copy()
 
     def close(self) -> None:
         """Free device memory now (otherwise it lives as long as the primary context)."""
-        with self._lock, activated(self._context):
+        with self._lock, activated(self.context):
             self.stream.synchronize()
             for buffers in (self._src, self._descs, self._tables):
                 buffers.free()
