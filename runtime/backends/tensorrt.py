@@ -247,13 +247,13 @@ def build_engine(
     ``opt_batch``. The timing cache, when given, is read first and saved after, so rebuilds
     (another ``max_batch``, a new export of the same network) take seconds rather than minutes.
     """
-    trt = _tensorrt()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not 1 <= opt_batch <= max_batch:
         raise ValueError(
             f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}"
         )
+    trt = _tensorrt()
     onnx_path = Path(onnx_path)
     major = trt_major(trt.__version__)
     context = kernels.primary_context(device)
@@ -280,6 +280,11 @@ def build_engine(
             )
         size = _input_size(network, onnx_path)
 
+        if major >= 10 and precision == "fp16" and not _has_fp16(network, trt):
+            raise EngineBuildError(
+                f"{onnx_path}: TensorRT {trt.__version__} takes precision from the graph, and this graph has "
+                "no FP16 tensors; build FP16 engines from model.fp16.onnx"
+            )
         config = builder.create_builder_config()
         if major < 10 and precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
@@ -373,6 +378,14 @@ def decompose_layernorm(model_bytes: bytes) -> bytes:
     del graph.node[:]
     graph.node.extend(nodes)
     return model.SerializeToString()
+
+
+def _has_fp16(network: Any, trt: Any) -> bool:
+    return any(
+        network.get_layer(i).get_output(j).dtype == trt.float16
+        for i in range(network.num_layers)
+        for j in range(network.get_layer(i).num_outputs)
+    )
 
 
 def _use_timing_cache(config: Any, path: Path | None) -> None:
