@@ -375,6 +375,8 @@ class GpuPreprocessor:
         images = check_images(images)
         size = self.spec.size
         shape = (len(images), 3, size, size)
+        if not images:
+            return np.zeros(shape, self.out_dtype)
         nbytes = int(np.prod(shape)) * self.out_dtype.itemsize
         with self._lock, activated(self.context):
             if self._out is None:

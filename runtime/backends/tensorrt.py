@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,13 @@ def _tensorrt() -> Any:
             "python3-libnvinfer in a venv made with --system-site-packages, elsewhere pip install tensorrt"
         ) from e
     return trt
+
+
+@lru_cache(maxsize=1)
+def _logger() -> Any:
+    """One TensorRT logger per process: builders and runtimes warn when given different ones."""
+    trt = _tensorrt()
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def tensorrt_available() -> bool:
@@ -260,7 +268,7 @@ def build_engine(
     with kernels.activated(context):
         gpu = kernels.driver().Device(device).name()
         cc = kernels.compute_capability(device)
-        logger = trt.Logger(trt.Logger.WARNING)
+        logger = _logger()
         builder = trt.Builder(logger)
         flags = 0
         if major < 10:
@@ -550,7 +558,7 @@ class TensorRTBackend:
 
     def _load(self) -> None:
         trt, cuda = self._trt, self._cuda
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._runtime = trt.Runtime(_logger())
         self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
             raise EngineBuildError(
@@ -584,11 +592,15 @@ class TensorRTBackend:
         execution = self._engine.create_execution_context()
         self._bind(execution)
         execution.set_input_shape(INPUT, (batch, 3, self.size, self.size))
-        try:
-            if not execution.execute_async_v3(self._stream.handle):  # settles shape-dependent state first
+
+        def enqueue() -> None:
+            if not execution.execute_async_v3(self._stream.handle):
                 raise RuntimeError("execute_async_v3 returned False")
+
+        try:
+            enqueue()  # one ordinary run first settles TensorRT's shape-dependent state
             self._stream.synchronize()
-            graph = _CudaGraph(self._stream.handle, lambda: execution.execute_async_v3(self._stream.handle))
+            graph = _CudaGraph(self._stream.handle, enqueue)
         except Exception as e:
             log.warning("TensorRT: CUDA graph capture for batch %d failed (%s); running without it", batch, e)
             return None
