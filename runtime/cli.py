@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,6 +122,8 @@ def detect(
     """
     if csv_out and jsonl_out:
         raise click.UsageError("--csv and --jsonl are exclusive: choose one output file")
+    # Pillow warns (corrupt EXIF, palette transparency) on files that decode fine; the rows say what failed.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     detector = _load(model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold)
     counts: Counter[str] = Counter()
     start = time.perf_counter()

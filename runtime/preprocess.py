@@ -12,6 +12,7 @@ import functools
 import io
 import os
 import stat
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # What untrusted files may be: the common photo formats. Pillow's exotic plugins (EPS runs Ghostscript,
 # PSD, FITS, ...) are never reached from a file's magic bytes.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # JPEG covers MPO (phones' multi-picture)
-# Every exception type Pillow's decoders raise on malformed data (found by tests/test_fuzz_decode.py).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+# What Pillow raises on malformed data: its documented errors, and the ones benchmarks/fuzz_decode.py found
+# escaping its plugins (IndexError from a truncated animated GIF, struct.error, TypeError from TIFF tiles).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -192,6 +194,10 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or 0 in arr.shape:
         raise ImageError(f"{name}: expected an HxWx3 RGB array (or HxW grey), got shape {arr.shape}")
+    if arr.dtype.kind not in "uif":
+        raise ImageError(f"{name}: pixel type {arr.dtype} is not a number type (expected uint8)")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ImageError(f"{name}: pixel values include NaN or infinity")
     if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
         arr = (arr.astype(np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
     elif arr.dtype.kind == "f":

@@ -74,6 +74,10 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
     corrupt = bytearray(jpeg)
     corrupt[len(jpeg) // 3 : len(jpeg) // 3 + 400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
     add("corrupt.jpg", bytes(corrupt), Case(error="cannot decode"))
+    # Cut inside the header of the second frame (the first frame alone encodes to about that length):
+    # Pillow's GIF plugin raised struct.error / IndexError here, outside its documented errors.
+    gif = encode(base, "GIF", save_all=True, append_images=[Image.fromarray(255 - base)])
+    add("truncated_anim.gif", gif[: len(encode(base, "GIF")) + 10], Case(error="cannot decode"))
     add("empty.jpg", b"", Case(error="empty file"))
     add(
         "random.jpg", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), Case(error="not a readable image")
@@ -148,6 +152,30 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
         (root / "unreadable.jpg").chmod(0)
         cases["unreadable.jpg"] = Case(error="Permission denied")
     return cases
+
+
+def fuzz_seeds() -> dict[str, bytes]:
+    """One valid file per allowed format, plus variants with more structure (EXIF, alpha, animation)."""
+    img = base_image(24, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: exif_transpose runs on every mutated JPEG
+    return {
+        "jpeg": encode(img, "JPEG", quality=80),
+        "progressive.jpeg": encode(img, "JPEG", progressive=True),
+        "exif.jpeg": encode(img, "JPEG", exif=exif),
+        "png": encode(img, "PNG"),
+        "rgba.png": encode(np.dstack([img, img[:, :, :1]]), "PNG"),
+        "grey16.png": encode(Image.fromarray(img[:, :, 0].astype(np.uint16) * 257), "PNG"),
+        "gif": encode(img, "GIF", save_all=True, append_images=[Image.fromarray(255 - img)]),
+        "webp": encode(img, "WEBP", quality=80),
+        "anim.webp": encode(
+            img, "WEBP", save_all=True, append_images=[Image.fromarray(255 - img)], lossless=True
+        ),
+        "bmp": encode(img, "BMP"),
+        "tiff": encode(img, "TIFF", compression="tiff_lzw"),
+        "float.tiff": encode(Image.fromarray(img[:, :, 0].astype(np.float32) / 255), "TIFF"),
+        "cmyk.jpeg": encode(Image.fromarray(img).convert("CMYK"), "JPEG"),
+    }
 
 
 def _grey_rgb(grey: np.ndarray) -> np.ndarray:

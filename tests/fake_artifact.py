@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxconverter_common import float16
+
 from i2p.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -23,8 +26,6 @@ from i2p.runtime.manifest import (
     write_json_atomic,
 )
 from i2p.runtime.preprocess import PreprocessSpec
-from onnx import TensorProto, helper, numpy_helper
-from onnxconverter_common import float16
 
 PATCH = 4
 CHANNELS = 4

@@ -1,0 +1,103 @@
+"""Longer fuzz run of decode + preprocess than CI affords: mutated valid images and random bytes.
+
+    .venv/bin/python benchmarks/fuzz_decode.py --seconds 600
+
+Any exception other than ImageError, a non-finite output or a decode slower than --slow-s is a
+finding: the input is saved under --out for a regression test, and the run exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from corpus import fuzz_seeds  # noqa: E402
+
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess  # noqa: E402
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """1-8 random edits: bit flips, overwritten/inserted/deleted spans, interesting values, truncation."""
+    buf = bytearray(data)
+    for _ in range(int(rng.integers(1, 9))):
+        if not buf:
+            break
+        pos = int(rng.integers(0, len(buf)))
+        op = rng.integers(0, 6)
+        if op == 0:
+            buf[pos] ^= 1 << int(rng.integers(0, 8))
+        elif op == 1:
+            n = int(rng.integers(1, 32))
+            buf[pos : pos + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        elif op == 2:
+            buf[pos:pos] = rng.integers(0, 256, int(rng.integers(1, 32)), dtype=np.uint8).tobytes()
+        elif op == 3:
+            del buf[pos : pos + int(rng.integers(1, 128))]
+        elif op == 4:  # sizes and counts live in 16/32-bit fields: try the edge values
+            value = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF][int(rng.integers(0, 9))]
+            width = int(rng.choice([1, 2, 4]))
+            buf[pos : pos + width] = (value & ((1 << 8 * width) - 1)).to_bytes(
+                width, str(rng.choice(["big", "little"]))
+            )
+        else:
+            del buf[max(pos, 1) :]
+    return bytes(buf)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--slow-s", type=float, default=5.0, help="a decode slower than this is a finding")
+    ap.add_argument("--out", type=Path, default=Path("fuzz-findings"))
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")  # Pillow warns about every corrupt EXIF block; those are not findings
+    spec = PreprocessSpec(size=args.size)
+    rng = np.random.default_rng(args.seed)
+    seeds = list(fuzz_seeds().items())
+    runs, rejected, findings, slowest = 0, 0, 0, 0.0
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        if rng.random() < 0.05:
+            name, data = "random", rng.integers(0, 256, int(rng.integers(0, 4096)), dtype=np.uint8).tobytes()
+        else:
+            name, seed = seeds[int(rng.integers(0, len(seeds)))]
+            data = mutate(seed, rng)
+        t0 = time.monotonic()
+        problem = None
+        try:
+            x = preprocess(data, spec)
+            if not np.isfinite(x).all():
+                problem = "non-finite output"
+        except ImageError:
+            rejected += 1
+        except Exception:
+            problem = traceback.format_exc()
+        elapsed = time.monotonic() - t0
+        slowest = max(slowest, elapsed)
+        if elapsed > args.slow_s:
+            problem = f"decode took {elapsed:.1f} s"
+        runs += 1
+        if problem:
+            findings += 1
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"{name}-{runs}.bin"
+            path.write_bytes(data)
+            print(f"FINDING {path}: {problem}", flush=True)
+    print(
+        f"{runs} inputs in {args.seconds:.0f} s ({runs / args.seconds:.0f}/s): {rejected} rejected with ImageError, "
+        f"{runs - rejected - findings} decoded, {findings} findings; slowest {slowest * 1e3:.0f} ms"
+    )
+    return 1 if findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
