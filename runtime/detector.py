@@ -20,7 +20,7 @@ from PIL import Image
 
 from .backends import Backend
 from .manifest import ArtifactError, read_manifest, verify_file
-from .preprocess import ImageError, ImageInput, describe, load_image, preprocess
+from .preprocess import ImageError, ImageInput, checked_resize_plan, describe, load_image, preprocess
 
 log = logging.getLogger("i2p")
 
@@ -191,7 +191,9 @@ class Detector:
         source = describe(src)
         try:
             if self._gpu_preprocess:
-                data = np.asarray(load_image(src, self.spec.max_pixels))
+                img = load_image(src, self.spec.max_pixels)
+                checked_resize_plan(img.width, img.height, self.spec, source)  # refused on every path
+                data = np.asarray(img)
             else:
                 data = preprocess(src, self.spec)
         except ImageError as e:

@@ -210,18 +210,24 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), "RGB")
 
 
-def resize_crop(img: Image.Image, spec: PreprocessSpec, name: str = "image") -> Image.Image:
-    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop.
+def checked_resize_plan(width: int, height: int, spec: PreprocessSpec, name: str = "image") -> ResizePlan:
+    """``resize_plan``, refusing images whose resized intermediate would exceed ``max_pixels``.
 
-    The resized intermediate obeys ``max_pixels`` too: a 1-pixel-high strip would otherwise grow to
-    ``size`` times its width before the crop.
+    A 1-pixel-high strip within the pixel limit would otherwise grow to ``size`` times its width
+    before the crop. Every preprocessing path (Pillow, numpy, CUDA) applies the same refusal.
     """
-    plan = resize_plan(img.width, img.height, spec.size)
+    plan = resize_plan(width, height, spec.size)
     if plan.out_w * plan.out_h > spec.max_pixels:
         raise ImageError(
-            f"{name}: a {img.width}x{img.height} image is too elongated: resizing it to {plan.out_w}x{plan.out_h} "
+            f"{name}: a {width}x{height} image is too elongated: resizing it to {plan.out_w}x{plan.out_h} "
             f"exceeds the {spec.max_pixels:,}-pixel limit"
         )
+    return plan
+
+
+def resize_crop(img: Image.Image, spec: PreprocessSpec, name: str = "image") -> Image.Image:
+    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop."""
+    plan = checked_resize_plan(img.width, img.height, spec, name)
     resized = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
     return resized.crop((plan.left, plan.top, plan.left + spec.size, plan.top + spec.size))
 

@@ -206,7 +206,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
 def test_concurrent_predict_matches_serial(det: Detector) -> None:
     """8 threads x 500 calls on one Detector give exactly the serial results."""
     inputs = images(16, seed=3)
-    calls = [[inputs[(t * 7 + i) % 16], inputs[(t + i * 3) % 16]] for t in range(8) for i in range(500)]
+    calls = [inputs[(t * 7 + i * 3) % 16] for t in range(8) for i in range(500)]
     serial = [det.predict(c) for c in calls]
     results: list[list[Prediction] | None] = [None] * len(calls)
     barrier = threading.Barrier(8)
@@ -291,10 +291,14 @@ def test_gpu_preprocessing_hook_gets_decoded_images(
     monkeypatch.setattr(Detector, "_open_backend", lambda self, *a: gpu)
     hooked = Detector(artifact, batch_size=2)
     imgs = images(3)
-    results = hooked.predict([imgs[0], b"junk", imgs[1], imgs[2]])
+    sliver = np.zeros((1, 100_000, 3), np.uint8)  # refused for its resize size on the GPU path too
+    results = hooked.predict([imgs[0], b"junk", imgs[1], sliver, imgs[2]])
     expected = [r.probability for r in det.predict(imgs)]
-    assert [r.probability for r in results] == [expected[0], None, expected[1], expected[2]]
-    assert seen == [[(imgs[0].shape, np.uint8)], [(imgs[1].shape, np.uint8), (imgs[2].shape, np.uint8)]]
+    assert [r.probability for r in results] == [expected[0], None, expected[1], None, expected[2]]
+    assert "too elongated" in results[3].error and results[3].error == det.predict(sliver)[0].error
+    assert seen == [
+        [(im.shape, np.uint8)] for im in imgs
+    ]  # batches of 2 inputs, one bad in each of the first two
     batch = np.stack([preprocess(im, det.spec) for im in imgs])
     np.testing.assert_array_equal(hooked.predict_batch(batch), det.predict_batch(batch))  # floats: infer()
 
