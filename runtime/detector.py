@@ -88,6 +88,7 @@ class Detector:
         if not self.manifest.models:
             raise ArtifactError(f"{self.path}: the manifest lists no model files; re-export the artifact")
         self.spec = self.manifest.preprocess
+        self._check_io()
         self.threshold = self.manifest.threshold if threshold is None else float(threshold)
         self.batch_size = batch_size
         self.backend: Backend = self._open_backend(backend, device, precision, threads)
@@ -104,6 +105,16 @@ class Detector:
         return f"Detector({str(self.path)!r}, backend={self.backend.name!r}, precision={self.backend.precision!r})"
 
     # -- loading -----------------------------------------------------------------------------------
+
+    def _check_io(self) -> None:
+        """The manifest must describe the network this runtime drives: image [N, 3, S, S] in, logit out."""
+        size = self.spec.size
+        inputs, outputs = self.manifest.inputs, [t.name for t in self.manifest.outputs]
+        if len(inputs) != 1 or tuple(inputs[0].shape[1:]) != (3, size, size) or "logit" not in outputs:
+            raise ArtifactError(
+                f"{self.path}: the manifest describes inputs {[(t.name, t.shape) for t in inputs]} and outputs "
+                f"{outputs}; this runtime needs one [batch, 3, {size}, {size}] input and a 'logit' output"
+            )
 
     def _open_backend(self, backend: str, device: int, precision: str | None, threads: int | None) -> Backend:
         if backend == "tensorrt" and precision == "fp32":

@@ -178,5 +178,33 @@ def fuzz_seeds() -> dict[str, bytes]:
     }
 
 
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """1-8 random edits: bit flips, overwritten/inserted/deleted spans, interesting values, truncation."""
+    buf = bytearray(data)
+    for _ in range(int(rng.integers(1, 9))):
+        if not buf:
+            break
+        pos = int(rng.integers(0, len(buf)))
+        op = rng.integers(0, 6)
+        if op == 0:
+            buf[pos] ^= 1 << int(rng.integers(0, 8))
+        elif op == 1:
+            n = int(rng.integers(1, 32))
+            buf[pos : pos + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        elif op == 2:
+            buf[pos:pos] = rng.integers(0, 256, int(rng.integers(1, 32)), dtype=np.uint8).tobytes()
+        elif op == 3:
+            del buf[pos : pos + int(rng.integers(1, 128))]
+        elif op == 4:  # sizes and counts live in 16/32-bit fields: try the edge values
+            value = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF][int(rng.integers(0, 9))]
+            width = int(rng.choice([1, 2, 4]))
+            buf[pos : pos + width] = (value & ((1 << 8 * width) - 1)).to_bytes(
+                width, str(rng.choice(["big", "little"]))
+            )
+        else:
+            del buf[max(pos, 1) :]
+    return bytes(buf)
+
+
 def _grey_rgb(grey: np.ndarray) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)

@@ -195,6 +195,17 @@ def test_unlisted_model_and_missing_precision_are_refused(tmp_path: Path) -> Non
         Detector(root)
 
 
+def test_manifest_io_must_match_the_runtime_contract(tmp_path: Path) -> None:
+    root = make_artifact(tmp_path / "a.i2p")
+    _rewrite_manifest(root, inputs=[{"name": "image", "dtype": "float32", "shape": ["batch", 3, 64, 64]}])
+    with pytest.raises(ArtifactError, match=r"needs one \[batch, 3, 32, 32\] input and a 'logit' output"):
+        Detector(root)
+    root = make_artifact(tmp_path / "b.i2p")
+    _rewrite_manifest(root, outputs=[{"name": "probability", "dtype": "float32", "shape": ["batch"]}])
+    with pytest.raises(ArtifactError, match=r"outputs \['probability'\]"):
+        Detector(root)
+
+
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     root = make_artifact(tmp_path / "new.i2p", format_version=FORMAT_VERSION + 1)
     with pytest.raises(
