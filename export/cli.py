@@ -1,0 +1,184 @@
+"""``i2p-export``: turn a training checkpoint into a deployable artifact directory (see docs/export.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from i2p.runtime.table import format_table
+from i2p.train.backbone import BackboneError
+from i2p.train.checkpoint import CheckpointError
+
+from .fp16 import DEFAULT_KEEP_FP32
+from .network import ExportError
+from .parity import DEFAULT_ATOL
+from .pipeline import ExportOptions, ExportResult, run_export
+
+
+def _atol(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    atol = dict(DEFAULT_ATOL)
+    for v in values:
+        precision, _, number = v.partition("=")
+        if precision not in atol:
+            raise click.BadParameter(f"{v!r}: expected fp32=VALUE or fp16=VALUE")
+        try:
+            atol[precision] = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: {number!r} is not a number") from None
+    return atol
+
+
+def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    return () if value.strip().lower() == "none" else tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+@click.command("export")
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="checkpoint.safetensors written by i2p-train.",
+)
+@click.option(
+    "--fp16", is_flag=True, help="Also write model.fp16.onnx (FP16 compute, float32 inputs/outputs)."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Artifact directory [default: CKPT with suffix .i2p]."
+)
+@click.option(
+    "--backbone",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The backbone weights file if it moved since training (checked against its sha256).",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(17),
+    default=17,
+    show_default=True,
+    help="ONNX opset (17+: LayerNormalization as one op).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Largest batch for the TensorRT profile and Triton.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "yes", "no"]),
+    default="auto",
+    show_default=True,
+    help="Build a TensorRT engine: where available (auto), or fail without TensorRT (yes).",
+)
+@click.option(
+    "--calib-images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of real images for the parity check (besides random inputs).",
+)
+@click.option(
+    "--calib-limit",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Use at most this many calibration images (spread evenly over the folder).",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Random inputs for the parity check.",
+)
+@click.option(
+    "--triton",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write a Triton Inference Server model repository entry under this folder.",
+)
+@click.option(
+    "--atol",
+    multiple=True,
+    callback=_atol,
+    metavar="PRECISION=VALUE",
+    help=f"Logit tolerance against PyTorch, e.g. fp16=0.1 [default: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_ATOL.items())}]; "
+    "the probability tolerance is a quarter of it.",
+)
+@click.option(
+    "--keep-fp32",
+    default=",".join(DEFAULT_KEEP_FP32),
+    show_default=True,
+    callback=_ops,
+    help="ONNX op types kept in float32 inside the FP16 model (comma-separated, or 'none').",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing artifact (never a directory that is not one)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (progress goes to stderr).")
+def export(
+    ckpt: Path,
+    fp16: bool,
+    out: Path | None,
+    backbone: Path | None,
+    opset: int,
+    max_batch: int,
+    engine: str,
+    calib_images: Path | None,
+    calib_limit: int,
+    samples: int,
+    triton: Path | None,
+    atol: dict[str, float],
+    keep_fp32: tuple[str, ...],
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Merge the trained deltas, truncate at L*, export ONNX (FP32, --fp16), check parity, write NAME.i2p/."""
+    opts = ExportOptions(
+        ckpt=ckpt,
+        out=out,
+        fp16=fp16,
+        backbone=backbone,
+        opset=opset,
+        max_batch=max_batch,
+        engine=engine,
+        calib_images=calib_images,
+        calib_limit=calib_limit,
+        random_samples=samples,
+        triton=triton,
+        atol=atol,
+        keep_fp32=keep_fp32,
+        force=force,
+    )
+    try:
+        result = run_export(opts, echo=lambda line: click.echo(line, err=as_json))
+    except (ExportError, CheckpointError, BackboneError) as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(summary(result))
+
+
+def summary(result: ExportResult) -> str:
+    """Files and sizes, parity, compute kept: the human-readable end of an export."""
+    m = result.manifest
+    files = [
+        {"file": f, "size": f"{size / 2**20:.2f} MB", "sha256": m.files[f][:16] if f in m.files else "-"}
+        for f, size in result.files.items()
+    ]
+    lines = [
+        "",
+        f"artifact: {result.artifact}",
+        format_table(files),
+        "",
+        result.parity.table(),
+        "",
+        f"compute kept: {m.layer}/{m.num_layers} transformer blocks ({m.layer / m.num_layers:.0%}), "
+        f"threshold {m.threshold:.4g} on the probability",
+        *result.notes,
+    ]
+    if result.triton:
+        lines.append(f"Triton model: {result.triton}")
+    lines.append(f"export took {result.seconds:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""The deployed network: the trained detector with its deltas merged, truncated at L*, head folded in.
+
+``DeployedDetector`` is the model that gets exported: plain open_clip ViT blocks (no adapter ops, no
+parametrizations), float32 NCHW image in, ``(logit [N], probability [N])`` out. Like timm's
+``exportable`` layers it reuses the training modules as they are rather than forking the ViT code; it
+only drops what deployment does not need and fixes the output signature.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from i2p.train.model import I2PModel
+
+
+class ExportError(RuntimeError):
+    """The export cannot produce a correct artifact; the message says which step and why."""
+
+
+class DeployedDetector(nn.Module):
+    """float32 [N, 3, S, S] -> (logit [N], probability [N]): embeddings, L* blocks, LayerNorm + Linear."""
+
+    def __init__(self, tower: VisionTransformer, head: nn.Sequential, layer: int, num_layers: int):
+        super().__init__()
+        self.tower, self.head = tower, head
+        self.layer, self.num_layers = layer, num_layers
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.tower.transformer.resblocks
+
+    @property
+    def image_size(self) -> int:
+        size = self.tower.image_size
+        return size if isinstance(size, int) else size[0]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = self.tower.transformer(self.tower._embeds(image))[:, 0]
+        z = self.head(cls)  # [N, 1]
+        # The probability is computed from z, not from the logit output: a graph output that another node
+        # also reads is a case FP16 converters get wrong (onnxconverter-common keep_io_types).
+        return z.squeeze(-1), torch.sigmoid(z).squeeze(-1)
+
+
+def deploy(model: I2PModel) -> DeployedDetector:
+    """Merge ``model``'s deltas into its base weights (in place) and wrap it for export, in eval mode.
+
+    ``model`` is consumed: after this call its blocks hold the merged weights. Compute any output of
+    the unmerged model first (see ``check_merge``).
+    """
+    model.merge()
+    net = DeployedDetector(model.tower, model.head.folded(), model.layer, model.num_layers)
+    return net.eval().requires_grad_(False)
+
+
+def largest_weight(net: nn.Module) -> tuple[str, float]:
+    """(name, value) of the largest |w| over every parameter and buffer: what FP16 must represent."""
+    name, value = "", 0.0
+    for n, t in [*net.named_parameters(), *net.named_buffers()]:
+        if t.is_floating_point() and t.numel():
+            m = float(t.detach().abs().max())
+            if m > value:
+                name, value = n, m
+    return name, value
+
+
+@torch.no_grad()
+def check_merge(net: DeployedDetector, images: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
+    """Max |logit(merged) - logit(unmerged)| on ``images``; ExportError above ``atol``."""
+    logits, _ = net(images)
+    err = float((logits - reference).abs().max())
+    if not err <= atol:
+        raise ExportError(
+            f"merging the subspace deltas changed the logits by up to {err:.3g} (tolerance {atol:g}); "
+            "the checkpoint's deltas do not fold into the base weights exactly"
+        )
+    return err
