@@ -75,6 +75,10 @@ def _load(
         raise click.BadParameter(str(e), param_hint="--model") from e
     except BackendUnavailableError as e:
         raise click.BadParameter(str(e), param_hint="--backend") from e
+    except ValueError as e:  # an option combination the Detector refuses
+        raise click.UsageError(str(e)) from e
+    except RuntimeError as e:  # a backend that could not load the model
+        raise click.ClickException(str(e)) from e
 
 
 # -- i2p-detect -----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from i2p.cli import main as i2p_main
 from i2p.runtime import Detector
 from i2p.runtime import sources as sources_module
 from i2p.runtime.cli import bench, detect
+from i2p.runtime.manifest import sha256_file
 from i2p.runtime.sources import iter_images, predict_stream
 
 
@@ -152,6 +153,10 @@ def test_the_i2p_group_runs_detect(artifact: Path, tree: Path) -> None:
         (["{tree}", "--model", "{artifact}", "--csv", "a.csv", "--jsonl", "a.jsonl"], "exclusive"),
         (["{tree}", "--model", "{artifact}", "--batch-size", "0"], "0 is not in the range x>=1"),
         (["{tree}", "--model", "{artifact}", "--backend", "cuda"], "'cuda' is not one of"),
+        (
+            ["{tree}", "--model", "{artifact}", "--backend", "tensorrt", "--precision", "fp32"],
+            "runs FP16 engines",
+        ),
     ],
 )
 def test_detect_misuse_exits_nonzero_with_a_message(artifact: Path, tree: Path, args, message) -> None:
@@ -166,6 +171,17 @@ def test_detect_refuses_a_tampered_model(tmp_path: Path, tree: Path) -> None:
     (art / "model.onnx").write_bytes(bytes(data))
     code, _, err = run(detect, [tree, "--model", art])
     assert code == 2 and "does not match the manifest" in err
+
+
+def test_detect_model_the_backend_cannot_load(tmp_path: Path, tree: Path) -> None:
+    """A file that passes its sha256 check (re-hashed by hand) but is not ONNX: a message, no traceback."""
+    art = make_artifact(tmp_path / "t.i2p")
+    (art / "model.onnx").write_bytes(b"not onnx")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(art / "model.onnx")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(detect, [tree, "--model", art, "--precision", "fp32"])
+    assert code == 1 and "model.onnx: ONNX Runtime cannot load this model" in err
 
 
 def test_detect_unwritable_output_is_a_clear_error(artifact: Path, tree: Path, tmp_path: Path) -> None:
