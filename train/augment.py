@@ -13,8 +13,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, resize_plan
 from PIL import Image, ImageFilter
+
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, resize_plan
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import open_clip
 import torch
-from i2p.runtime.manifest import sha256_file
-from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
 from open_clip.model import _build_vision_tower
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+from i2p.runtime.manifest import sha256_file
+from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the demo

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from i2p.runtime.preprocess import PreprocessSpec
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from i2p.runtime.preprocess import PreprocessSpec
 
 from .backbone import BackboneError, BackboneInfo, build_tower, read_state_dict
 from .model import I2PModel

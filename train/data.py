@@ -20,9 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from i2p.runtime.preprocess import ImageError, PreprocessSpec, _open, load_image, preprocess
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, _open, load_image, preprocess
 
 from .augment import AugmentConfig, augment
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+
 from i2p.runtime.table import format_table
 
 MEAN = "mean"
