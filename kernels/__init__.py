@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.cache import cache_root
 from ..runtime.preprocess import PreprocessSpec, resize_plan
 from ..runtime.resample import AxisCoefficients, crop_coefficients, vertical_first
 
@@ -118,13 +119,6 @@ def parse_ptxas_report(report: str) -> list[KernelResources]:
 
 def source_sha256() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
-
-
-def cache_root() -> Path:
-    """``$I2P_CACHE_DIR``, else ``$XDG_CACHE_HOME/i2p``, else ``~/.cache/i2p``: compiled kernels, engines."""
-    if os.environ.get("I2P_CACHE_DIR"):
-        return Path(os.environ["I2P_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "i2p"
 
 
 def cache_dir() -> Path:

@@ -141,7 +141,8 @@ class Detector:
     def _open_onnxruntime(self, device: int, precision: str | None, threads: int | None) -> Backend:
         import onnxruntime as ort
 
-        from .backends.onnxruntime import GPU_EPS, OnnxRuntimeBackend, auto_providers, cache_dir
+        from .backends.onnxruntime import GPU_EPS, OnnxRuntimeBackend, auto_providers
+        from .cache import cache_root
 
         available = ort.get_available_providers()
         gpu = any(p in available for p in GPU_EPS)
@@ -159,7 +160,7 @@ class Detector:
             device,
             chosen,
             available,
-            engine_cache=cache_dir() / "ort-trt" / self.manifest.files[model.path][:16] if gpu else None,
+            engine_cache=cache_root() / "ort-trt" / self.manifest.files[model.path][:16] if gpu else None,
             input_shape=(self.manifest.inputs[0].name, self.batch_size, 3, size, size),
         )
         backend = OnnxRuntimeBackend(path, providers, device, threads, precision=chosen)

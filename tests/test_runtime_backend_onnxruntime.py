@@ -16,8 +16,8 @@ from i2p.runtime.backends.onnxruntime import (
     TENSORRT_EP,
     OnnxRuntimeBackend,
     auto_providers,
-    cache_dir,
 )
+from i2p.runtime.cache import cache_root
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,12 @@ def test_provider_order_prefers_tensorrt_then_cuda_then_cpu(tmp_path: Path) -> N
     assert auto_providers(precision="fp32", available=[TENSORRT_EP, CPU_EP])[0][1]["trt_fp16_enable"] is False
 
 
-def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cache_root_follows_i2p_cache_dir_then_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("I2P_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert cache_dir() == tmp_path / "i2p"
+    assert cache_root() == tmp_path / "i2p"
+    monkeypatch.setenv("I2P_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
 
 
 def test_infer_returns_the_logit_output(artifact: Path) -> None:

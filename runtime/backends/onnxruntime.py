@@ -21,11 +21,6 @@ GPU_EPS = (TENSORRT_EP, CUDA_EP)
 Provider = str | tuple[str, dict[str, Any]]
 
 
-def cache_dir() -> Path:
-    """Per-user cache (``$XDG_CACHE_HOME/i2p``): artifacts are verified read-only, so caches live here."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "i2p"
-
-
 def provider_name(p: Provider) -> str:
     return p if isinstance(p, str) else p[0]
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ... import kernels
+from ..cache import cache_root
 from ..manifest import Manifest, ModelFile, sha256_file, verify_file, write_json_atomic
 from ..preprocess import preprocess
 
@@ -516,7 +517,7 @@ class TensorRTBackend:
 
     def _engine_dirs(self) -> list[Path]:
         """Where engines are looked for, in order; the first writable one is where a new one is built."""
-        return [self.artifact / "engines", kernels.cache_root() / "engines"]
+        return [self.artifact / "engines", cache_root() / "engines"]
 
     def _ensure_engine(self) -> Path:
         try:
