@@ -1,4 +1,4 @@
-"""``i2p-export``: turn a training checkpoint into a deployable artifact directory (see docs/export.md)."""
+"""``i2p-export``: turn a training checkpoint into a deployable artifact directory."""
 
 from __future__ import annotations
 

@@ -49,8 +49,10 @@ def export_onnx(net: DeployedDetector, path: Path, opset: int = 17, trace_batch:
     image = torch.randn(trace_batch, 3, net.image_size, net.image_size)
     batch = {0: "batch"}
     with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings():
-        # The legacy exporter's deprecation notice is expected: dynamo=False is chosen deliberately.
+        # Expected: the legacy exporter's deprecation notice (dynamo=False is deliberate) and the tracer's
+        # notes on MultiheadAttention's shape assertions (constant for a given model).
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             net,
             (image,),
@@ -75,7 +77,6 @@ class GraphSummary:
     blocks: int
     linear_maps: int  # MatMul/Gemm nodes with a weight initializer operand
     ops: dict[str, int] = field(default_factory=dict)
-    adapter_names: tuple[str, ...] = ()  # initializers/nodes named after parametrizations (should be none)
 
 
 def summarize_graph(model: onnx.ModelProto) -> GraphSummary:
@@ -87,18 +88,18 @@ def summarize_graph(model: onnx.ModelProto) -> GraphSummary:
         1 for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[:2])
     )
     blocks = {int(m.group(1)) for n in graph.node if (m := _BLOCK.search(n.name))}
-    names = [t.name for t in graph.initializer] + [n.name for n in graph.node]
-    adapters = tuple(n for n in names if "parametrizations" in n)
     return GraphSummary(
         blocks=len(blocks),
         linear_maps=linear,
         ops=dict(Counter(n.op_type for n in graph.node)),
-        adapter_names=adapters,
     )
 
 
 def check_graph(path: Path, layer: int) -> GraphSummary:
-    """The graph holds exactly ``layer`` ViT blocks, 4 linear maps each plus the head, no adapter ops."""
+    """The graph holds exactly ``layer`` ViT blocks, 4 linear maps each plus the head, no adapter ops.
+
+    An adapter left in the graph (a low-rank branch beside a weight) shows up as extra weight MatMuls.
+    """
     summary = summarize_graph(onnx.load(str(path), load_external_data=False))
     expected = LINEAR_MAPS_PER_BLOCK * layer + 1
     problems = []
@@ -106,8 +107,6 @@ def check_graph(path: Path, layer: int) -> GraphSummary:
         problems.append(f"{summary.blocks} transformer blocks instead of L*={layer}")
     if summary.linear_maps != expected:
         problems.append(f"{summary.linear_maps} weight MatMul/Gemm nodes instead of {expected}")
-    if summary.adapter_names:
-        problems.append(f"adapter parametrizations left in the graph ({summary.adapter_names[0]}, ...)")
     if problems:
         raise ExportError(f"{path}: unexpected graph: " + "; ".join(problems))
     return summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,11 +146,12 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
         _write_models(build, staging, progress)
         with progress.step("parity against PyTorch (ONNX Runtime CPU)"):
             parity = ParityReport(_reference_name(), tuple(_onnx_parity(build, staging)))
-        _require_parity(parity, echo)
+        _require_parity(parity, parity.comparisons, echo)
         manifest = _write_manifest(build, staging, parity)
         if opts.engine != "no" and engine_step.available():
-            parity = _engine(build, staging, manifest, parity, progress)
-            _require_parity(parity, echo)
+            engine = tuple(_engine(build, staging, manifest, progress))
+            parity = ParityReport(parity.reference, (*parity.comparisons, *engine))
+            _require_parity(parity, engine, echo)
             manifest = _write_manifest(build, staging, parity)
         else:
             build.notes.append(
@@ -333,8 +334,9 @@ def _reference_name() -> str:
     return f"PyTorch {torch.__version__} FP32 on CPU: the checkpoint's model before merging"
 
 
-def _require_parity(parity: ParityReport, echo: Callable[[str], None]) -> None:
-    echo(parity.report())
+def _require_parity(parity: ParityReport, new: Sequence[Comparison], echo: Callable[[str], None]) -> None:
+    """Print the ``new`` comparisons; ExportError (staging is discarded) if any comparison failed."""
+    echo("\n".join([f"reference: {parity.reference}", *(c.report() for c in new)]))
     if not parity.passed:
         raise ExportError(
             "parity outside tolerances; no artifact written:\n"
@@ -342,10 +344,8 @@ def _require_parity(parity: ParityReport, echo: Callable[[str], None]) -> None:
         )
 
 
-def _engine(
-    build: Build, staging: Path, manifest: Manifest, parity: ParityReport, progress: Progress
-) -> ParityReport:
-    """Build the TensorRT engine with the runtime's backend and add its parity to the report.
+def _engine(build: Build, staging: Path, manifest: Manifest, progress: Progress) -> Iterator[Comparison]:
+    """Build the TensorRT engine with the runtime's backend; yields its comparisons with PyTorch.
 
     With ``--engine auto`` a build failure (e.g. TensorRT >= 10 without --fp16) is a note, not an error.
     """
@@ -356,7 +356,7 @@ def _engine(
         if build.opts.engine == "yes":
             raise
         build.notes.append(f"{e}; not built")
-        return parity
+        return
     try:
         images, batch = build.probes.stacked(), build.opts.max_batch
         logits = np.concatenate([backend.infer(images[i : i + batch]) for i in range(0, len(images), batch)])
@@ -368,7 +368,7 @@ def _engine(
     file = engine.relative_to(staging).as_posix() if engine.is_relative_to(staging) else str(engine)
     note = "the backend returns logits only; probability = sigmoid(logit) on the host"
     build.notes.append(f"TensorRT engine: {file}")
-    return ParityReport(parity.reference, (*parity.comparisons, *_compare(build, file, "fp16", result, note)))
+    yield from _compare(build, file, "fp16", result, note)
 
 
 def _write_manifest(build: Build, staging: Path, parity: ParityReport) -> Manifest:
