@@ -46,10 +46,15 @@ def staged_directory(target: Path, force: bool, marker: str = MANIFEST) -> Itera
         _make_readable(staging)
         check_target(target, force, marker)
         if target.exists():
-            # Two renames: at every moment the path holds the old output or the new one, never a mix.
+            # Two renames (a directory cannot replace a non-empty one): between them the path is briefly
+            # absent, but it never holds a mix of old and new files.
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
             os.replace(target, old / "replaced")
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(old / "replaced", target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)

@@ -192,6 +192,11 @@ def _load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
     if meta.get("threshold") is None:
         raise ExportError(f"{opts.ckpt}: the checkpoint has no calibrated threshold; finish training first")
     spec = PreprocessSpec.from_dict(meta.get("preprocess") or meta["backbone"]["preprocess"])
+    size = model.tower.image_size
+    if (spec.size, spec.size) != (size if isinstance(size, tuple) else (size, size)):
+        raise ExportError(
+            f"{opts.ckpt}: preprocessing makes {spec.size}x{spec.size} images but the network takes {size}"
+        )
     notes: list[str] = []
     if meta.get("complete") is False:
         notes.append(
