@@ -31,6 +31,7 @@ import re
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from i2p.runtime.backends.onnxruntime import CPU_FUSED_FORMAT
+from i2p.runtime.manifest import ModelFile
+
+from .parity import PASS, Comparison
+
 CPU_ONNX = "model.cpu.onnx"
-CPU_FORMAT = "onnx-ort-fused"  # ModelFile.format: FP32 with ONNX Runtime contrib ops, not for TensorRT
+CPU_MODEL = ModelFile(CPU_ONNX, "fp32", CPU_FUSED_FORMAT)  # its manifest entry: never a TensorRT input
 CONTRIB = "com.microsoft"
 REPORTED_OPS = (
     "Attention",
@@ -436,3 +442,26 @@ def _prune(graph: onnx.GraphProto) -> None:
     initializers = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(initializers)
+
+
+def add_cpu_model(
+    fp32: Path, num_heads: int, check: Callable[[Path], list[Comparison]]
+) -> tuple[list[Comparison], str]:
+    """Write ``model.cpu.onnx`` beside ``fp32`` and keep it only if ``check`` (parity) passes.
+
+    The file is an optional speed-up, so a rewrite that fails or does not match PyTorch removes it and
+    says why instead of failing the export. Returns the comparisons to record (none when it was
+    dropped) and a note for the export summary.
+    """
+    dst = fp32.with_name(CPU_ONNX)
+    try:
+        report = optimize_for_cpu(fp32, dst, num_heads)
+        comparisons = check(dst)
+    except Exception as e:  # onnx, onnxruntime and its optimizer raise many types; all mean "not this time"
+        dst.unlink(missing_ok=True)
+        return [], f"{CPU_ONNX}: not written ({type(e).__name__}: {e})"
+    failed = [c for c in comparisons if c.status != PASS]
+    if failed:
+        dst.unlink()
+        return [], f"{CPU_ONNX}: dropped, parity against PyTorch failed:\n{failed[0].report()}"
+    return comparisons, f"{CPU_ONNX}: {report.describe()}"

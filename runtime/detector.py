@@ -141,7 +141,13 @@ class Detector:
     def _open_onnxruntime(self, device: int, precision: str | None, threads: int | None) -> Backend:
         import onnxruntime as ort
 
-        from .backends.onnxruntime import GPU_EPS, OnnxRuntimeBackend, auto_providers
+        from .backends.onnxruntime import (
+            CPU_EP,
+            CPU_FUSED_FORMAT,
+            GPU_EPS,
+            OnnxRuntimeBackend,
+            auto_providers,
+        )
         from .cache import cache_root
 
         available = ort.get_available_providers()
@@ -154,6 +160,13 @@ class Detector:
                 f"{self.path}: no {chosen} model in this artifact (it has: {have}); "
                 f"pass precision={have.split(', ')[0]!r} or re-export (i2p-export --fp16 adds the fp16 model)"
             )
+        fused = next((m for m in self.manifest.models if m.format == CPU_FUSED_FORMAT), None)
+        if fused is not None and chosen == "fp32" and not gpu:  # the CPU fast path (i2p-export --cpu)
+            fused_path = verify_file(self.path, self.manifest, fused.path)
+            try:
+                return OnnxRuntimeBackend(fused_path, [CPU_EP], device, threads, precision="fp32")
+            except RuntimeError as e:  # e.g. an older ONNX Runtime without one of its contrib ops
+                log.warning("i2p: %s does not load here (%s); using %s instead", fused.path, e, model.path)
         path = verify_file(self.path, self.manifest, model.path)
         size = self.spec.size
         providers = auto_providers(

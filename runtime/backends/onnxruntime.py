@@ -16,6 +16,8 @@ TENSORRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 GPU_EPS = (TENSORRT_EP, CUDA_EP)
+# ModelFile.format of model.cpu.onnx: FP32 rewritten into ONNX Runtime's fused CPU kernels (contrib ops).
+CPU_FUSED_FORMAT = "onnx-ort-fused"
 
 # What InferenceSession accepts: a provider name, or (name, options).
 Provider = str | tuple[str, dict[str, Any]]
@@ -82,6 +84,7 @@ class OnnxRuntimeBackend:
             self.session = ort.InferenceSession(os.fspath(model_path), sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own pybind exception types
             raise RuntimeError(f"{model_path}: ONNX Runtime cannot load this model ({e})") from e
+        self.model_path = Path(model_path)
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime[{self.providers[0]}]"
         self.precision = precision
