@@ -174,7 +174,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, data_dir):
 
 
 def _train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    args = ["--data", str(data_dir), "--out", str(out), "--epochs", "3", "--rank", "2", "--layer", "2", *TINY]
+    args = ["--data", str(data_dir), "--out", str(out), "--epochs", "2", "--rank", "2", "--layer", "2", *TINY]
     return [sys.executable, "-m", "i2p.cli", "train", *args, *extra]
 
 
@@ -193,7 +193,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     meta, _ = read_checkpoint(ckpt)
-    assert not meta["complete"] and meta["epoch"] < 2  # it really died mid-run
+    assert not meta["complete"] and meta["epoch"] == 0  # it really died mid-run
     subprocess.run(_train_cmd(data_dir, killed, "--resume"), check=True, capture_output=True)
     a, b = load_file(full / "checkpoint.safetensors"), load_file(ckpt)
     for k in a:
