@@ -45,6 +45,12 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
     "--fp16", is_flag=True, help="Also write model.fp16.onnx (FP16 compute, float32 inputs/outputs)."
 )
 @click.option(
+    "--cpu",
+    is_flag=True,
+    help="Also write model.cpu.onnx: FP32 fused for ONNX Runtime's CPU kernels, kept if parity passes "
+    "(the Detector prefers it on the CPU).",
+)
+@click.option(
     "--out", type=click.Path(path_type=Path), help="Artifact directory [default: CKPT with suffix .i2p]."
 )
 @click.option(
@@ -119,6 +125,7 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
 def export(
     ckpt: Path,
     fp16: bool,
+    cpu: bool,
     out: Path | None,
     backbone: Path | None,
     opset: int,
@@ -138,6 +145,7 @@ def export(
         ckpt=ckpt,
         out=out,
         fp16=fp16,
+        cpu=cpu,
         backbone=backbone,
         opset=opset,
         max_batch=max_batch,

@@ -25,6 +25,7 @@ from i2p.train.model import I2PModel
 
 from . import engine as engine_step
 from .artifact import ENGINES, check_target, file_hashes, staged_directory
+from .cpu_optimize import CPU_MODEL, CPU_ONNX, add_cpu_model
 from .fp16 import DEFAULT_KEEP_FP32, check_fp16_range, convert_fp16
 from .network import DeployedDetector, ExportError, check_merge, deploy, largest_weight
 from .onnx_export import INPUT, OUTPUTS, check_graph, export_onnx
@@ -45,6 +46,7 @@ class ExportOptions:
     ckpt: Path
     out: Path | None = None  # default: the checkpoint's path with suffix .i2p
     fp16: bool = False
+    cpu: bool = False  # also model.cpu.onnx: ONNX Runtime's fused CPU kernels (see cpu_optimize)
     backbone: Path | None = None  # where the base weights moved to (checked by sha256)
     opset: int = 17
     max_batch: int = 32
@@ -147,6 +149,8 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
         with progress.step("parity against PyTorch (ONNX Runtime CPU)"):
             parity = ParityReport(_reference_name(), tuple(_onnx_parity(build, staging)))
         _require_parity(parity, parity.comparisons, echo)
+        if opts.cpu:
+            parity = _cpu_model(build, staging, parity, progress)
         manifest = _write_manifest(build, staging, parity)
         if opts.engine != "no" and engine_step.available():
             engine = tuple(_engine(build, staging, manifest, progress))
@@ -299,6 +303,22 @@ def _onnx_parity(build: Build, staging: Path) -> Iterator[Comparison]:
         yield from _compare(build, file, precision, result, note)
 
 
+def _cpu_model(build: Build, staging: Path, parity: ParityReport, progress: Progress) -> ParityReport:
+    """model.cpu.onnx, kept only if it passes the same parity check as model.onnx (else a note says why)."""
+
+    def check(path: Path) -> list[Comparison]:
+        return list(
+            _compare(build, CPU_ONNX, "fp32", *_run_ort(path, build.probes.stacked(), build.opts.max_batch))
+        )
+
+    with progress.step(f"{CPU_ONNX}: ONNX Runtime CPU fusions, parity against PyTorch"):
+        kept, note = add_cpu_model(staging / FP32_ONNX, build.net.blocks[0].attn.num_heads, check)
+    build.notes.append(note)
+    if kept:
+        build.models[CPU_ONNX] = "fp32"
+    return ParityReport(parity.reference, (*parity.comparisons, *kept))
+
+
 def _compare(build: Build, file: str, precision: str, result: RunResult, note: str) -> Iterator[Comparison]:
     outputs = build.probes.split(result.logits, result.probabilities)
     for name in build.probes.images:
@@ -417,7 +437,10 @@ def _manifest(build: Build, staging: Path, parity: ParityReport) -> Manifest:
         preprocess=build.spec,
         inputs=(TensorSpec(INPUT, "float32", ("batch", 3, size, size)),),
         outputs=tuple(TensorSpec(o, "float32", ("batch",)) for o in OUTPUTS),
-        models=tuple(ModelFile(file, precision) for file, precision in build.models.items()),
+        models=tuple(
+            CPU_MODEL if file == CPU_ONNX else ModelFile(file, precision)
+            for file, precision in build.models.items()
+        ),
         files=file_hashes(staging),
         tools=_tool_versions(),
         extra=extra,
