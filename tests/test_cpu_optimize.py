@@ -1,7 +1,12 @@
-"""model.cpu.onnx: the fused ONNX Runtime CPU graph matches model.onnx, and every rewrite refuses what it cannot prove."""
+"""model.cpu.onnx: the fused ONNX Runtime CPU graph matches model.onnx, every rewrite refuses what it cannot
+prove, export lists and hashes the file only when its parity passes, and the Detector prefers it on the CPU."""
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +17,13 @@ from checkpoints import make_checkpoint
 from fake_artifact import build_model
 from onnx import numpy_helper
 
-from i2p.export.cpu_optimize import optimize_for_cpu
+from i2p.export import cpu_optimize
+from i2p.export.cpu_optimize import CPU_MODEL, CPU_ONNX, FusionReport, optimize_for_cpu
 from i2p.export.network import deploy
 from i2p.export.onnx_export import export_onnx
+from i2p.export.pipeline import ExportOptions, run_export
+from i2p.runtime import ArtifactError, Detector
+from i2p.runtime.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
 from i2p.train.checkpoint import load_model
 
 LAYER = 3  # of the tiny ViT's 4 blocks; 2 heads of width 32, 17 tokens
@@ -32,9 +41,14 @@ def images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), layer=LAYER)
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     root = tmp_path_factory.mktemp("cpu")
-    model, _ = load_model(make_checkpoint(root, layer=LAYER))
+    model, _ = load_model(checkpoint)
     net = deploy(model)
     export_onnx(net, root / "model.onnx")
     return root / "model.onnx", net.blocks[0].attn.num_heads
@@ -103,3 +117,96 @@ def test_a_graph_without_attention_is_left_as_it_computes(tmp_path: Path) -> Non
     assert "no attention" in report.skipped[0]
     x = images(4, size=32)
     assert np.abs(run(tmp_path / "plain.cpu.onnx", x)[0] - run(src, x)[0]).max() <= ATOL
+
+
+# -- i2p-export --cpu and the Detector --------------------------------------------------------------------
+
+
+def export_artifact(ckpt: Path, out: Path):
+    return run_export(
+        ExportOptions(ckpt=ckpt, out=out, cpu=True, engine="no", random_samples=8), echo=lambda _: None
+    )
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_artifact(checkpoint, tmp_path_factory.mktemp("art") / "det.i2p").artifact
+
+
+def without_cpu_model(artifact: Path, dst: Path) -> Path:
+    """A copy of ``artifact`` as exported without --cpu: no model.cpu.onnx, no manifest entry."""
+    shutil.copytree(artifact, dst)
+    (dst / CPU_ONNX).unlink()
+    m = read_manifest(dst)
+    files = {k: v for k, v in m.files.items() if k != CPU_ONNX}
+    write_json_atomic(dst / MANIFEST, replace(m, models=m.models[:1], files=files).to_json())
+    return dst
+
+
+def test_export_lists_hashes_and_checks_the_cpu_model(artifact: Path) -> None:
+    m = read_manifest(artifact)
+    assert m.models[-1] == CPU_MODEL and CPU_MODEL.format == "onnx-ort-fused"
+    assert m.model("fp32").path == "model.onnx"  # what TensorRT and Triton build from stays standard ONNX
+    assert m.files[CPU_ONNX] == sha256_file(artifact / CPU_ONNX)
+    parity = json.loads((artifact / "parity.json").read_text())
+    (cpu,) = [c for c in parity["comparisons"] if c["model"] == CPU_ONNX]
+    assert cpu["status"] == "pass" and cpu["logit"]["max_abs"] <= 1e-3 and cpu["samples"] == 8
+    assert m.extra["parity"][CPU_ONNX]["status"] == "pass"
+
+
+def test_detector_prefers_the_cpu_model_and_agrees_with_model_onnx(artifact: Path, tmp_path: Path) -> None:
+    fused, plain = Detector(artifact), Detector(without_cpu_model(artifact, tmp_path / "plain.i2p"))
+    assert fused.backend.model_path.name == CPU_ONNX and plain.backend.model_path.name == "model.onnx"
+    assert Detector(artifact, precision="fp32").backend.model_path.name == CPU_ONNX
+    x = images(6, seed=3)
+    assert np.abs(fused.predict_batch(x) - plain.predict_batch(x)).max() <= 1e-5
+
+
+def test_a_tampered_cpu_model_is_refused(artifact: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.i2p"
+    shutil.copytree(artifact, copy)
+    with open(copy / CPU_ONNX, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ArtifactError, match=r"model\.cpu\.onnx.*does not match the manifest"):
+        Detector(copy)
+
+
+def test_a_cpu_model_this_onnxruntime_cannot_load_falls_back(artifact: Path, tmp_path: Path, caplog) -> None:
+    """E.g. an older ONNX Runtime without one of the contrib ops: a warning, then model.onnx."""
+    copy = tmp_path / "copy.i2p"
+    shutil.copytree(artifact, copy)
+    model = onnx.load(str(copy / CPU_ONNX))
+    next(n for n in model.graph.node if n.op_type == "Attention").op_type = "AttentionFromTheFuture"
+    onnx.save(model, str(copy / CPU_ONNX))
+    m = read_manifest(copy)
+    write_json_atomic(
+        copy / MANIFEST, replace(m, files={**m.files, CPU_ONNX: sha256_file(copy / CPU_ONNX)}).to_json()
+    )
+    with caplog.at_level(logging.WARNING, logger="i2p"):
+        det = Detector(copy)
+    assert det.backend.model_path.name == "model.onnx"
+    assert any(CPU_ONNX in r.getMessage() and "does not load" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cpu_model_that_fails_parity_is_dropped(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    """A rewrite that changes the function (here: the head's bias + 1) costs the file, not the export."""
+
+    def wrong(src: Path, dst: Path, num_heads: int) -> FusionReport:
+        model = onnx.load(str(src))
+        bias = next(t for t in model.graph.initializer if t.name == "head.1.bias")
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 1, bias.name))
+        onnx.save(model, str(dst))
+        return FusionReport({}, 0, False)
+
+    monkeypatch.setattr(cpu_optimize, "optimize_for_cpu", wrong)
+    result = export_artifact(checkpoint, tmp_path / "det.i2p")
+    assert not (result.artifact / CPU_ONNX).exists()
+    assert [f.path for f in result.manifest.models] == [
+        "model.onnx"
+    ] and CPU_ONNX not in result.manifest.files
+    assert result.parity.passed and all(c.model != CPU_ONNX for c in result.parity.comparisons)
+    assert any(n.startswith(f"{CPU_ONNX}: dropped, parity against PyTorch failed") for n in result.notes)
+    assert Detector(result.artifact).backend.model_path.name == "model.onnx"
