@@ -13,7 +13,6 @@ Cast after its consumers (onnxconverter-common#208), which ``_toposort`` repairs
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,9 +47,7 @@ def check_fp16_range(name: str, value: float) -> str | None:
 
 def convert_fp16(src: Path, dst: Path, keep_fp32: Sequence[str] = DEFAULT_KEEP_FP32) -> None:
     """Write the FP16 copy of ``src`` to ``dst``, float32 I/O, ``keep_fp32`` op types in float32."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the module warns about its own deprecated helpers on import
-        from onnxruntime.transformers import float16
+    from onnxruntime.transformers import float16
 
     model = onnx.load(str(src))
     converted = float16.convert_float_to_float16(
