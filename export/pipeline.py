@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS
 from i2p.runtime.manifest import MANIFEST, Manifest, ModelFile, TensorSpec, sha256_file, write_json_atomic
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, preprocess
 from i2p.train.checkpoint import load_model
@@ -38,7 +39,7 @@ MERGE_ATOL, MERGE_PROBES = 1e-5, 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # ONNX Runtime 1.32's CPU NchwcTransformer segfaults on FP16 graphs (onnxruntime#28392): parity tries the
 # default session first and, if the runner dies, once more with that optimizer off (noted in parity.json).
-ORT_ATTEMPTS: tuple[tuple[str, ...], ...] = ((), ("NchwcTransformer",))
+ORT_ATTEMPTS: tuple[tuple[str, ...], ...] = ((), FP16_CPU_DISABLED_OPTIMIZERS)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ def auto_providers(
     return providers
 
 
+# ONNX Runtime's CPU NchwcTransformer segfaults on FP16 graphs (onnxruntime#28392, seen with 1.32): the
+# FP16 model on the CPU provider runs with it disabled. Export's parity run uses the same list.
+FP16_CPU_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
+
 class OnnxRuntimeBackend:
     """One InferenceSession; ``infer`` may be called from several threads at once (``run`` is thread-safe)."""
 
@@ -80,8 +85,12 @@ class OnnxRuntimeBackend:
         if threads is not None:
             opts.intra_op_num_threads = threads
         providers = auto_providers(device, precision) if providers is None else providers
+        on_cpu = provider_name(providers[0]) == CPU_EP
+        disabled = list(FP16_CPU_DISABLED_OPTIMIZERS) if precision == "fp16" and on_cpu else []
         try:
-            self.session = ort.InferenceSession(os.fspath(model_path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(
+                os.fspath(model_path), sess_options=opts, providers=providers, disabled_optimizers=disabled
+            )
         except Exception as e:  # ORT raises its own pybind exception types
             raise RuntimeError(f"{model_path}: ONNX Runtime cannot load this model ({e})") from e
         self.model_path = Path(model_path)
