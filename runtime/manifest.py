@@ -140,6 +140,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; artifacts and run outputs are meant to be shared
         with os.fdopen(fd, "w") as f:
             f.write(data if isinstance(data, str) else json.dumps(data, indent=2))
             f.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxconverter_common import float16
+from onnxruntime.transformers import float16
 
 from i2p.runtime.manifest import (
     FORMAT_VERSION,
@@ -54,7 +54,7 @@ def build_model(size: int, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Flatten", ["act"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logit2d"]),
         helper.make_node("Squeeze", ["logit2d", "squeeze_axes"], ["logit"]),
-        # From logit2d, not from the graph output "logit": onnxconverter-common's keep_io_types breaks a
+        # From logit2d, not from the graph output "logit": the FP16 converter's keep_io_types breaks a
         # graph output that another node also consumes.
         helper.make_node("Sigmoid", ["logit2d"], ["prob2d"]),
         helper.make_node("Squeeze", ["prob2d", "squeeze_axes"], ["probability"]),

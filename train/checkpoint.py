@@ -46,6 +46,7 @@ def save_checkpoint(
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes it private
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"i2p": json.dumps(header, default=_json_default)})

@@ -75,7 +75,12 @@ class I2PModel(nn.Module):
         self.deltas = subspace.attach(self.blocks, bases)
 
     def merge(self) -> None:
-        """Fold the deltas into the base weights: afterwards the tower holds plain ViT blocks."""
+        """Fold the deltas into the base weights: afterwards the tower holds plain ViT blocks.
+
+        Merge the model itself, not a ``copy.deepcopy`` of it: parametrized modules share a generated
+        class, and removing the parametrization from a copy breaks the original. Reload from the
+        checkpoint (``checkpoint.load_model``) when both are needed.
+        """
         subspace.merge(self.blocks)
         self.deltas = {}
 
