@@ -135,17 +135,23 @@ def verify_file(artifact: str | os.PathLike, manifest: Manifest, rel: str) -> Pa
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write a file so that readers see the old one or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes it private; artifacts and run outputs are meant to be shared
-        with os.fdopen(fd, "w") as f:
-            f.write(data if isinstance(data, str) else json.dumps(data, indent=2))
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Atomic JSON: ``data`` is a ready JSON string or an object to serialize."""
+    text = data if isinstance(data, str) else json.dumps(data, indent=2)
+    write_bytes_atomic(path, text.encode())

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import numpy as np
 
 from ... import kernels
 from ..cache import cache_root
-from ..manifest import Manifest, ModelFile, sha256_file, verify_file, write_json_atomic
+from ..manifest import Manifest, ModelFile, sha256_file, verify_file, write_bytes_atomic, write_json_atomic
 from ..preprocess import preprocess
 
 log = logging.getLogger("i2p")
@@ -160,23 +159,10 @@ def write_engine(engine_path: str | os.PathLike, data: Any, key: EngineKey) -> s
     """Write the engine, then its sidecar, each atomically; return the engine's sha256."""
     path = Path(engine_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data)
     digest = sha256_file(path)
     write_json_atomic(sidecar_path(path), {"format": SIDECAR_FORMAT, **asdict(key), "sha256": digest})
     return digest
-
-
-def _write_bytes_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def engine_mismatch(engine_path: str | os.PathLike, key: EngineKey) -> str | None:
@@ -321,7 +307,7 @@ def build_engine(
             )
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_bytes_atomic(cache_path, config.get_timing_cache().serialize())
+            write_bytes_atomic(cache_path, config.get_timing_cache().serialize())
 
     key = EngineKey(gpu, cc, trt.__version__, precision, sha256_file(onnx_path), size, max_batch, opt_batch)
     write_engine(engine_path, serialized, key)
