@@ -161,12 +161,16 @@ class _Index:
             for n in graph.node
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
         }
+        self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in graph.output}
         self.names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+
+    def is_static(self, name: str) -> bool:
+        return name in self.weights or name in self.constants
 
     def static(self, name: str) -> np.ndarray | None:
         """The value of a weight or Constant output, None for an activation."""
@@ -202,6 +206,10 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> tuple[int, bool, l
     last, sliced = matches[-1], {}
     try:
         tail, outside = _tokenwise_tail(last.y, index)
+        if outside != [_layernorm_input(last.x, index)]:
+            raise _NoMatch(
+                f"the block tail reads {outside}, not the residual stream its attention normalizes"
+            )
         replace[id(last.nodes[0])] = _cls_attention(last, index, num_heads)
         for x in outside:
             sliced[x] = _slice_cls(x, index)
@@ -238,7 +246,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> tuple[int, bool, l
 def _match(scope: str, nodes: list[onnx.NodeProto], index: _Index, num_heads: int) -> _Attention:
     members = {id(n) for n in nodes}
     produced = {o for n in nodes for o in n.output}
-    inputs = {i for n in nodes for i in n.input if i and i not in produced and index.static(i) is None}
+    inputs = {i for n in nodes for i in n.input if i and i not in produced and not index.is_static(i)}
     outputs = [
         o
         for o in produced
@@ -314,22 +322,27 @@ def _tokenwise_tail(y: str, index: _Index) -> tuple[list[onnx.NodeProto], list[s
         raise _NoMatch("the last block's output is not read through a CLS-token Gather")
     outside: list[str] = []
     for node in tail:
+        if node.op_type == "MatMul" and not index.is_static(node.input[1]):
+            raise _NoMatch(f"MatMul {node.name!r} multiplies two activations")
         for pos, name in enumerate(node.input):
             if not name or name in inside:
                 continue
-            value = index.static(name)
-            if value is None:
+            if not index.is_static(name):
                 if name not in outside:
                     outside.append(name)
-            elif not _tokenwise_operand(node, pos, value):
+            elif not _tokenwise_operand(node, pos, value := index.static(name)):
                 raise _NoMatch(
                     f"{node.op_type} {node.name!r} mixes tokens (operand {name} of shape {value.shape})"
                 )
-    if len(outside) != 1:
-        raise _NoMatch(
-            f"the block tail reads {len(outside)} outside activations (expected the residual stream)"
-        )
     return tail, outside
+
+
+def _layernorm_input(x: str, index: _Index) -> str | None:
+    """The tensor that LayerNormalization (then Cast/Identity) turned into ``x``: a block's residual stream."""
+    node = index.producer.get(x)
+    while node is not None and node.op_type in ("Cast", "Identity"):
+        node = index.producer.get(node.input[0])
+    return node.input[0] if node is not None and node.op_type == "LayerNormalization" else None
 
 
 def _is_cls_gather(node: onnx.NodeProto, index: _Index) -> bool:
