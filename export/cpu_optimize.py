@@ -16,8 +16,8 @@ pattern. ``optimize_for_cpu``
    block's tail is sliced to the CLS token. Applied only when everything between that attention and
    the CLS ``Gather`` is token-wise (elementwise ops, LayerNorm on the last axis, weight MatMuls);
    exact, and it saves ~10/12 of one block's compute;
-3. runs ``onnxruntime.transformers.optimizer``: ONNX Runtime's basic (hardware-independent) graph
-   cleanup, then its Python fusions (SkipLayerNormalization with bias, QuickGelu, BiasGelu).
+3. runs ONNX Runtime's basic (hardware-independent) graph cleanup, then the Python fusions of
+   ``onnxruntime.transformers.optimizer`` (SkipLayerNormalization with bias, QuickGelu, BiasGelu).
 
 The result needs ONNX Runtime's contrib ops: it is an extra file for the CPU path, never a TensorRT
 input. Export keeps it only if it passes the same parity check as ``model.onnx``; the runtime uses
@@ -96,20 +96,47 @@ class FusionReport:
 
 
 def optimize_for_cpu(src: Path, dst: Path, num_heads: int) -> FusionReport:
-    """Write the CPU-fused copy of ``src`` (an FP32 ``model.onnx``) to ``dst``; say what fired."""
-    model = onnx.load(str(src))
-    fused, cls_only, skipped = fuse_attention(model, num_heads)
+    """Write the CPU-fused copy of ``src`` (an FP32 ``model.onnx``) to ``dst``; say what fired.
+
+    Each stage goes through a file and frees its graph before the next loads one: a ViT-L/14 graph is
+    0.6 GB at L*=12, and holding several copies at once made this step the peak of the whole export.
+    """
     with tempfile.TemporaryDirectory(prefix="i2p-cpu-") as tmp:
-        staged = Path(tmp) / "attention.onnx"
-        onnx.save(model, str(staged))
-        optimized = _transformer_fusions(staged, num_heads)
+        fused, basic = Path(tmp) / "attention.onnx", Path(tmp) / "basic.onnx"
+        blocks, cls_only, skipped = _fuse_file(src, fused, num_heads)
+        _ort_basic_optimization(fused, basic)
+        fused.unlink()
+        optimized = _transformer_fusions(basic, num_heads)
     optimized.save_model_to_file(str(dst))
     counts = Counter(n.op_type for n in optimized.model.graph.node)
-    return FusionReport({op: counts.get(op, 0) for op in REPORTED_OPS}, fused, cls_only, tuple(skipped))
+    return FusionReport({op: counts.get(op, 0) for op in REPORTED_OPS}, blocks, cls_only, tuple(skipped))
+
+
+def _fuse_file(src: Path, dst: Path, num_heads: int) -> tuple[int, bool, list[str]]:
+    model = onnx.load(str(src))
+    result = fuse_attention(model, num_heads)
+    onnx.save(model, str(dst))
+    return result
+
+
+def _ort_basic_optimization(src: Path, dst: Path) -> None:
+    """ONNX Runtime's hardware-independent cleanup (constant folding, Cast/Identity removal), saved to ``dst``.
+
+    It exposes the patterns the Python fusions look for. Weight prepacking is off: the session only
+    writes the file, and prepacked copies of every weight would double its memory.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(dst)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
 def _transformer_fusions(path: Path, num_heads: int) -> Any:  # onnxruntime.transformers OnnxModel
-    """ONNX Runtime's basic graph cleanup, then the Python fusions of ``onnxruntime.transformers``."""
+    """The Python fusions of ``onnxruntime.transformers`` (SkipLayerNormalization, QuickGelu, BiasGelu...)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the package warns about its own deprecated helpers on import
         from onnxruntime.transformers import optimizer
@@ -117,15 +144,16 @@ def _transformer_fusions(path: Path, num_heads: int) -> Any:  # onnxruntime.tran
 
     options = FusionOptions("clip")
     options.enable_attention = False  # fuse_attention's job: the CLIP pattern (Hugging Face's) never matches
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # it logs every fusion attempt at INFO/WARNING
+    # Symbolic shape inference keeps extra copies of the graph (3x the memory) and changes no fusion here;
+    # parity checks what the fusions did.
+    options.enable_shape_inference = False
+    logging.disable(logging.WARNING)  # its modules log every fusion attempt, under top-level logger names
     try:
         return optimizer.optimize_model(
-            str(path), model_type="clip", num_heads=num_heads, optimization_options=options, opt_level=1
+            str(path), model_type="clip", num_heads=num_heads, optimization_options=options, opt_level=0
         )
     finally:
-        logger.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 class _NoMatch(ValueError):
@@ -452,9 +480,9 @@ def _prune(graph: onnx.GraphProto) -> None:
     nodes = [n for n in graph.node if id(n) in keep]
     del graph.node[:]
     graph.node.extend(nodes)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+    # In place: extending a repeated field copies its messages, and the initializers are the weights.
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name not in needed]):
+        del graph.initializer[i]
 
 
 def add_cpu_model(
