@@ -225,6 +225,8 @@ def model_speed(
         for name, path in artifacts.items()
         for file in ("model.cpu.onnx", "model.onnx")
     }
+    blocks = {"baseline": len(tower.transformer.resblocks)}
+    blocks |= {name: int(name.split()[0].removeprefix("L*=")) for name in candidates}
     rows = []
     for batch in batches:
         size = info.preprocess.size
@@ -245,6 +247,7 @@ def model_speed(
             row = {"batch": batch, "threads": threads, "model": name, **summary(t)}
             row["images_per_s"] = batch / float(np.median(t))
             row["speedup"] = float(base / np.median(t))
+            row["ms_per_block"] = row["median_ms"] / blocks[name]
             if fused:  # the fused file computes the same logits as model.onnx
                 plain = outputs[name.replace("model.cpu.onnx", "model.onnx")]
                 row["max_abs_logit_diff_vs_model_onnx"] = float(np.abs(outputs[name] - plain).max())
@@ -371,6 +374,7 @@ def render(r: dict[str, Any]) -> str:
     head = {(row["batch"], row["model"]): row for row in speed}
     main = f"L*={r['layer']}"
     fused1, plain1 = head[(1, f"{main} model.cpu.onnx")], head[(1, f"{main} model.onnx")]
+    fused8, plain8 = head[(8, f"{main} model.cpu.onnx")], head[(8, f"{main} model.onnx")]
     e2e, exp, train = r["end_to_end"], r["export"], r["training"]
     load = r["load_average"]
     lines = [
@@ -384,8 +388,9 @@ def render(r: dict[str, Any]) -> str:
         f"- **Model speed** ({r['backbone']}, batch 1, {r['threads']} thread(s)): the exported detector at "
         f"L\\*={r['layer']} on "
         f"ONNX Runtime CPU runs at **{fused1['speedup']:.2f}x** the speed of the baseline (full open_clip "
-        f"tower + linear head, PyTorch eager FP32) with the fused `model.cpu.onnx` "
-        f"(goal >= 2.5x), {plain1['speedup']:.2f}x with the plain `model.onnx`.",
+        f"tower + linear head, PyTorch eager FP32) with the fused `model.cpu.onnx` (goal >= 2.5x: "
+        f"{'met' if fused1['speedup'] >= 2.5 else 'not met'}), {plain1['speedup']:.2f}x with the plain "
+        f"`model.onnx`; at batch 8, {fused8['speedup']:.2f}x and {plain8['speedup']:.2f}x.",
         f"- **End to end** ({md(e2e['model'])}): `i2p-detect`'s code path reaches **{e2e['ratio']:.2f}** of "
         f"model-only throughput ({e2e['end_to_end_images_per_s']:.1f} vs {e2e['model_only_images_per_s']:.1f} "
         f"images/s; goal >= 0.8); RSS grew **{e2e['rss_growth_after_200_mb']:.1f} MB** from image 200 to "
@@ -449,7 +454,13 @@ def render(r: dict[str, Any]) -> str:
         "L\\*, through the runtime's `OnnxRuntimeBackend` (ONNX Runtime CPU EP, `ORT_ENABLE_ALL`). Random",
         "weights. `speedup` = baseline median / median.",
         "",
-        table(speed, ["batch", "model", "median_ms", "min_ms", "images_per_s", "speedup"]),
+        table(speed, ["batch", "model", "median_ms", "min_ms", "images_per_s", "ms_per_block", "speedup"]),
+        "",
+        "`ms_per_block` = median / transformer blocks run (the fused model's last block does less: CLS only).",
+        f"Truncation alone would give {r['num_layers'] / r['layer']:.1f}x at equal per-block cost; the rest comes",
+        "from ONNX Runtime's kernels and the fused graph. FP32 matrix multiplications make up nearly all of the",
+        "remaining work, so further gains at batch 1 need fewer multiply-adds or lower precision (which the",
+        "FP32 fast path does not use).",
         "",
         f"Fused ops in L\\*={r['layer']}'s `model.cpu.onnx`: {r['fusions']}.",
         "Its logits differ from `model.onnx`'s by at most "
