@@ -2,7 +2,8 @@
 
 Loading checks the manifest and the sha256 of the network file before anything is parsed, then picks
 the fastest backend present: TensorRT (engine cached per GPU), else ONNX Runtime with its best
-providers (FP16 model on a GPU, FP32 on the CPU).
+providers (FP16 model on a GPU; on the CPU the fused FP32 ``model.cpu.onnx`` when the artifact has it,
+else ``model.onnx``).
 """
 
 from __future__ import annotations
