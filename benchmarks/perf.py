@@ -382,6 +382,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Measured {m['date']} with `{r['command']}` (git {m['git_commit']}); every figure below comes from",
         "that run, and `docs/performance.json` holds the raw timings. Rerun the command to regenerate both.",
+        *(["", r["note"]] if r.get("note") else []),
         "",
         "## Summary",
         "",
@@ -572,7 +573,18 @@ def main() -> None:
     ap.add_argument(
         "--reuse", action="store_true", help="reuse artifacts already in --work (no export timing)"
     )
+    ap.add_argument("--note", help="a sentence for the report, e.g. what else ran on the machine")
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite performance.md from --out's performance.json"
+    )
     args = ap.parse_args()
+    if args.render:
+        results = json.loads((args.out / "performance.json").read_text())
+        if args.note:
+            results["note"] = args.note
+            (args.out / "performance.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "performance.md").write_text(render(results))
+        return
     if args.reuse and not args.work:
         ap.error("--reuse needs --work")
     command = "python benchmarks/perf.py" + "".join(f" {a}" for a in sys.argv[1:])
@@ -585,6 +597,7 @@ def main() -> None:
 
     num_layers = open_clip.get_model_config(args.backbone)["vision_cfg"]["layers"]
     results: dict[str, Any] = {"command": command, "quick": args.quick, "threads": args.threads}
+    results["note"] = args.note
     results |= {"backbone": args.backbone, "layer": args.layer, "num_layers": num_layers}
     results["machine"] = machine()
     load_start = [round(x, 1) for x in os.getloadavg()]
