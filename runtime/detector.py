@@ -161,7 +161,7 @@ class Detector:
                 f"{self.path}: no {chosen} model in this artifact (it has: {have}); "
                 f"pass precision={have.split(', ')[0]!r} or re-export (i2p-export --fp16 adds the fp16 model)"
             )
-        fused = next((m for m in self.manifest.models if m.format == CPU_FUSED_FORMAT), None)
+        fused = self.manifest.model("fp32", CPU_FUSED_FORMAT)
         if fused is not None and chosen == "fp32" and not gpu:  # the CPU fast path (i2p-export --cpu)
             fused_path = verify_file(self.path, self.manifest, fused.path)
             try:

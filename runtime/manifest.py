@@ -58,8 +58,9 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
-    def model(self, precision: str) -> ModelFile | None:
-        return next((m for m in self.models if m.precision == precision), None)
+    def model(self, precision: str, format: str = "onnx") -> ModelFile | None:
+        """The portable network file of a precision (``format="onnx"``: runs on every backend)."""
+        return next((m for m in self.models if m.precision == precision and m.format == format), None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
