@@ -166,8 +166,10 @@ def plot(p: ImportanceProfile, path: Path) -> None:
     ax.plot(layers, _minmax([s.fisher for s in p.scores]), "s-", label="Fisher ratio (normalized)")
     ax.plot(layers, [s.importance for s in p.scores], "k-", lw=2, label="importance")
     ax.axvline(p.layer, color="tab:red", ls="--", label=f"L* = {p.layer} ({p.mode})")
-    aucs = ", ".join(f"{s.probe_auc:.3f}" for s in p.scores)
-    ax.set_title(f"Layer importance (probe AUC per layer: {aucs})" if len(aucs) < 90 else "Layer importance")
+    best = max(p.scores, key=lambda s: s.probe_auc)
+    ax.set_title(
+        f"Layer importance: L* = {p.layer}/{len(p.scores)} (best probe AUC {best.probe_auc:.3f} at block {best.layer})"
+    )
     ax.set_xlabel("block")
     ax.set_xticks(layers)
     ax.set_ylim(-0.05, 1.05)
