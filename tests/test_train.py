@@ -189,11 +189,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     ckpt = killed / "checkpoint.safetensors"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     meta, _ = read_checkpoint(ckpt)
-    assert not meta["complete"] and meta["epoch"] == 0  # it really died mid-run
+    assert not meta["complete"] and meta["epoch"] == 0, f"the kill came too late: {meta['epoch']=}"
     subprocess.run(_train_cmd(data_dir, killed, "--resume"), check=True, capture_output=True)
     a, b = load_file(full / "checkpoint.safetensors"), load_file(ckpt)
     for k in a:
