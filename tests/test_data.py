@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from images import make_image_folder, synthetic_image, write_csv_manifest
+from PIL import Image
+from torch.utils.data import DataLoader
+
 from i2p.runtime.preprocess import PreprocessSpec, normalize, preprocess, resize_plan
 from i2p.train.augment import AugmentConfig, augment
 from i2p.train.data import (
@@ -23,9 +27,6 @@ from i2p.train.data import (
     scan,
     split,
 )
-from images import make_image_folder, synthetic_image, write_csv_manifest
-from PIL import Image
-from torch.utils.data import DataLoader
 
 SPEC = PreprocessSpec(size=24)
 

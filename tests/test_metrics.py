@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
 from i2p.train.metrics import (
     Metrics,
     average_precision,
@@ -15,7 +17,6 @@ from i2p.train.metrics import (
     metrics_table,
     roc_auc,
 )
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def random_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
