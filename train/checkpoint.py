@@ -137,7 +137,10 @@ def load_model(path: str | os.PathLike, backbone: str | None = None) -> tuple[I2
     info = backbone_info(meta)
     tower = build_tower(info.model)
     missing, _ = tower.load_state_dict(base_state(meta, tensors, backbone), strict=False)
-    needed = [k for k in missing if not k.startswith(("transformer.resblocks.", "ln_post", "proj"))]
+    dropped = tuple(f"transformer.resblocks.{i}." for i in range(meta["layer"], info.num_layers))
+    needed = [
+        k for k in missing if not k.startswith((*dropped, "ln_post", "proj"))
+    ]  # blocks after L* are unused
     if needed:
         raise CheckpointError(f"{path}: base weights lack {needed[:5]}")
     model = I2PModel(tower, meta["layer"], baseline=meta["baseline"])

@@ -103,7 +103,7 @@ def load_splits(cfg: TrainConfig, max_pixels: int, rt: Runtime) -> Splits:
 
 
 def calibration_subset(samples: list[data_mod.Sample], n: int, seed: int) -> list[data_mod.Sample]:
-    """Up to ``n`` samples, the same classes in the same proportions, chosen by seed."""
+    """Up to ``n`` samples drawn at random (by seed), kept in their original order."""
     if len(samples) <= n:
         return samples
     keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:n])
