@@ -16,7 +16,7 @@ from images import make_image_folder
 from safetensors.torch import load_file
 
 from i2p.train import importance, subspace
-from i2p.train.backbone import load_backbone
+from i2p.train.backbone import BackboneError, load_backbone, read_state_dict
 from i2p.train.checkpoint import CheckpointError, load_model, read_checkpoint
 from i2p.train.cli import train as train_cmd
 from i2p.train.model import I2PModel
@@ -171,6 +171,14 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, data_dir):
     ckpt.write_bytes(ckpt.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="checkpoint.safetensors"):
         read_checkpoint(ckpt)
+
+
+def test_torchscript_weights_are_refused(tmp_path):
+    """A TorchScript archive carries code: the backbone loader refuses it instead of running it."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), path)
+    with pytest.raises(BackboneError, match="TorchScript"):
+        read_state_dict(path)
 
 
 def _train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:

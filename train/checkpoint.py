@@ -134,15 +134,23 @@ def base_state(
 def load_model(path: str | os.PathLike, backbone: str | None = None) -> tuple[I2PModel, dict[str, Any]]:
     """Rebuild the trained detector (unmerged, eval mode) from a checkpoint and its base weights."""
     meta, tensors = read_checkpoint(path)
+    return build_model(meta, tensors, backbone, name=str(path)), meta
+
+
+def build_model(
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    backbone: str | None = None,
+    name: str = "checkpoint",
+) -> I2PModel:
+    """The detector from an already read checkpoint (``read_checkpoint``'s result)."""
     info = backbone_info(meta)
     tower = build_tower(info.model)
     missing, _ = tower.load_state_dict(base_state(meta, tensors, backbone), strict=False)
     dropped = tuple(f"transformer.resblocks.{i}." for i in range(meta["layer"], info.num_layers))
-    needed = [
-        k for k in missing if not k.startswith((*dropped, "ln_post", "proj"))
-    ]  # blocks after L* are unused
+    needed = [k for k in missing if not k.startswith((*dropped, "ln_post", "proj"))]  # blocks after L* unused
     if needed:
-        raise CheckpointError(f"{path}: base weights lack {needed[:5]}")
+        raise CheckpointError(f"{name}: base weights lack {needed[:5]}")
     model = I2PModel(tower, meta["layer"], baseline=meta["baseline"])
     model.load_trainable_state({k: v for k, v in tensors.items() if k.startswith(("head.", "delta."))})
-    return model.eval(), meta
+    return model.eval()

@@ -30,7 +30,14 @@ from i2p.runtime.manifest import write_json_atomic
 from . import data as data_mod
 from . import importance, subspace
 from .backbone import load_backbone, preprocess_spec
-from .checkpoint import CheckpointError, backbone_info, load_model, read_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    backbone_info,
+    build_model,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .metrics import Metrics, calibrate_threshold, evaluate, metrics_table
 from .model import I2PModel
@@ -345,7 +352,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if previous is None:
         model, info, profile, base = build(cfg, splits, rt)
     else:
-        model, _ = load_model(ckpt_path)
+        model = build_model(*previous, name=str(ckpt_path))  # the checkpoint is read once
         model.to(rt.device)
         info = backbone_info(previous[0])
         profile = (
