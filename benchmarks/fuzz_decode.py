@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from corpus import fuzz_seeds, mutate  # noqa: E402
-
-from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess  # noqa: E402
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess
+from tests.support.corpus import fuzz_seeds, mutate
 
 
 def main() -> int:

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from corpus import base_image, make_bad_corpus  # noqa: E402
-from fake_artifact import make_artifact  # noqa: E402
-
-from i2p.runtime import Detector  # noqa: E402
+from i2p.runtime import Detector
+from tests.support.corpus import base_image, make_bad_corpus
+from tests.support.fake_artifact import make_artifact
 
 
 def usage() -> tuple[float, int]:

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from i2p.runtime.manifest import MANIFEST, sha256_file
+from i2p.base.files import sha256_file
+from i2p.runtime.manifest import MANIFEST
 
 from .network import ExportError
 

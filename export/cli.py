@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from i2p.runtime.table import format_table
+from i2p.base.tables import format_table
 from i2p.train.backbone import BackboneError
 from i2p.train.checkpoint import CheckpointError
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from i2p.runtime.table import format_table
+from i2p.base.tables import format_table
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not-run"
 # Logit tolerances against PyTorch FP32. Measured on ONNX Runtime CPU: FP32 3e-5 (ViT-B/16, L*=8, real

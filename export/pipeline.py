@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from i2p.base.files import IMAGE_EXTENSIONS, is_image_name, sha256_file, write_json_atomic
 from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS
-from i2p.runtime.manifest import MANIFEST, Manifest, ModelFile, TensorSpec, sha256_file, write_json_atomic
+from i2p.runtime.manifest import MANIFEST, Manifest, ModelFile, TensorSpec
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, preprocess
 from i2p.train.checkpoint import load_model
 from i2p.train.model import I2PModel
@@ -36,7 +37,6 @@ from .triton import CONFIG, model_name, write_triton_model
 
 FP32_ONNX, FP16_ONNX, PARITY = "model.onnx", "model.fp16.onnx", "parity.json"
 MERGE_ATOL, MERGE_PROBES = 1e-5, 4
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # ONNX Runtime 1.32's CPU NchwcTransformer segfaults on FP16 graphs (onnxruntime#28392): parity tries the
 # default session first and, if the runner dies, once more with that optimizer off (noted in parity.json).
 ORT_ATTEMPTS: tuple[tuple[str, ...], ...] = ((), FP16_CPU_DISABLED_OPTIMIZERS)
@@ -241,9 +241,9 @@ def _probe_set(opts: ExportOptions, spec: PreprocessSpec, notes: list[str]) -> P
 def _calib_images(folder: Path, limit: int, spec: PreprocessSpec, notes: list[str]) -> np.ndarray:
     if not folder.is_dir():
         raise ExportError(f"{folder}: --calib-images must be a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if is_image_name(p) and p.is_file())
     if not files:
-        raise ExportError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) for --calib-images")
+        raise ExportError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) for --calib-images")
     if len(files) > limit:  # an even spread over the sorted list covers every sub-folder (class, generator)
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     batch, skipped = [], []

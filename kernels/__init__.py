@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.cache import cache_root
+from i2p.base.files import cache_root
+
 from ..runtime.preprocess import PreprocessSpec, resize_plan
 from ..runtime.resample import AxisCoefficients, crop_coefficients, vertical_first
 

@@ -17,10 +17,11 @@ from typing import Any, TextIO
 import click
 import numpy as np
 
+from i2p.base.tables import format_table
+
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
 from .manifest import ArtifactError
 from .sources import iter_images, predict_stream
-from .table import format_table
 
 ROW_COLUMNS = ("path", "probability", "label", "error")
 Row = dict[str, Any]

@@ -142,6 +142,8 @@ class Detector:
     def _open_onnxruntime(self, device: int, precision: str | None, threads: int | None) -> Backend:
         import onnxruntime as ort
 
+        from i2p.base.files import cache_root
+
         from .backends.onnxruntime import (
             CPU_EP,
             CPU_FUSED_FORMAT,
@@ -149,7 +151,6 @@ class Detector:
             OnnxRuntimeBackend,
             auto_providers,
         )
-        from .cache import cache_root
 
         available = ort.get_available_providers()
         gpu = any(p in available for p in GPU_EPS)

@@ -6,13 +6,13 @@ matches the manifest, and refuses a manifest from a newer format version than it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from i2p.base.files import sha256_file
 
 from .preprocess import PreprocessSpec
 
@@ -93,14 +93,6 @@ class Manifest:
             raise ArtifactError(f"malformed manifest: {e}") from e
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(artifact: str | os.PathLike) -> Manifest:
     """Parse ``ARTIFACT/manifest.json`` with errors that name the directory and the problem."""
     root = Path(artifact)
@@ -134,25 +126,3 @@ def verify_file(artifact: str | os.PathLike, manifest: Manifest, rel: str) -> Pa
             "the file was modified or truncated, re-export the artifact"
         )
     return path
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Write a file so that readers see the old one or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; artifacts and run outputs are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Atomic JSON: ``data`` is a ready JSON string or an object to serialize."""
-    text = data if isinstance(data, str) else json.dumps(data, indent=2)
-    write_bytes_atomic(path, text.encode())

@@ -13,17 +13,11 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from i2p.base.files import is_image_name
+
 from .detector import Detector, Prediction, Prepared
 
 log = logging.getLogger("i2p")
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif"}
-)
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def iter_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> Iterator[str]:

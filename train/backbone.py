@@ -15,7 +15,7 @@ import torch
 from open_clip.model import _build_vision_tower
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-from i2p.runtime.manifest import sha256_file
+from i2p.base.files import sha256_file
 from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")

@@ -112,7 +112,7 @@ def base_state(
         raise CheckpointError(
             "the checkpoint was trained from random init but does not embed its base weights"
         )
-    from i2p.runtime.manifest import sha256_file
+    from i2p.base.files import sha256_file
 
     if not path.is_file():
         raise CheckpointError(

@@ -23,11 +23,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from i2p.base.files import IMAGE_EXTENSIONS, is_image_name
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, _open, load_image, preprocess
 
 from .augment import AugmentConfig, augment
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CLASS_DIRS = {"0_real": 0, "real": 0, "1_fake": 1, "fake": 1}  # folder name (any case) -> label
 CSV_LABELS = {"0": 0, "real": 0, "1": 1, "fake": 1}
 
@@ -127,7 +127,7 @@ def _images_under(folder: Path) -> Iterator[Path]:
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and is_image_name(name):
                 yield Path(dirpath) / name
 
 

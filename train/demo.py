@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from i2p.runtime.table import format_table
+from i2p.base.tables import format_table
 
 from .config import TrainConfig
 from .metrics import evaluate, metrics_table

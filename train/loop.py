@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from i2p.runtime.manifest import write_json_atomic
+from i2p.base.files import write_json_atomic
 
 from . import data as data_mod
 from . import importance, subspace
@@ -473,7 +473,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def importance_table(p: importance.ImportanceProfile) -> str:
-    from i2p.runtime.table import format_table
+    from i2p.base.tables import format_table
 
     rows = [
         {

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from i2p.runtime.table import format_table
+from i2p.base.tables import format_table
 
 MEAN = "mean"
 

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from i2p.base.files import cache_root, sha256_file, write_bytes_atomic, write_json_atomic
+
 from ... import kernels
-from ..cache import cache_root
-from ..manifest import Manifest, ModelFile, sha256_file, verify_file, write_bytes_atomic, write_json_atomic
+from ..manifest import Manifest, ModelFile, verify_file
 from ..preprocess import preprocess
 
 log = logging.getLogger("i2p")

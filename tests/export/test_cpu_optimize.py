@@ -13,18 +13,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from checkpoints import make_checkpoint
-from fake_artifact import build_model
 from onnx import numpy_helper
 
+from i2p.base.files import sha256_file, write_json_atomic
 from i2p.export import cpu_optimize
 from i2p.export.cpu_optimize import CPU_MODEL, CPU_ONNX, FusionReport, optimize_for_cpu
 from i2p.export.network import deploy
 from i2p.export.onnx_export import export_onnx
 from i2p.export.pipeline import ExportOptions, run_export
 from i2p.runtime import ArtifactError, Detector
-from i2p.runtime.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
+from i2p.runtime.manifest import MANIFEST, read_manifest
 from i2p.train.checkpoint import load_model
+from tests.support.checkpoints import make_checkpoint
+from tests.support.fake_artifact import build_model
 
 LAYER = 3  # of the tiny ViT's 4 blocks; 2 heads of width 32, 17 tokens
 ATOL = 1e-4  # logits; FP32 kernels differ only in summation order

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from checkpoints import make_checkpoint
 
 from i2p.export.pipeline import ExportOptions, run_export
 from i2p.runtime import Detector
@@ -13,6 +12,7 @@ from i2p.train.config import TrainConfig
 from i2p.train.data import discover
 from i2p.train.loop import Runtime, eval_loader, predict
 from i2p.train.synthetic import make_image_folder
+from tests.support.checkpoints import make_checkpoint
 
 
 def test_detector_matches_the_pytorch_detector_on_images(tmp_path):

@@ -7,7 +7,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints import make_checkpoint
 from onnx import TensorProto
 
 from i2p.export.fp16 import FP16_MAX, check_fp16_range, convert_fp16
@@ -22,6 +21,7 @@ from i2p.export.onnx_export import (
 from i2p.export.ort_run import run_onnx
 from i2p.train.backbone import build_tower
 from i2p.train.checkpoint import load_model, read_checkpoint
+from tests.support.checkpoints import make_checkpoint
 
 LAYER = 3
 

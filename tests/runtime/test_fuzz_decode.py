@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from corpus import fuzz_seeds, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess
+from tests.support.corpus import fuzz_seeds, mutate
 
 # Pillow warns about corrupt EXIF blocks; the property is about exceptions, not warnings.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -7,14 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checkpoints import make_checkpoint
 from click.testing import CliRunner
 from google.protobuf import text_format
-from images import make_image_folder
 from tritonclient.grpc import model_config_pb2 as mc
 
+from i2p.base.files import sha256_file
 from i2p.export.cli import export
-from i2p.runtime.manifest import ArtifactError, read_manifest, sha256_file, verify_file
+from i2p.runtime.manifest import ArtifactError, read_manifest, verify_file
+from tests.support.checkpoints import make_checkpoint
+from tests.support.images import make_image_folder
 
 
 def run(*args: str, ok: bool = True):

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from i2p.base.files import sha256_file
 from i2p.runtime.backends import tensorrt as trt_backend
 from i2p.runtime.backends.tensorrt import (
     EngineBuildError,
@@ -30,7 +31,7 @@ from i2p.runtime.backends.tensorrt import (
     sidecar_path,
     write_engine,
 )
-from i2p.runtime.manifest import Manifest, ModelFile, TensorSpec, sha256_file
+from i2p.runtime.manifest import Manifest, ModelFile, TensorSpec
 from i2p.runtime.preprocess import PreprocessSpec
 
 SHA = "ab" * 32

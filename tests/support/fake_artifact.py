@@ -16,14 +16,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.transformers import float16
 
+from i2p.base.files import sha256_file, write_json_atomic
 from i2p.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     Manifest,
     ModelFile,
     TensorSpec,
-    sha256_file,
-    write_json_atomic,
 )
 from i2p.runtime.preprocess import PreprocessSpec
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from images import make_image_folder, synthetic_image, write_csv_manifest
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -27,6 +26,7 @@ from i2p.train.data import (
     scan,
     split,
 )
+from tests.support.images import make_image_folder, synthetic_image, write_csv_manifest
 
 SPEC = PreprocessSpec(size=24)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from corpus import Case, make_bad_corpus
-from fake_artifact import make_artifact
 
 from i2p.runtime import Detector
 from i2p.runtime.cli import detect
+from tests.support.corpus import Case, make_bad_corpus
+from tests.support.fake_artifact import make_artifact
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from fake_artifact import build_model, make_artifact
 
+from i2p.base.files import cache_root
 from i2p.runtime.backends.onnxruntime import (
     CPU_EP,
     CUDA_EP,
@@ -17,7 +17,7 @@ from i2p.runtime.backends.onnxruntime import (
     OnnxRuntimeBackend,
     auto_providers,
 )
-from i2p.runtime.cache import cache_root
+from tests.support.fake_artifact import build_model, make_artifact
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from corpus import base_image, encode
-from fake_artifact import make_artifact
+from tests.support.corpus import base_image, encode
+from tests.support.fake_artifact import make_artifact
 
 SCRIPT = textwrap.dedent(
     """

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from images import make_image_folder
 from safetensors.torch import load_file
 
 from i2p.train import importance, subspace
@@ -20,6 +19,7 @@ from i2p.train.backbone import BackboneError, load_backbone, read_state_dict
 from i2p.train.checkpoint import CheckpointError, load_model, read_checkpoint
 from i2p.train.cli import train as train_cmd
 from i2p.train.model import I2PModel
+from tests.support.images import make_image_folder
 
 TINY = ["--model", "i2p-tiny-vit", "--pretrained", "none", "--workers", "0", "--batch-size", "16"]
 

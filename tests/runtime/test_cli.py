@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from corpus import base_image, encode
-from fake_artifact import make_artifact
 
+from i2p.base.files import sha256_file
 from i2p.cli import main as i2p_main
 from i2p.runtime import Detector
 from i2p.runtime import sources as sources_module
 from i2p.runtime.cli import bench, detect
-from i2p.runtime.manifest import sha256_file
 from i2p.runtime.sources import iter_images, predict_stream
+from tests.support.corpus import base_image, encode
+from tests.support.fake_artifact import make_artifact
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
-from corpus import base_image, encode
-from fake_artifact import build_model, make_artifact
 from PIL import Image
 
 from i2p.runtime import ArtifactError, BackendUnavailableError, Detector, ImageError, Prediction
 from i2p.runtime import detector as detector_module
 from i2p.runtime.manifest import FORMAT_VERSION
 from i2p.runtime.preprocess import preprocess
+from tests.support.corpus import base_image, encode
+from tests.support.fake_artifact import build_model, make_artifact
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from corpus import base_image, encode
-from fake_artifact import make_artifact
 
 from i2p.runtime import Detector
+from tests.support.corpus import base_image, encode
+from tests.support.fake_artifact import make_artifact
 
 RSS_BOUND_MB = 8.0  # keeping one preprocessed 3x32x32 input per prediction would add 12 MB
 FD_BOUND = 0
