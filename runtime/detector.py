@@ -21,7 +21,7 @@ from PIL import Image
 
 from .backends import Backend
 from .manifest import ArtifactError, read_manifest, verify_file
-from .preprocess import ImageError, ImageInput, checked_resize_plan, describe, load_image, preprocess
+from .preprocess import ImageError, ImageInput, decode, describe, preprocess
 
 log = logging.getLogger("i2p")
 
@@ -217,12 +217,8 @@ class Detector:
         """Decode and preprocess one input (the part worth running in worker threads)."""
         source = describe(src)
         try:
-            if self._gpu_preprocess:
-                img = load_image(src, self.spec.max_pixels)
-                checked_resize_plan(img.width, img.height, self.spec, source)  # refused on every path
-                data = np.asarray(img)
-            else:
-                data = preprocess(src, self.spec)
+            # GPU preprocessing gets the decoded image, with the same limits and aspect crop as the CPU path.
+            data = np.asarray(decode(src, self.spec)) if self._gpu_preprocess else preprocess(src, self.spec)
         except ImageError as e:
             return Prepared(source, None, str(e))
         return Prepared(source, data)

@@ -4,17 +4,33 @@ The arithmetic is Pillow's: resize the shorter side to ``size`` with bicubic (an
 center-crop ``size``×``size``, scale to [0, 1], normalize by mean/std, lay out as CHW float32.
 ``i2p.runtime.resample`` re-implements the resize in integer numpy bit-for-bit, and the CUDA kernel in
 ``i2p.kernels`` does the same arithmetic on the GPU.
+
+Memory per input is bounded before any pixel is decoded (README, "Reliability"):
+
+- a file or bytes object holds at most ``MAX_INPUT_BYTES`` (checked from ``stat`` before reading, and
+  the read itself stops there);
+- an image has at most ``PreprocessSpec.max_pixels`` pixels (from its header, before decoding);
+- an image longer than ``MAX_ASPECT`` times its short side is center-cropped along its long side to
+  ``MAX_ASPECT``:1 before the resize. The final center crop reads only the middle square, so the network
+  sees the same content, and the resized intermediate stays under ``MAX_ASPECT`` × size² pixels;
+- 16-bit and float pixels are scaled to 8 bits in row blocks with integer (float32 for float input)
+  arithmetic, so no full-size wide temporaries;
+- decoding threads share ``DECODE_MEMORY_BYTES``: each decode reserves its estimate
+  (``decode_cost``) first, so ``workers`` × the per-image cap cannot add up past it.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import stat
 import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +49,15 @@ FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # JPEG covers M
 # escaping its plugins (IndexError from a truncated animated GIF, struct.error, TypeError from TIFF tiles).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error)
 
+MAX_INPUT_BYTES = 64 * 2**20  # an encoded image file (a 64 MP photo is ~30 MB as JPEG q95)
+MAX_ASPECT = 16  # longer images are center-cropped to 16:1 before the resize
+MAX_SIZE = 1024  # the network's input side: bounds the resize intermediate (MAX_ASPECT * size²)
+MAX_PIXELS_LIMIT = 2**27  # the largest max_pixels a manifest may set (134 MP; Pillow refuses 179 MP)
+# Peak bytes per decoded pixel: the decoded mode (up to 4 B: RGBX, CMYK, I, F), the 8-bit copy and the
+# RGB result (4 B each). tests/runtime/test_preprocess.py measures it on the worst case, 16-bit grey.
+PEAK_BYTES_PER_PIXEL = 12
+DECODE_MEMORY_BYTES = int(os.environ.get("I2P_DECODE_MEMORY_MB", "2048")) * 2**20
+
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
@@ -40,9 +65,19 @@ class ImageError(ValueError):
     """An input could not be turned into a model input; the message names the input and the problem."""
 
 
+def _check_number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> None:
+    """Raise ValueError naming the field unless ``value`` is a finite number (an int if asked) in [lo, hi]."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """What the manifest says about turning an image into the network's input."""
+    """What the manifest says about turning an image into the network's input (validated on creation)."""
 
     size: int = 224
     resize: str = "shortest"  # resize the shorter side to `size`, keep the aspect ratio
@@ -52,23 +87,35 @@ class PreprocessSpec:
     std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = 64_000_000  # decompression-bomb guard, checked before any pixel is decoded
 
+    def __post_init__(self) -> None:
+        _check_number("size", self.size, 1, MAX_SIZE, integer=True)
+        for key, value in (("resize", "shortest"), ("interpolation", "bicubic"), ("crop", "center")):
+            if getattr(self, key) != value:
+                raise ValueError(
+                    f"{key} must be {value!r} (the only one implemented), got {getattr(self, key)!r}"
+                )
+        for key, lo, hi in (("mean", 0.0, 1.0), ("std", 1e-3, 10.0)):
+            values = getattr(self, key)
+            if not isinstance(values, tuple) or len(values) != 3:
+                raise ValueError(f"{key} must be a list of 3 numbers (R, G, B), got {values!r}")
+            for channel, v in zip("RGB", values, strict=True):
+                _check_number(f"{key}[{channel}]", v, lo, hi)
+        _check_number("max_pixels", self.max_pixels, self.size * self.size, MAX_PIXELS_LIMIT, integer=True)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, d: Any) -> PreprocessSpec:
+        """Parse and validate; ValueError names the key that is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"must be an object, got {type(d).__name__}")
+        known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(
-                f"unknown preprocessing keys {sorted(unknown)}; this i2p version knows {sorted(known)}"
+                f"unknown preprocessing keys {sorted(map(str, unknown))}; this i2p version knows {sorted(known)}"
             )
-        if d.get("resize", "shortest") != "shortest" or d.get("interpolation", "bicubic") != "bicubic":
-            raise ValueError(
-                f"unsupported preprocessing {d}: only shortest-side bicubic resize is implemented"
-            )
-        if d.get("crop", "center") != "center":
-            raise ValueError(f"unsupported crop {d.get('crop')!r}: only 'center' is implemented")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -96,10 +143,26 @@ def resize_plan(src_w: int, src_h: int, size: int) -> ResizePlan:
     return ResizePlan(src_w, src_h, out_w, out_h, left, top, size)
 
 
+def aspect_box(width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The centered MAX_ASPECT:1 box to crop an over-elongated image to before resizing, else None."""
+    short, long = min(width, height), max(width, height)
+    if long <= MAX_ASPECT * short:
+        return None
+    start = (long - MAX_ASPECT * short) // 2
+    end = start + MAX_ASPECT * short
+    return (start, 0, end, height) if width > height else (0, start, width, end)
+
+
+def fit_aspect(img: Image.Image) -> Image.Image:
+    """``img``, center-cropped to MAX_ASPECT:1 if it is longer (every preprocessing path calls this)."""
+    box = aspect_box(img.width, img.height)
+    return img if box is None else img.crop(box)
+
+
 def describe(src: Any) -> str:
     """A short name for an input, for error messages."""
     if isinstance(src, (str, os.PathLike)):
-        return os.fspath(src)
+        return os.fsdecode(src)
     if isinstance(src, bytes):
         return f"<{len(src)} bytes>"
     if isinstance(src, np.ndarray):
@@ -109,39 +172,83 @@ def describe(src: Any) -> str:
     return f"<{type(src).__name__}>"
 
 
+class _MemoryBudget:
+    """Bytes that decoding may hold at once across threads; an image over the whole budget runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = _MemoryBudget(DECODE_MEMORY_BYTES)
+
+
+def decode_cost(width: int, height: int, encoded_bytes: int = 0) -> int:
+    """Estimated peak bytes to decode one image to 8-bit RGB (what DECODE_BUDGET reserves)."""
+    return encoded_bytes + width * height * PEAK_BYTES_PER_PIXEL
+
+
 def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> Image.Image:
     """Decode any supported input into an upright 8-bit RGB PIL image, or raise ImageError.
 
-    Paths and bytes are checked against ``max_pixels`` from the header before decoding, so a
-    decompression bomb costs nothing. Animated images yield their first frame.
+    Paths and bytes are checked against ``MAX_INPUT_BYTES`` and ``max_pixels`` (from the header)
+    before decoding, so a decompression bomb costs nothing. Animated images yield their first frame.
     """
     name = describe(src)
     if isinstance(src, np.ndarray):
+        if src.ndim >= 2 and 0 not in src.shape:  # an empty array's error names its shape, below
+            _check_dims(src.shape[1], src.shape[0], name, max_pixels)
         return _array_to_rgb(src, name)
     if isinstance(src, Image.Image):
-        img = src
+        img, encoded = src, 0
     elif isinstance(src, (str, os.PathLike, bytes)):
         img = _open(src, name, max_pixels)
+        encoded = len(img.fp.getbuffer()) if isinstance(getattr(img, "fp", None), io.BytesIO) else 0
     else:
         raise TypeError(f"cannot read {name}: expected a path, bytes, a PIL image or a uint8 HxWx3 array")
     try:
-        if img.width * img.height > max_pixels:
-            raise ImageError(f"{name}: {img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, name)
+        _check_dims(img.width, img.height, name, max_pixels)
+        with DECODE_BUDGET.reserve(decode_cost(img.width, img.height, encoded)):
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, name)
     except ImageError:
         raise
     except (*DECODE_ERRORS, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot decode image ({e})") from e
 
 
+def _check_dims(width: int, height: int, name: str, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: a {width}x{height} image has no pixels")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name}: {width}x{height} = {width * height:,} pixels exceeds the {max_pixels:,}-pixel limit"
+        )
+
+
 def _open(src: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open (headers only) a path or bytes; refuses oversized input and non-allowlisted formats."""
     if isinstance(src, bytes):
-        fp: Any = io.BytesIO(src)
+        if len(src) > MAX_INPUT_BYTES:
+            raise ImageError(f"{name}: {len(src):,} bytes exceeds the {MAX_INPUT_BYTES:,}-byte input limit")
+        fp = io.BytesIO(src)
     else:
-        fp = io.BytesIO(_read_file(Path(src), name))
+        fp = io.BytesIO(_read_file(src, name))
     if fp.getbuffer().nbytes == 0:
         raise ImageError(f"{name}: empty file")
     try:
@@ -152,8 +259,7 @@ def _open(src: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.I
         raise ImageError(f"{name}: exceeds the {max_pixels:,}-pixel limit ({e})") from e
     except DECODE_ERRORS as e:
         raise ImageError(f"{name}: not a readable image ({e})") from e
-    if img.width * img.height > max_pixels:
-        raise ImageError(f"{name}: {img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
+    _check_dims(img.width, img.height, name, max_pixels)
     return img
 
 
@@ -164,17 +270,38 @@ def _allowed_formats() -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in Image.OPEN)
 
 
-def _read_file(path: Path, name: str) -> bytes:
-    """The file's bytes; directories, FIFOs and devices are refused before opening (a FIFO would block)."""
+def _read_file(src: str | os.PathLike, name: str) -> bytes:
+    """The file's bytes, at most MAX_INPUT_BYTES; directories, FIFOs and devices are refused unopened.
+
+    A path Python cannot pass to the OS (a NUL byte, a lone surrogate) is an ImageError like any other.
+    """
     try:
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
-            raise ImageError(f"{name}: is a directory, not an image")
-        if not stat.S_ISREG(mode):
-            raise ImageError(f"{name}: not a regular file")
-        return path.read_bytes()
+        _check_regular(os.stat(src).st_mode, name)  # before opening: opening a FIFO would block
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            _check_regular(st.st_mode, name)  # the path may have been swapped since the stat
+            if st.st_size > MAX_INPUT_BYTES:
+                raise ImageError(
+                    f"{name}: {st.st_size:,} bytes exceeds the {MAX_INPUT_BYTES:,}-byte input limit"
+                )
+            data = f.read(MAX_INPUT_BYTES + 1)  # a file growing while we read still stops here
+    except ImageError:
+        raise
     except OSError as e:
         raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from e
+    except ValueError as e:  # embedded NUL, or a str the file system encoding cannot represent
+        raise ImageError(f"{name}: not a usable path ({e})") from e
+    if len(data) > MAX_INPUT_BYTES:
+        raise ImageError(f"{name}: more than {MAX_INPUT_BYTES:,} bytes (the input limit)")
+    return data
+
+
+def _check_regular(mode: int, name: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{name}: is a directory, not an image")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{name}: not a regular file")
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
@@ -187,7 +314,7 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
 
 
 def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
-    """uint8 HWC (or HW) arrays as-is; 16-bit and float grey values are scaled to 8 bits."""
+    """uint8 HWC (or HW) arrays as-is; 16-bit, wider integer and float values are scaled to 8 bits."""
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -196,38 +323,50 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
         raise ImageError(f"{name}: expected an HxWx3 RGB array (or HxW grey), got shape {arr.shape}")
     if arr.dtype.kind not in "uif":
         raise ImageError(f"{name}: pixel type {arr.dtype} is not a number type (expected uint8)")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ImageError(f"{name}: pixel values include NaN or infinity")
-    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
-        arr = (arr.astype(np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
-    elif arr.dtype.kind == "f":
-        arr = (arr.astype(np.float64) * (255.0 if arr.max(initial=0.0) <= 1.0 else 1.0)).round()
-        arr = arr.clip(0, 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = arr.clip(0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    if arr.dtype != np.uint8:
+        arr = _to_uint8(arr, name)
+    img = Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.ndim == 3 else "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def checked_resize_plan(width: int, height: int, spec: PreprocessSpec, name: str = "image") -> ResizePlan:
-    """``resize_plan``, refusing images whose resized intermediate would exceed ``max_pixels``.
+def _to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
+    """Scale to uint8 block by block (temporaries stay ~1 MB, whatever the image size).
 
-    A 1-pixel-high strip within the pixel limit would otherwise grow to ``size`` times its width
-    before the crop. Every preprocessing path (Pillow, numpy, CUDA) applies the same refusal.
+    uint16, and integers above 255, map 0..65535 to 0..255 by round(x / 257) in integer arithmetic;
+    other integers are clipped to 0..255; floats are 0..1 (times 255) or 0..255, rounded, in float32.
     """
-    plan = resize_plan(width, height, spec.size)
-    if plan.out_w * plan.out_h > spec.max_pixels:
-        raise ImageError(
-            f"{name}: a {width}x{height} image is too elongated: resizing it to {plan.out_w}x{plan.out_h} "
-            f"exceeds the {spec.max_pixels:,}-pixel limit"
-        )
-    return plan
+    if arr.dtype.kind == "f":
+        if not all(np.isfinite(block).all() for block in _row_blocks(arr)):
+            raise ImageError(f"{name}: pixel values include NaN or infinity")
+        scale = np.float32(255.0 if arr.max(initial=0.0) <= 1.0 else 1.0)
+    wide = arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255)
+    out = np.empty(arr.shape, np.uint8)
+    start = 0
+    for block in _row_blocks(arr):
+        if arr.dtype.kind == "f":
+            converted = (block.astype(np.float32) * scale).round().clip(0, 255)
+        elif wide:
+            converted = (block.clip(0, 65535).astype(np.uint32) + 128) // 257  # == round(x / 257): no ties
+        else:
+            converted = block.clip(0, 255)
+        out[start : start + len(block)] = converted
+        start += len(block)
+    return out
+
+
+def _row_blocks(arr: np.ndarray, elements: int = 1 << 18) -> Iterator[np.ndarray]:
+    row = max(1, arr[0].size)
+    step = max(1, elements // row)
+    for start in range(0, arr.shape[0], step):
+        yield arr[start : start + step]
 
 
 def resize_crop(img: Image.Image, spec: PreprocessSpec, name: str = "image") -> Image.Image:
-    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop."""
-    plan = checked_resize_plan(img.width, img.height, spec, name)
+    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop.
+
+    ``name`` is accepted for callers that pass it; nothing here can fail for a decoded image.
+    """
+    plan = resize_plan(img.width, img.height, spec.size)
     resized = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
     return resized.crop((plan.left, plan.top, plan.left + spec.size, plan.top + spec.size))
 
@@ -239,7 +378,11 @@ def normalize(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def decode(src: ImageInput, spec: PreprocessSpec) -> Image.Image:
+    """``load_image`` then ``fit_aspect``: the 8-bit RGB image every preprocessing path resizes."""
+    return fit_aspect(load_image(src, spec.max_pixels))
+
+
 def preprocess(src: ImageInput, spec: PreprocessSpec) -> np.ndarray:
     """One input -> float32 CHW model input. Raises ImageError for unusable images."""
-    img = load_image(src, spec.max_pixels)
-    return normalize(np.asarray(resize_crop(img, spec, describe(src))), spec)
+    return normalize(np.asarray(resize_crop(decode(src, spec), spec)), spec)

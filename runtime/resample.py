@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 import PIL
 
-from .preprocess import PreprocessSpec, normalize, resize_plan
+from .preprocess import PreprocessSpec, aspect_box, normalize, resize_plan
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow: 8 bits of result, 2 bits of headroom for negative lobes
 HALF = 1 << (PRECISION_BITS - 1)  # accumulators start here: rounding to nearest after the shift
@@ -181,4 +181,8 @@ def _shifted(coeffs: AxisCoefficients, offset: int) -> AxisCoefficients:
 
 def preprocess_reference(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC -> float32 CHW model input, the numpy twin of ``i2p.runtime.preprocess.preprocess``."""
+    box = aspect_box(rgb.shape[1], rgb.shape[0])  # the same MAX_ASPECT:1 center crop first
+    if box is not None:
+        left, top, right, bottom = box
+        rgb = rgb[top:bottom, left:right]
     return normalize(resize_crop_reference(rgb, spec), spec)

@@ -302,14 +302,15 @@ def test_gpu_preprocessing_hook_gets_decoded_images(
     monkeypatch.setattr(Detector, "_open_backend", lambda self, *a: gpu)
     hooked = Detector(artifact, batch_size=2)
     imgs = images(3)
-    sliver = np.zeros((1, 100_000, 3), np.uint8)  # refused for its resize size on the GPU path too
+    sliver = np.zeros((1, 100_000, 3), np.uint8)  # center-cropped to 16:1 on the GPU path too
     results = hooked.predict([imgs[0], b"junk", imgs[1], sliver, imgs[2]])
-    expected = [r.probability for r in det.predict(imgs)]
-    assert [r.probability for r in results] == [expected[0], None, expected[1], None, expected[2]]
-    assert "too elongated" in results[3].error and results[3].error == det.predict(sliver)[0].error
-    assert seen == [
-        [(im.shape, np.uint8)] for im in imgs
-    ]  # batches of 2 inputs, one bad in each of the first two
+    expected = [r.probability for r in det.predict([*imgs, sliver])]
+    assert [r.probability for r in results] == [expected[0], None, expected[1], expected[3], expected[2]]
+    assert seen == [  # batches of 2 inputs, one bad in the first
+        [(imgs[0].shape, np.uint8)],
+        [(imgs[1].shape, np.uint8), ((1, 16, 3), np.uint8)],
+        [(imgs[2].shape, np.uint8)],
+    ]
     batch = np.stack([preprocess(im, det.spec) for im in imgs])
     np.testing.assert_array_equal(hooked.predict_batch(batch), det.predict_batch(batch))  # floats: infer()
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from i2p.runtime.preprocess import MAX_INPUT_BYTES
+
 
 @dataclass(frozen=True)
 class Case:
@@ -63,6 +65,7 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
     png = encode(noise, "PNG")
     files: dict[str, bytes] = {}
     cases: dict[str, Case] = {}
+    sparse: list[str] = []
 
     def add(name: str, data: bytes, case: Case) -> None:
         files[name] = data
@@ -93,8 +96,9 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
         png_bytes(9000, 9000, 1, 0, (bytes(1125) for _ in range(9000))),
         Case(error="pixel limit"),
     )
-    # 5,000,000x1: within the pixel limit, but resizing its height to `size` would multiply it.
-    add("sliver.png", png_bytes(5_000_000, 1, 1, 0, [bytes(625_000)]), Case(error="too elongated"))
+    # More than MAX_INPUT_BYTES, as a sparse file: refused from its size, before a byte is read.
+    sparse.append("huge_sparse.jpg")
+    cases["huge_sparse.jpg"] = Case(error="input limit")
 
     # -- good, in awkward encodings -------------------------------------------------------------------
     add("plain.png", encode(base, "PNG"), Case(pixels=base))
@@ -136,9 +140,21 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
     add("one_pixel.png", encode(base[:1, :1], "PNG"), Case(pixels=base[:1, :1]))
     strip = np.repeat(base[:10, :], 209, axis=1)[:, :10000]
     add("strip_10000x10.png", encode(strip, "PNG"), Case(pixels=strip))
+    # Elongated far past MAX_ASPECT: center-cropped to 16:1 before the resize, so they give results.
+    tall = np.repeat(base[:, :2], 125, axis=0)  # 2 wide, 5000 high
+    add("tall_2x5000.png", encode(tall, "PNG"), Case(pixels=tall))
+    add(
+        "sliver.png",
+        png_bytes(5_000_000, 1, 1, 0, [bytes(625_000)]),
+        Case(pixels=np.zeros((1, 5_000_000, 3), np.uint8)),
+    )
 
     for name, data in files.items():
         (root / name).write_bytes(data)
+    for name in sparse:
+        with open(root / name, "wb") as f:
+            f.write(b"\xff\xd8\xff")
+            f.truncate(MAX_INPUT_BYTES + 1)
 
     # -- not files ------------------------------------------------------------------------------------
     (root / "folder.jpg").mkdir(exist_ok=True)
