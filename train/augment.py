@@ -1,7 +1,10 @@
 """Train-time augmentation: the CNNDetection / UnivFD protocol, at the evaluation scale.
 
-Blur and JPEG re-encoding teach the detector not to rely on the high-frequency traces that ordinary
-post-processing destroys (Wang et al., CVPR 2020); the random crop and flip are mild geometric jitter.
+Blur, downscaling and JPEG re-encoding teach the detector not to rely on the high-frequency traces
+that ordinary post-processing destroys (Wang et al., CVPR 2020); the random crop and flip are mild
+geometric jitter. The degradations are ``i2p.runtime.perturb``'s, the operations the robustness
+sweeps evaluate under (``i2p eval --perturb``), applied in the order a sharing pipeline does: blur,
+downscale, JPEG.
 The crop is taken at the evaluation scale (shorter side between ``size`` and ``size * 8/7``, the
 resize-then-crop margin CLIP's own evaluation uses), so training and deployment see objects at the same
 size. The last step is the runtime's ``normalize``, so the pixel arithmetic matches deployment.
@@ -9,12 +12,12 @@ size. The last step is the runtime's ``normalize``, so the pixel arithmetic matc
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
+from i2p.runtime.perturb import blur, downscale, jpeg
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, resize_plan
 
 
@@ -28,9 +31,11 @@ class AugmentConfig:
     jpeg_quality: tuple[int, int] = (30, 100)  # Pillow JPEG quality, uniform integer, both ends included
     flip: bool = True  # random horizontal flip with p = 0.5
     scale_jitter: float = 8 / 7  # shorter side resized to a random size in [size, round(size * this)]
+    resize_prob: float = 0.0  # downscale by a factor uniform in resize_scale (then back up by the crop)
+    resize_scale: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
-        for name in ("blur_prob", "jpeg_prob"):
+        for name in ("blur_prob", "jpeg_prob", "resize_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.blur_sigma
@@ -42,6 +47,11 @@ class AugmentConfig:
         if not 1 <= lo <= hi <= 100:
             raise ValueError(
                 f"AugmentConfig.jpeg_quality must be (low, high) with 1 <= low <= high <= 100, got {self.jpeg_quality}"
+            )
+        lo, hi = self.resize_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(
+                f"AugmentConfig.resize_scale must be (low, high) with 0 < low <= high <= 1, got {self.resize_scale}"
             )
         if self.scale_jitter < 1.0:
             raise ValueError(f"AugmentConfig.scale_jitter must be >= 1, got {self.scale_jitter}")
@@ -60,11 +70,14 @@ def augment(
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
     short = int(rng.integers(spec.size, round(spec.size * cfg.scale_jitter) + 1))
     u_left, u_top, u_flip = rng.random(3)
+    u_resize, factor = rng.random(), rng.uniform(*cfg.resize_scale)  # drawn last: older runs keep theirs
 
-    if u_blur < cfg.blur_prob and sigma > 0:
-        img = img.filter(ImageFilter.GaussianBlur(radius=sigma))  # Pillow's radius is the std dev
+    if u_blur < cfg.blur_prob:
+        img = blur(img, sigma)
+    if u_resize < cfg.resize_prob:
+        img = downscale(img, factor)
     if u_jpeg < cfg.jpeg_prob:
-        img = _jpeg(img, quality)
+        img = jpeg(img, quality)
     plan = resize_plan(img.width, img.height, short)
     if plan.out_w * plan.out_h > spec.max_pixels:  # the same guard as the runtime's resize_crop
         raise ImageError(
@@ -78,12 +91,3 @@ def augment(
     if cfg.flip and u_flip < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return normalize(np.asarray(img), spec)
-
-
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    out = Image.open(buf)
-    out.load()
-    return out.convert("RGB")

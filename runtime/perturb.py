@@ -1,0 +1,164 @@
+"""Deterministic image degradations for robustness sweeps: what a deployed detector's inputs go through.
+
+Each operation is a plain Pillow call a reader can check (JPEG re-encoding, bicubic downscaling,
+Gaussian blur) and has no randomness, so one condition applied to real and generated images alike
+gives the same pixels every run. Training augmentation (``i2p.train.augment``) calls the same
+``jpeg``/``blur``/``downscale`` functions with random strengths, so "trained on" and "evaluated
+under" mean the same operation.
+
+A condition is written ``kind:value`` (``jpeg:75``, ``resize:0.5``, ``blur:1``), ``social`` (long side
+to at most 1080 px, then JPEG 80 with 4:2:0 chroma subsampling: what photo-sharing sites do on
+upload), or a chain of them joined by ``+`` (``resize:0.5+jpeg:90``), applied left to right.
+``parse_sweep("jpeg:95,75,50")`` expands one ``--perturb`` option into one condition per value.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageFilter
+
+SOCIAL_LONG_SIDE = 1080
+SOCIAL_QUALITY = 80
+
+
+def jpeg(img: Image.Image, quality: int, subsampling: str = "4:2:0") -> Image.Image:
+    """Re-encode as baseline JPEG at ``quality`` (1-100) with the given chroma subsampling, decode to RGB."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be 1..100, got {quality}")
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def downscale(img: Image.Image, factor: float) -> Image.Image:
+    """Bicubic (antialiased) resize of both sides by ``factor`` in (0, 1], at least 1 pixel each."""
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"resize factor must be in (0, 1], got {factor}")
+    if factor == 1.0:
+        return img
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def blur(img: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur with standard deviation ``sigma`` pixels (Pillow's ``radius`` is the std dev)."""
+    if sigma < 0:
+        raise ValueError(f"blur sigma must be >= 0, got {sigma}")
+    return img if sigma == 0 else img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def social(img: Image.Image) -> Image.Image:
+    """Long side down to at most 1080 px (bicubic), then JPEG quality 80, 4:2:0."""
+    long_side = max(img.width, img.height)
+    if long_side > SOCIAL_LONG_SIDE:
+        img = downscale(img, SOCIAL_LONG_SIDE / long_side)
+    return jpeg(img, SOCIAL_QUALITY)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "jpeg" | "resize" | "blur" | "social"
+    value: float | None  # quality, factor or sigma; None for "social"
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{_fmt(self.value)}"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.kind == "jpeg":
+            return jpeg(img, int(self.value))
+        if self.kind == "resize":
+            return downscale(img, float(self.value))
+        if self.kind == "blur":
+            return blur(img, float(self.value))
+        return social(img)
+
+
+_CHECKS: dict[str, Callable[[float], bool]] = {
+    "jpeg": lambda v: v == int(v) and 1 <= v <= 100,
+    "resize": lambda v: 0 < v <= 1,
+    "blur": lambda v: 0 <= v <= 20,
+}
+KINDS = (*_CHECKS, "social")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A chain of steps applied left to right; no steps is the clean condition."""
+
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.steps) or "clean"
+
+    @property
+    def strength(self) -> float | None:
+        """The value of a one-step condition (for plots: metric vs strength); None otherwise."""
+        return self.steps[0].value if len(self.steps) == 1 else None
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        for step in self.steps:
+            img = step(img)
+        return img
+
+
+CLEAN = Condition()
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _step(text: str) -> Step:
+    kind, _, value = text.strip().partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation {text!r}: kinds are {', '.join(KINDS)}")
+    if kind == "social":
+        if value:
+            raise ValueError(f"'social' takes no value, got {text!r}")
+        return Step("social", None)
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"perturbation {text!r} needs a number after '{kind}:'") from None
+    if not _CHECKS[kind](v):
+        ranges = {
+            "jpeg": "an integer quality 1..100",
+            "resize": "a factor in (0, 1]",
+            "blur": "a sigma 0..20",
+        }
+        raise ValueError(f"perturbation {text!r}: {kind} takes {ranges[kind]}")
+    return Step(kind, v)
+
+
+def parse_condition(text: str) -> Condition:
+    """``"resize:0.5+jpeg:90"`` -> one Condition; ``"clean"`` or ``""`` -> the clean condition."""
+    if text.strip().lower() in ("", "clean", "none"):
+        return CLEAN
+    return Condition(tuple(_step(part) for part in text.split("+")))
+
+
+def parse_sweep(text: str) -> list[Condition]:
+    """One ``--perturb`` value: ``"jpeg:95,75,50"`` -> three conditions; a ``+`` chain -> one condition."""
+    text = text.strip()
+    if "+" in text or "," not in text:
+        return [parse_condition(text)]
+    kind, _, values = text.partition(":")
+    return [parse_condition(f"{kind}:{v}") for v in values.split(",") if v.strip()]
+
+
+def parse_sweeps(texts: Sequence[str], include_clean: bool = True) -> list[Condition]:
+    """Every ``--perturb`` option, expanded, duplicates dropped, clean first (the reference)."""
+    out = [CLEAN] if include_clean else []
+    for text in texts:
+        for c in parse_sweep(text):
+            if c not in out:
+                out.append(c)
+    return out
