@@ -9,8 +9,13 @@ only trainable tensor is A (r × r, zero at start):
     W' = W + ΔW,   ΔW = U_low · A · V_lowᵀ
 
 ΔW lies in span(U_low) ⊗ span(V_low) by construction, and merging is exact: W' is a plain matrix.
-The delta is attached as a ``torch.nn.utils.parametrize`` parametrization, so one mechanism serves
-``nn.Linear.weight`` and ``nn.MultiheadAttention.in_proj_weight`` alike.
+
+Training never forms ΔW: the delta runs as a separate low-rank branch, y = W x + b + U_low (A (V_lowᵀ x)),
+so autograd's only weight gradient is dL/dA = U_lowᵀ G (X V_low) (r × r), never the dense dL/dW of a
+materialized W' (the cost that made subspace tuning as slow as full fine-tuning). The branch is attached
+by swapping the adapted module's class for a subclass whose forward adds it (the mechanism
+``torch.nn.utils.parametrize`` uses), so the base weights keep their names and state-dict keys;
+``merge`` folds ΔW into W and restores the plain class.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 # The linear maps of an open_clip ResidualAttentionBlock that get a delta: (module path, weight name).
 ADAPTED_MAPS = (
@@ -28,10 +33,11 @@ ADAPTED_MAPS = (
     ("mlp.c_fc", "weight"),
     ("mlp.c_proj", "weight"),
 )
+DELTA = "delta"  # the branch's submodule name on an adapted module
 
 
 class SubspaceDelta(nn.Module):
-    """Parametrization W -> W + U_low A V_lowᵀ."""
+    """The branch x -> U_low A V_lowᵀ x, i.e. x ΔWᵀ for row-vector activations."""
 
     def __init__(self, u_low: torch.Tensor, v_low: torch.Tensor):
         super().__init__()
@@ -40,10 +46,85 @@ class SubspaceDelta(nn.Module):
         self.A = nn.Parameter(torch.zeros(u_low.shape[1], v_low.shape[1], dtype=u_low.dtype))
 
     def delta(self) -> torch.Tensor:
+        """ΔW = U_low A V_lowᵀ (out × in): for merging and inspection, never in training."""
         return self.U @ self.A @ self.V.T
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta().to(weight.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(F.linear(x, self.V.T), self.A), self.U)
+
+
+class LowRankLinear(nn.Linear):
+    """nn.Linear plus its subspace branch: y = x Wᵀ + b + delta(x)."""
+
+    delta: SubspaceDelta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.delta(x)
+
+
+class LowRankMultiheadAttention(nn.MultiheadAttention):
+    """Self-attention with a subspace branch on the packed QKV projection (the out_proj has its own).
+
+    Covers what open_clip's vision blocks call: self-attention (query is key is value), no key padding
+    mask, no attention weights returned; anything else is an error rather than a silent difference.
+    """
+
+    delta: SubspaceDelta
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if (
+            key is not query
+            or value is not query
+            or key_padding_mask is not None
+            or need_weights
+            or is_causal
+        ):
+            raise NotImplementedError(
+                "subspace attention supports self-attention without key_padding_mask, need_weights or is_causal"
+            )
+        x = query if self.batch_first else query.transpose(0, 1)  # [B, S, E]
+        b, s, e = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias) + self.delta(x)
+        q, k, v = qkv.view(b, s, 3, self.num_heads, e // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=_additive_mask(attn_mask, b, self.num_heads, q.dtype),
+            dropout_p=self._dropout(),
+        )
+        out = self.out_proj(o.transpose(1, 2).reshape(b, s, e))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
+
+def _additive_mask(
+    mask: torch.Tensor | None, batch: int, heads: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """nn.MultiheadAttention's mask ([L, S] or [B*H, L, S]; True = blocked) as an additive SDPA mask."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.view(batch, heads, *mask.shape[1:]) if mask.dim() == 3 else mask.to(dtype)
+
+
+LOW_RANK_CLASSES: dict[str, type[nn.Module]] = {
+    "in_proj_weight": LowRankMultiheadAttention,
+    "weight": LowRankLinear,
+}
 
 
 def low_sensitivity_bases(
@@ -86,16 +167,28 @@ def choose_bases(
 def attach(
     blocks: nn.ModuleList, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, SubspaceDelta]:
-    """Add a zero-initialized SubspaceDelta on the given bases to every adapted map."""
+    """Add a zero-initialized low-rank branch on the given bases to every adapted map."""
     deltas = {}
     for name, module, attr in adapted_weights(blocks):
+        low_rank = LOW_RANK_CLASSES[attr]
+        if not isinstance(module, low_rank.__bases__[0]) or hasattr(module, DELTA):
+            raise TypeError(f"{name}: cannot attach a subspace branch to this {type(module).__name__}")
         deltas[name] = SubspaceDelta(*bases[name])
-        parametrize.register_parametrization(module, attr, deltas[name])
+        module.add_module(DELTA, deltas[name])
+        module.base_class = type(module)  # restored by merge
+        module.__class__ = low_rank
     return deltas
 
 
+@torch.no_grad()
 def merge(blocks: nn.ModuleList) -> None:
-    """Fold every delta into its base weight (W' = W + ΔW); afterwards the blocks are plain open_clip."""
+    """Fold every branch into its base weight (W' = W + ΔW); afterwards the blocks are plain open_clip."""
     for _, module, attr in adapted_weights(blocks):
-        if parametrize.is_parametrized(module, attr):
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        delta = getattr(module, DELTA, None)
+        if delta is None:
+            continue
+        weight = getattr(module, attr)
+        weight.add_(delta.delta().to(weight.dtype))
+        del module._modules[DELTA]
+        module.__class__ = module.base_class
+        del module.base_class

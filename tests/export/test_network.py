@@ -64,11 +64,11 @@ def test_check_merge_rejects_a_network_that_differs(exported, images):
         check_merge(net, images, unmerged + 1e-3, atol=1e-5)
 
 
-def test_merge_removes_the_parametrizations(ckpt):
+def test_merge_removes_the_subspace_branches(ckpt):
     model, _ = load_model(ckpt)
-    assert any("parametrizations" in n for n, _ in model.named_parameters())
+    assert any(".delta." in n for n, _ in model.named_parameters())
     net = deploy(model)
-    assert not any("parametrizations" in n for n, _ in net.state_dict().items())
+    assert not any(".delta." in n for n, _ in net.state_dict().items())
     assert len(net.blocks) == LAYER
 
 

@@ -41,55 +41,7 @@ def data_dir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------- subspace
 
 
-def test_delta_stays_in_low_sensitivity_subspace_and_merges_exactly():
-    torch.manual_seed(0)
-    model = tiny_model().eval()
-    for d in model.deltas.values():
-        torch.nn.init.normal_(d.A)
-    torch.nn.init.normal_(model.head.fc.weight)
-    for name, module, attr in subspace.adapted_weights(model.blocks):
-        d = model.deltas[name]
-        delta = d.delta()
-        assert delta.abs().max() > 1e-3  # a real, non-zero delta
-        left = torch.eye(d.U.shape[0]) - d.U @ d.U.T
-        right = torch.eye(d.V.shape[0]) - d.V @ d.V.T
-        assert (left @ delta).abs().max() < 1e-5, name  # column space within span(U_low)
-        assert (delta @ right).abs().max() < 1e-5, name  # row space within span(V_low)
-        base = module.parametrizations[attr].original
-        s = torch.linalg.svdvals(base)
-        # U_low, V_low are the least sensitive (smallest singular value) directions of the base weight
-        assert torch.allclose(
-            torch.linalg.svdvals(d.U.T @ base @ d.V).sort().values, s[-4:].sort().values, atol=1e-4
-        )
-    x = torch.randn(5, 3, 64, 64)
-    with torch.no_grad():
-        adapted = model(x)
-        model.merge()
-        merged = model(x)
-    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
-    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
-
-
-def test_fisher_weighting_changes_the_chosen_directions():
-    model = tiny_model(rank=0)
-    w = model.blocks[0].mlp.c_fc.weight
-    u_plain, _ = subspace.low_sensitivity_bases(w, 4)
-    grad_sq = torch.ones(min(w.shape))
-    grad_sq[torch.argsort(torch.linalg.svdvals(w))[:4]] = 1e6  # make the smallest directions loss-sensitive
-    u_fisher, _ = subspace.low_sensitivity_bases(w, 4, grad_sq)
-    overlap = (u_plain.T @ u_fisher).abs().max()
-    assert overlap < 1e-3
-
-
-def test_only_deltas_and_head_get_gradients():
-    model = tiny_model().train()
-    model(torch.randn(2, 3, 64, 64)).sum().backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.endswith(".A") or n.startswith("head.") for n in with_grad)
-    assert len([n for n in with_grad if n.endswith(".A")]) == 3 * 4  # 4 maps in each of L* = 3 blocks
-    trainable, total = model.parameter_counts()
-    assert trainable == 12 * 16 + 64 * 2 + 64 + 1
+# Subspace deltas (bases, branch, merge, gradients): tests/train/test_subspace.py
 
 
 def test_blocks_after_the_critical_layer_are_dropped():
