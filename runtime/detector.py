@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend
-from .manifest import ArtifactError, read_manifest, verify_file
+from .manifest import ArtifactError, check_session_io, read_manifest, verify_file
 from .preprocess import ImageError, ImageInput, decode, describe, preprocess
 
 log = logging.getLogger("i2p")
@@ -90,9 +90,12 @@ class Detector:
             raise ArtifactError(f"{self.path}: the manifest lists no model files; re-export the artifact")
         self.spec = self.manifest.preprocess
         self._check_io()
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also refuses NaN
+            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
         self.threshold = self.manifest.threshold if threshold is None else float(threshold)
         self.batch_size = batch_size
         self.backend: Backend = self._open_backend(backend, device, precision, threads)
+        check_session_io(self.path, self.manifest, getattr(self.backend, "session", None))
         self._gpu_preprocess = callable(getattr(self.backend, "infer_images", None))
         log.info(
             "i2p: %s loaded on %s, precision %s%s",
