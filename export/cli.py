@@ -101,7 +101,16 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
 @click.option(
     "--triton",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Also write a Triton Inference Server model repository entry under this folder.",
+    help="Also write a Triton Inference Server model repository here: the ensemble 'i2p' (image bytes in; "
+    "probability, label, error out) and its models (docs/serving.md).",
+)
+@click.option(
+    "--triton-backend",
+    type=click.Choice(["auto", "tensorrt", "onnxruntime", "python"]),
+    default="auto",
+    show_default=True,
+    help="The network in the Triton repository: a TensorRT plan, ONNX Runtime, or the runtime's ONNX Runtime "
+    "backend in a Python model (CPU-only servers); auto = the plan if an engine was built, else ONNX Runtime.",
 )
 @click.option(
     "--atol",
@@ -135,6 +144,7 @@ def export(
     calib_limit: int,
     samples: int,
     triton: Path | None,
+    triton_backend: str,
     atol: dict[str, float],
     keep_fp32: tuple[str, ...],
     force: bool,
@@ -154,6 +164,7 @@ def export(
         calib_limit=calib_limit,
         random_samples=samples,
         triton=triton,
+        triton_backend=triton_backend,
         atol=atol,
         keep_fp32=keep_fp32,
         force=force,
@@ -187,6 +198,6 @@ def summary(result: ExportResult) -> str:
         *result.notes,
     ]
     if result.triton:
-        lines.append(f"Triton model: {result.triton}")
+        lines.append(f"Triton ensemble: {result.triton}")
     lines.append(f"export took {result.seconds:.1f} s")
     return "\n".join(lines)

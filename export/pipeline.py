@@ -26,14 +26,13 @@ from i2p.train.checkpoint import load_model
 from i2p.train.model import I2PModel
 
 from . import engine as engine_step
-from .artifact import ENGINES, check_target, file_hashes, staged_directory
+from .artifact import check_target, file_hashes, staged_directory
 from .cpu_optimize import CPU_MODEL, CPU_ONNX, add_cpu_model
 from .fp16 import DEFAULT_KEEP_FP32, check_fp16_range, convert_fp16
 from .network import DeployedDetector, ExportError, check_merge, deploy, largest_weight
 from .onnx_export import INPUT, OUTPUTS, check_graph, export_onnx
 from .ort_run import RunnerError, RunResult, run_onnx
 from .parity import DEFAULT_ATOL, Comparison, ParityReport, Tolerances
-from .triton import CONFIG, model_name, write_triton_model
 
 FP32_ONNX, FP16_ONNX, PARITY = "model.onnx", "model.fp16.onnx", "parity.json"
 MERGE_ATOL, MERGE_PROBES = 1e-5, 4
@@ -56,6 +55,7 @@ class ExportOptions:
     calib_limit: int = 256
     random_samples: int = 16
     triton: Path | None = None
+    triton_backend: str = "auto"  # auto | tensorrt | onnxruntime | python (see triton.py)
     atol: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ATOL))
     keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
     force: bool = False
@@ -186,8 +186,10 @@ def _preflight(opts: ExportOptions, target: Path) -> None:
     if any(v < 0 for v in opts.atol.values()):
         raise ExportError(f"tolerances must be >= 0, got {opts.atol}")
     check_target(target, opts.force)
-    if opts.triton is not None and opts.triton.is_dir():  # a new repository folder is created at the end
-        check_target(opts.triton / model_name(target.stem), opts.force, marker=CONFIG)
+    if opts.triton is not None:
+        from .triton import check_repository  # only with --triton: it needs tritonclient
+
+        check_repository(opts.triton, _triton_options(opts), opts.force)
 
 
 def _load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
@@ -458,14 +460,17 @@ def _tool_versions() -> dict[str, str]:
     return tools
 
 
+def _triton_options(opts: ExportOptions) -> Any:
+    from .triton import TritonOptions
+
+    return TritonOptions(backend=opts.triton_backend, max_batch=opts.max_batch)
+
+
 def _triton(build: Build, artifact: Path, manifest: Manifest) -> Path:
-    """The FP16 ONNX when exported (float32 I/O either way), else FP32; a TensorRT engine if one was built."""
+    """The ensemble repository; triton.py picks the network file (TensorRT plan if built, FP16 ONNX, ...)."""
+    from .triton import write_repository
+
     opts = build.opts
-    engines = sorted((artifact / ENGINES).glob("*.engine"))
-    if engines:
-        model_file, kind = engines[0], "engine"
-    else:
-        model_file, kind = artifact / (FP16_ONNX if opts.fp16 else FP32_ONNX), "onnx"
-    return write_triton_model(
-        opts.triton, manifest.name, model_file, kind, opts.max_batch, build.net.image_size, opts.force
-    )
+    ensemble, notes = write_repository(opts.triton, artifact, manifest, _triton_options(opts), opts.force)
+    build.notes.extend(notes)
+    return ensemble

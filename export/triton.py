@@ -1,61 +1,218 @@
-"""A Triton Inference Server model repository entry for the exported network.
+"""A Triton Inference Server model repository that takes encoded images: ``i2p-export --triton REPO``.
 
-``REPO/<name>/config.pbtxt`` + ``REPO/<name>/1/model.onnx`` (or ``model.plan`` for a TensorRT engine).
-The config is built with Triton's own ModelConfig protobuf (``tritonclient.grpc.model_config_pb2``) and
-printed with ``text_format``, so it is well-formed by construction.
+Four models, each ``REPO/<model>/config.pbtxt`` + version ``1/``:
 
-With ``max_batch_size > 0`` Triton owns the leading batch axis and ``dims`` list the rest. The outputs
-``logit`` and ``probability`` are ``[batch]``: nothing is left once the batch axis is removed, and Triton
-requires non-empty dims, so they are declared ``dims: [1]`` with ``reshape: { shape: [] }`` (the
-model produces ``[batch]``; clients receive ``[batch, 1]``), as Triton's model-configuration guide
-prescribes for batch-only tensors.
+- ``i2p_preprocess`` (Python backend): image file bytes -> float32 [3, S, S] + a per-image error, decoded
+  by ``i2p.runtime``'s own preprocessing (``i2p.runtime.serving.decode_batch``);
+- ``i2p_network``: the exported network, as a TensorRT plan (``tensorrt_plan``), ONNX (``onnxruntime_onnx``),
+  or a Python-backend model that runs the artifact through the runtime's ONNX Runtime backend (for
+  CPU-only servers, and for Triton builds without an ONNX Runtime backend);
+- ``i2p_postprocess`` (Python backend): logit + decode error -> probability, label, error, by the
+  Detector's rule and the artifact's calibrated threshold;
+- ``i2p``: the ensemble clients call (``image`` BYTES in; ``probability``, ``label``, ``error`` out).
+
+Configs are built with Triton's own ModelConfig protobuf and printed with ``text_format``, so they are
+well-formed by construction. With ``max_batch_size > 0`` Triton owns the leading batch axis, and a
+batch-only tensor is declared ``dims: [1]`` (the ONNX/TensorRT network produces ``[batch]``, hence
+``reshape: { shape: [] }`` there). The Python models' sources ship inside this package
+(``triton_models/``) and are copied as ``1/model.py``.
 """
 
 from __future__ import annotations
 
-import re
+import json
 import shutil
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from .artifact import staged_directory
-from .onnx_export import INPUT, OUTPUTS
+from i2p.runtime.manifest import MANIFEST, Manifest
+from i2p.runtime.serving import DECODE_ERROR, ENSEMBLE, IMAGE, LOGIT, PIXELS, STEPS, VERDICT
+
+from .artifact import ENGINES, check_target, staged_directory
+from .network import ExportError
+from .onnx_export import INPUT
 
 CONFIG = "config.pbtxt"
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "engine": ("tensorrt_plan", "model.plan")}
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
+PLAN, ONNX = "model.plan", "model.onnx"
+ARTIFACT_DIR = "artifact"  # inside i2p_network/1/ for the Python backend: manifest + FP32 ONNX files
+# Measured with benchmarks/serve.py (docs/performance.md, "Serving"): the batcher may wait this long for
+# more requests; on the CPU server 16 clients gained throughput with it and 1 client lost nothing measurable.
+QUEUE_DELAY_US = 2000
 
 
-def model_name(name: str) -> str:
-    """A Triton-safe model directory name: letters, digits, '-', '_' and '.'."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return cleaned or "i2p_detector"
+@dataclass(frozen=True)
+class TritonOptions:
+    """How the repository serves the network; defaults are the measured ones (docs/serving.md)."""
+
+    backend: str = "auto"  # auto: the TensorRT plan if this export built one, else ONNX Runtime
+    name: str = ENSEMBLE  # the ensemble; composing models are <name>_preprocess etc.
+    max_batch: int = 32
+    queue_delay_us: int = QUEUE_DELAY_US
+    preprocess_instances: int = 2  # decoding is CPU work in Python: one process per instance
+    network_threads: int = 0  # Python-backend network: ONNX Runtime intra-op threads (0 = its default)
+
+    def model(self, step: str) -> str:
+        return f"{self.name}_{step}"
 
 
-def triton_config(name: str, kind: str, max_batch: int, image_size: int) -> str:
-    """config.pbtxt text for the detector: float32 image [3, S, S] in, logit and probability out."""
+def check_repository(repo: Path, opts: TritonOptions, force: bool) -> None:
+    """Refuse early (before a slow export) to overwrite model folders that are not ours, or without --force."""
+    if opts.backend not in BACKENDS:
+        raise ExportError(f"--triton-backend must be one of {', '.join(BACKENDS)}, not {opts.backend!r}")
+    if repo.is_dir():
+        for model in (opts.name, *(opts.model(s) for s in STEPS)):
+            check_target(repo / model, force, marker=CONFIG)
+
+
+def write_repository(
+    repo: Path, artifact: Path, manifest: Manifest, opts: TritonOptions, force: bool
+) -> tuple[Path, list[str]]:
+    """Write the four models (each folder atomically) into ``repo``; returns the ensemble's folder and notes."""
+    check_repository(repo, opts, force)
+    repo.mkdir(parents=True, exist_ok=True)
+    kind, source = _network_source(artifact, manifest, opts.backend)
+    size = manifest.preprocess.size
+    notes = [f"Triton: ensemble {opts.name!r} in {repo}, network on {kind}"]
+    with staged_directory(repo / opts.model("preprocess"), force, marker=CONFIG) as staging:
+        params = {"preprocess": json.dumps(manifest.preprocess.to_dict())}
+        _write_python_model(staging, opts, "preprocess", params, opts.preprocess_instances, size)
+    with staged_directory(repo / opts.model("network"), force, marker=CONFIG) as staging:
+        (staging / "1").mkdir()
+        if kind == "python":
+            _copy_fp32_models(artifact, manifest, staging / "1" / ARTIFACT_DIR)
+            params = {"artifact": ARTIFACT_DIR, "threads": str(opts.network_threads)}
+            _write_python_model(staging, opts, "network", params, 1, size)
+        else:
+            (staging / CONFIG).write_text(_network_config(opts, kind, size))
+            if source is not None:
+                shutil.copyfile(source, staging / "1" / (PLAN if kind == "tensorrt" else ONNX))
+            else:
+                notes.append(
+                    f"Triton: no TensorRT engine was built here; build it on the serving GPU and copy it to "
+                    f"{repo / opts.model('network') / '1' / PLAN} (docs/serving.md)"
+                )
+    with staged_directory(repo / opts.model("postprocess"), force, marker=CONFIG) as staging:
+        params = {"threshold": repr(float(manifest.threshold))}
+        _write_python_model(staging, opts, "postprocess", params, 1, size)
+    with staged_directory(repo / opts.name, force, marker=CONFIG) as staging:
+        (staging / CONFIG).write_text(_ensemble_config(opts, manifest, kind, _precision(kind, manifest)))
+        (staging / "1").mkdir()  # Triton wants a version folder even for an ensemble
+    return repo / opts.name, notes
+
+
+def _network_source(artifact: Path, manifest: Manifest, backend: str) -> tuple[str, Path | None]:
+    """(tensorrt|onnxruntime|python, the file Triton loads): FP16 ONNX when exported, else FP32."""
+    engines = sorted((artifact / ENGINES).glob("*.engine"))
+    if backend == "auto":
+        backend = "tensorrt" if engines else "onnxruntime"
+    if backend == "tensorrt":
+        return backend, engines[0] if engines else None
+    if backend == "python":
+        return backend, None
+    model = manifest.model("fp16") or manifest.model("fp32")
+    if model is None:
+        raise ExportError(f"{artifact}: the manifest lists no ONNX model for Triton")
+    return backend, artifact / model.path
+
+
+def _copy_fp32_models(artifact: Path, manifest: Manifest, target: Path) -> None:
+    """What ``Detector(backend='onnxruntime', precision='fp32')`` loads on a CPU: the manifest and FP32 files."""
+    target.mkdir()
+    shutil.copyfile(artifact / MANIFEST, target / MANIFEST)
+    for model in manifest.models:
+        if model.precision == "fp32":
+            shutil.copyfile(artifact / model.path, target / model.path)
+
+
+def _write_python_model(
+    staging: Path, opts: TritonOptions, step: str, params: dict[str, str], instances: int, size: int
+) -> None:
+    """config.pbtxt and ``1/model.py`` (this package's ``triton_models/<step>.py``)."""
+    (staging / CONFIG).write_text(_python_config(opts, step, params, instances, size))
+    (staging / "1").mkdir(exist_ok=True)
+    source = resources.files("i2p.export").joinpath("triton_models", f"{step}.py")
+    (staging / "1" / "model.py").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+
+
+def _mc():  # noqa: ANN202 - the generated protobuf module
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def _base_config(opts: TritonOptions, model: str):  # noqa: ANN202
+    mc = _mc()
+    config = mc.ModelConfig(name=model, max_batch_size=opts.max_batch)
+    config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
+    return config
+
+
+def _python_config(opts: TritonOptions, step: str, params: dict[str, str], instances: int, size: int) -> str:
+    """config.pbtxt of a Python-backend step; tensors as in ``i2p.runtime.serving``."""
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
 
-    platform, filename = PLATFORMS[kind]
-    config = mc.ModelConfig(
-        name=name, platform=platform, max_batch_size=max_batch, default_model_filename=filename
-    )
-    config.input.add(name=INPUT, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
-    for output in OUTPUTS:
-        config.output.add(
-            name=output, data_type=mc.TYPE_FP32, dims=[1], reshape=mc.ModelTensorReshape(shape=[])
-        )
-    config.dynamic_batching.SetInParent()  # batch concurrent requests up to max_batch_size
+    mc = _mc()
+    config = _base_config(opts, opts.model(step))
+    config.backend = "python"
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    fp32, text, chw = mc.TYPE_FP32, mc.TYPE_STRING, [3, size, size]
+    verdict = [(v, fp32 if v == "probability" else text, [1]) for v in VERDICT]
+    inputs, outputs = {
+        "preprocess": ([(IMAGE, text, [1])], [(PIXELS, fp32, chw), (DECODE_ERROR, text, [1])]),
+        "network": ([(INPUT, fp32, chw)], [(LOGIT, fp32, [1])]),
+        "postprocess": ([(LOGIT, fp32, [1]), (DECODE_ERROR, text, [1])], verdict),
+    }[step]
+    for name, dtype, dims in inputs:
+        config.input.add(name=name, data_type=dtype, dims=dims)
+    for name, dtype, dims in outputs:
+        config.output.add(name=name, data_type=dtype, dims=dims)
     return text_format.MessageToString(config)
 
 
-def write_triton_model(
-    repo: Path, name: str, model_file: Path, kind: str, max_batch: int, image_size: int, force: bool
-) -> Path:
-    """Write (atomically) ``repo/<name>/`` with the config and version 1 of the model; returns it."""
-    repo.mkdir(parents=True, exist_ok=True)
-    target = repo / model_name(name)
-    with staged_directory(target, force, marker=CONFIG) as staging:
-        (staging / CONFIG).write_text(triton_config(target.name, kind, max_batch, image_size))
-        (staging / "1").mkdir()
-        shutil.copyfile(model_file, staging / "1" / PLATFORMS[kind][1])
-    return target
+def _network_config(opts: TritonOptions, kind: str, size: int) -> str:
+    """The ONNX Runtime or TensorRT network: float32 image [3, S, S] in, logit out ([batch] -> dims [1])."""
+    from google.protobuf import text_format
+
+    mc = _mc()
+    config = _base_config(opts, opts.model("network"))
+    config.platform = "tensorrt_plan" if kind == "tensorrt" else "onnxruntime_onnx"
+    config.default_model_filename = PLAN if kind == "tensorrt" else ONNX
+    config.input.add(name=INPUT, data_type=mc.TYPE_FP32, dims=[3, size, size])
+    config.output.add(name=LOGIT, data_type=mc.TYPE_FP32, dims=[1], reshape=mc.ModelTensorReshape(shape=[]))
+    return text_format.MessageToString(config)
+
+
+def _precision(kind: str, manifest: Manifest) -> str:
+    if kind == "onnxruntime" and manifest.model("fp16") is not None:
+        return "fp16"
+    return "fp16" if kind == "tensorrt" else "fp32"
+
+
+def _ensemble_config(opts: TritonOptions, manifest: Manifest, kind: str, precision: str) -> str:
+    """bytes -> preprocess -> network -> postprocess; threshold, network and artifact recorded for clients."""
+    from google.protobuf import text_format
+
+    mc = _mc()
+    config = mc.ModelConfig(name=opts.name, platform="ensemble", max_batch_size=opts.max_batch)
+    config.input.add(name=IMAGE, data_type=mc.TYPE_STRING, dims=[1])
+    for name in VERDICT:
+        dtype = mc.TYPE_FP32 if name == "probability" else mc.TYPE_STRING
+        config.output.add(name=name, data_type=dtype, dims=[1])
+    config.parameters["threshold"].string_value = repr(float(manifest.threshold))
+    config.parameters["artifact"].string_value = manifest.name
+    config.parameters["network"].string_value = kind
+    config.parameters["precision"].string_value = precision
+    steps = (
+        ("preprocess", {IMAGE: IMAGE}, {PIXELS: PIXELS, DECODE_ERROR: DECODE_ERROR}),
+        ("network", {INPUT: PIXELS}, {LOGIT: LOGIT}),
+        ("postprocess", {LOGIT: LOGIT, DECODE_ERROR: DECODE_ERROR}, {v: v for v in VERDICT}),
+    )
+    for step, inputs, outputs in steps:
+        config.ensemble_scheduling.step.add(
+            model_name=opts.model(step), model_version=-1, input_map=inputs, output_map=outputs
+        )
+    return text_format.MessageToString(config)

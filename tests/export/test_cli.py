@@ -108,13 +108,13 @@ def test_parity_json_covers_every_model_and_input_set(exported):
 
 def test_triton_config_parses_with_tritons_protobuf(exported):
     root, _, out, _ = exported
-    model_dir = root / "triton" / "det"
+    model_dir = root / "triton" / "i2p_network"  # the ensemble's network (tests/export/test_triton.py: the rest)
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert (config.name, config.platform, config.max_batch_size) == ("det", "onnxruntime_onnx", 8)
+    assert (config.name, config.platform, config.max_batch_size) == ("i2p_network", "onnxruntime_onnx", 8)
     assert config.HasField("dynamic_batching")
     (image,) = config.input
     assert (image.name, image.data_type, list(image.dims)) == ("image", mc.TYPE_FP32, [3, 64, 64])
-    assert [o.name for o in config.output] == ["logit", "probability"]
+    assert [o.name for o in config.output] == ["logit"]
     for o in config.output:  # [batch] outputs: dims [1] reshaped to [] (Triton needs non-empty dims)
         assert o.data_type == mc.TYPE_FP32 and list(o.dims) == [1]
         assert o.HasField("reshape") and list(o.reshape.shape) == []
@@ -253,6 +253,7 @@ def test_engine_step_glue_with_a_fake_backend(tmp_path, monkeypatch):
     parity = json.loads((out / "parity.json").read_text())
     (row,) = [c for c in parity["comparisons"] if c["model"] == engine]
     assert row["status"] == "pass" and row["samples"] == 5 and row["runner"].startswith("i2p.runtime")
-    config = text_format.Parse((tmp_path / "triton" / "det" / "config.pbtxt").read_text(), mc.ModelConfig())
+    network = tmp_path / "triton" / "i2p_network"
+    config = text_format.Parse((network / "config.pbtxt").read_text(), mc.ModelConfig())
     assert config.platform == "tensorrt_plan"
-    assert (tmp_path / "triton" / "det" / "1" / "model.plan").read_bytes() == b"serialized engine"
+    assert (network / "1" / "model.plan").read_bytes() == b"serialized engine"

@@ -1,0 +1,37 @@
+"""Triton Python-backend model ``<ensemble>_postprocess``: logit + decode error -> probability, label, error.
+
+Copied by ``i2p-export --triton`` as ``1/model.py``. The sigmoid and the threshold rule are the
+Detector's (``i2p.runtime.serving.verdicts``); the threshold is the artifact's calibrated one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from i2p.runtime.serving import DECODE_ERROR, LOGIT, text_tensor, verdicts
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.threshold = float(config["parameters"]["threshold"]["string_value"])
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                logits = pb_utils.get_input_tensor_by_name(request, LOGIT).as_numpy()
+                raw = pb_utils.get_input_tensor_by_name(request, DECODE_ERROR).as_numpy().reshape(-1)
+                errors = [e.decode("utf-8", "replace") for e in raw]
+                probabilities, labels, reasons = verdicts(logits, errors, self.threshold)
+                outputs = [
+                    pb_utils.Tensor("probability", probabilities.reshape(-1, 1)),
+                    pb_utils.Tensor("label", text_tensor(labels)),
+                    pb_utils.Tensor("error", text_tensor(reasons)),
+                ]
+                responses.append(pb_utils.InferenceResponse(outputs))
+            except Exception as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocess: {e}")))
+        return responses

@@ -1,0 +1,253 @@
+"""Scoring through a Triton server: ``i2p-detect --server URL`` and ``RemoteDetector``.
+
+The server runs the ensemble ``i2p-export --triton`` wrote (``i2p.runtime.serving`` describes its
+tensors): files are sent as their encoded bytes and decoded on the server by the runtime's own code,
+so rows match local detection. Requests carry up to ``batch_size`` images, at most ``concurrency`` are
+in flight, each with a timeout; a failed request (timeout, server error) becomes error rows for its
+images, never an exception mid-run. Needs ``tritonclient`` (``pip install 'i2p-detector[serve]'``);
+one client per thread, as tritonclient's clients are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .detector import Prediction
+from .preprocess import ImageError, _read_file, describe
+from .serving import ENSEMBLE, IMAGE, VERDICT
+
+SCHEMES = {"grpc": ("grpc", False), "grpcs": ("grpc", True), "http": ("http", False), "https": ("http", True)}
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class ServerError(RuntimeError):
+    """The server cannot be reached, or does not serve the i2p ensemble."""
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    protocol: str  # "grpc" | "http"
+    host_port: str
+    ssl: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> ServerAddress:
+        """``grpc://host:8001``, ``http://host:8000`` (``grpcs``/``https`` for TLS); a bare ``host:port`` is gRPC."""
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "grpc", url
+        if scheme not in SCHEMES or not rest.strip("/"):
+            raise ValueError(f"{url!r}: expected grpc://HOST:PORT or http://HOST:PORT")
+        protocol, ssl = SCHEMES[scheme]
+        return cls(protocol, rest.strip("/"), ssl)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the summary reports about the serving side (``Detector.backend`` has the same two fields)."""
+
+    name: str
+    precision: str
+
+
+class RemoteDetector:
+    """The i2p ensemble on a Triton server, behind a Detector-like API for files and encoded bytes."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str = ENSEMBLE,
+        batch_size: int = 8,
+        concurrency: int = 4,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        threshold: float | None = None,
+    ) -> None:
+        if batch_size < 1 or concurrency < 1 or timeout <= 0:
+            raise ValueError("batch_size and concurrency must be >= 1 and timeout > 0")
+        self.address = ServerAddress.parse(url)
+        self.url, self.model, self.timeout, self.concurrency = url, model, timeout, concurrency
+        self._local = threading.local()
+        self._clients: list[Any] = []  # every thread's client, closed by close()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        config = self._config()
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.batch_size = min(batch_size, int(config.get("max_batch_size") or batch_size))
+        self.server_threshold = float(params["threshold"]) if "threshold" in params else None
+        self._relabel = threshold is not None
+        self.threshold = threshold if threshold is not None else self.server_threshold
+        self.backend = ServerInfo(
+            f"triton {self.address.protocol}://{self.address.host_port} {model} ({params.get('network', '?')})",
+            params.get("precision", "?"),
+        )
+
+    def __repr__(self) -> str:
+        return f"RemoteDetector({self.url!r}, model={self.model!r})"
+
+    # -- connection --------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        """This thread's tritonclient (created on first use)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = _make_client(self.address, self.timeout)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _config(self) -> dict[str, Any]:
+        """Checks the server is up and serves ``model``; returns its config as a dict."""
+        where = f"{self.url} model {self.model!r}"
+        try:
+            client = self._client()
+            if not client.is_server_live():
+                raise ServerError(f"{self.url}: the Triton server is not live")
+            if not client.is_model_ready(self.model):
+                raise ServerError(f"{where}: not ready (not loaded, or loading failed; see the server log)")
+            if self.address.protocol == "grpc":
+                config = client.get_model_config(self.model, as_json=True, client_timeout=self.timeout)[
+                    "config"
+                ]
+            else:
+                config = client.get_model_config(self.model)
+        except ServerError:
+            raise
+        except Exception as e:  # connection refused, DNS, TLS: tritonclient raises several types
+            raise ServerError(f"{where}: cannot talk to the server ({e})") from e
+        inputs = [i.get("name") for i in config.get("input", [])]
+        if inputs != [IMAGE] or not set(VERDICT) <= {o.get("name") for o in config.get("output", [])}:
+            raise ServerError(
+                f"{where}: not an i2p ensemble (inputs {inputs}); serve the repository from i2p-export --triton"
+            )
+        return config
+
+    def close(self) -> None:
+        """Stop the request threads and close every connection (a server drains open ones on shutdown)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> RemoteDetector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def predict(self, inputs: Sequence[str | Path | bytes]) -> list[Prediction]:
+        """One Prediction per input (paths or encoded bytes), in order; bad files are error rows."""
+        items = [inputs] if isinstance(inputs, (str, Path, bytes)) else list(inputs)
+        for i, item in enumerate(items):
+            if not isinstance(item, (str, Path, bytes)):
+                raise TypeError(
+                    f"input {i} is a {type(item).__name__}; the server takes files: a path or encoded bytes"
+                )
+        return list(self.predict_stream(items))
+
+    def predict_stream(self, sources: Iterable[str | Path | bytes]) -> Iterator[Prediction]:
+        """Predictions in source order; up to ``concurrency`` requests of ``batch_size`` images in flight."""
+        it = iter(sources)
+        chunks = iter(lambda: list(islice(it, self.batch_size)), [])
+        with self._lock:
+            if self._pool is None:  # long-lived threads keep their connections between calls
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="i2p-remote")
+            pool = self._pool
+        pending: deque[Future[list[Prediction]]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(self._predict_chunk, chunk))
+                if len(pending) >= self.concurrency:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _predict_chunk(self, chunk: Sequence[str | Path | bytes]) -> list[Prediction]:
+        """Read the files here, send those that could be read in one request, merge the answers back."""
+        names, blobs, results = [], [], {}
+        for i, src in enumerate(chunk):
+            name = describe(src)
+            names.append(name)
+            try:
+                blobs.append((i, src if isinstance(src, bytes) else _read_file(Path(src), name)))
+            except ImageError as e:
+                results[i] = Prediction(name, None, None, str(e))
+        if blobs:
+            sent = [i for i, _ in blobs]
+            answers = self._infer([names[i] for i in sent], [b for _, b in blobs])
+            results.update(zip(sent, answers, strict=True))
+        return [results[i] for i in range(len(chunk))]
+
+    def _infer(self, names: list[str], blobs: list[bytes]) -> list[Prediction]:
+        try:
+            probabilities, labels, errors = self._request(blobs)
+        except Exception as e:  # timeout, server or transport error: this request's images get error rows
+            reason = f"server error ({type(e).__name__}): {e}"
+            return [Prediction(n, None, None, f"{n}: {reason}") for n in names]
+        results = []
+        for name, p, label, error in zip(names, probabilities, labels, errors, strict=True):
+            if error:
+                results.append(Prediction(name, None, None, f"{name}: {error}"))
+            else:
+                p = float(p)
+                results.append(Prediction(name, p, p >= self.threshold if self._relabel else label == "fake"))
+        return results
+
+    def _request(self, blobs: list[bytes]) -> tuple[np.ndarray, list[str], list[str]]:
+        """One inference request: (probabilities, labels, errors), one each per blob."""
+        if self.address.protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        data = np.array(blobs, dtype=np.object_).reshape(-1, 1)
+        tensor = tc.InferInput(IMAGE, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        outputs = [tc.InferRequestedOutput(name) for name in VERDICT]
+        kwargs = {"client_timeout": self.timeout} if self.address.protocol == "grpc" else {}
+        result = self._client().infer(self.model, [tensor], outputs=outputs, **kwargs)
+        probabilities = result.as_numpy("probability").reshape(-1)
+        labels, errors = (_texts(result.as_numpy(name)) for name in VERDICT[1:])
+        if not len(probabilities) == len(labels) == len(errors) == len(blobs):
+            raise ServerError(f"sent {len(blobs)} images, got {len(probabilities)} answers")
+        return probabilities, labels, errors
+
+
+def _texts(array: np.ndarray | None) -> list[str]:
+    if array is None:
+        raise ServerError("the server's answer lacks an output")
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+
+
+def _make_client(address: ServerAddress, timeout: float) -> Any:
+    try:
+        if address.protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+    except (ImportError, RuntimeError) as e:  # tritonclient.http raises RuntimeError without its extra
+        raise ServerError(
+            f"talking to Triton over {address.protocol} needs tritonclient: pip install 'i2p-detector[serve]' ({e})"
+        ) from e
+    if address.protocol == "grpc":
+        return tc.InferenceServerClient(address.host_port, ssl=address.ssl)
+    return tc.InferenceServerClient(
+        address.host_port, ssl=address.ssl, connection_timeout=timeout, network_timeout=timeout
+    )
