@@ -2,8 +2,9 @@
 
 Loading checks the manifest and the sha256 of the network file before anything is parsed, then picks
 the fastest backend present: TensorRT (engine cached per GPU), else ONNX Runtime with its best
-providers (FP16 model on a GPU; on the CPU the fused FP32 ``model.cpu.onnx`` when the artifact has it,
-else ``model.onnx``).
+providers: the FP16 model on a GPU; on the CPU the fastest model the artifact holds (``cpu_models``:
+``model.int8.onnx``, else the fused FP32 ``model.cpu.onnx``, else ``model.onnx``; ``precision="fp32"``
+skips INT8).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend
-from .manifest import ArtifactError, check_session_io, read_manifest, verify_file
+from .manifest import ArtifactError, Manifest, ModelFile, check_session_io, read_manifest, verify_file
 from .preprocess import ImageError, ImageInput, decode, describe, preprocess
 
 log = logging.getLogger("i2p")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 _SINGLE = (str, os.PathLike, bytes, Image.Image, np.ndarray)
 
 
@@ -81,7 +82,7 @@ class Detector:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in (None, *PRECISIONS):
-            raise ValueError(f"precision={precision!r}: choose None (automatic), 'fp32' or 'fp16'")
+            raise ValueError(f"precision={precision!r}: choose None (automatic), 'fp32', 'fp16' or 'int8'")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.path = Path(path)
@@ -121,9 +122,11 @@ class Detector:
             )
 
     def _open_backend(self, backend: str, device: int, precision: str | None, threads: int | None) -> Backend:
-        if backend == "tensorrt" and precision == "fp32":
-            raise ValueError("the TensorRT backend runs FP16 engines; use backend='onnxruntime' for fp32")
-        if backend != "onnxruntime" and precision != "fp32":
+        if backend == "tensorrt" and precision in ("fp32", "int8"):
+            raise ValueError(
+                "the TensorRT backend runs FP16 engines; use backend='onnxruntime' for fp32 or int8"
+            )
+        if backend != "onnxruntime" and precision not in ("fp32", "int8"):
             trt = _tensorrt_module()
             if trt is None and backend == "tensorrt":
                 raise BackendUnavailableError(
@@ -147,17 +150,13 @@ class Detector:
 
         from i2p.base.files import cache_root
 
-        from .backends.onnxruntime import (
-            CPU_EP,
-            CPU_FUSED_FORMAT,
-            GPU_EPS,
-            OnnxRuntimeBackend,
-            auto_providers,
-        )
+        from .backends.onnxruntime import GPU_EPS, OnnxRuntimeBackend, auto_providers
 
         available = ort.get_available_providers()
         gpu = any(p in available for p in GPU_EPS)
-        chosen = precision or ("fp16" if gpu and self.manifest.model("fp16") else "fp32")
+        if precision == "int8" or (not gpu and precision != "fp16"):
+            return self._open_cpu(device, precision, threads)
+        chosen = precision or ("fp16" if self.manifest.model("fp16") else "fp32")
         model = self.manifest.model(chosen)
         if model is None:
             have = ", ".join(m.precision for m in self.manifest.models)
@@ -165,13 +164,6 @@ class Detector:
                 f"{self.path}: no {chosen} model in this artifact (it has: {have}); "
                 f"pass precision={have.split(', ')[0]!r} or re-export (i2p-export --fp16 adds the fp16 model)"
             )
-        fused = self.manifest.model("fp32", CPU_FUSED_FORMAT)
-        if fused is not None and chosen == "fp32" and not gpu:  # the CPU fast path (i2p-export --cpu)
-            fused_path = verify_file(self.path, self.manifest, fused.path)
-            try:
-                return OnnxRuntimeBackend(fused_path, [CPU_EP], device, threads, precision="fp32")
-            except RuntimeError as e:  # e.g. an older ONNX Runtime without one of its contrib ops
-                log.warning("i2p: %s does not load here (%s); using %s instead", fused.path, e, model.path)
         path = verify_file(self.path, self.manifest, model.path)
         size = self.spec.size
         providers = auto_providers(
@@ -183,9 +175,30 @@ class Detector:
         )
         backend = OnnxRuntimeBackend(path, providers, device, threads, precision=chosen)
         if precision is None and chosen == "fp16" and not backend.on_gpu:
-            log.warning("i2p: no GPU provider could start; using the fp32 model on the CPU instead")
-            return self._open_onnxruntime(device, "fp32", threads)
+            log.warning("i2p: no GPU provider could start; using the fastest CPU model instead")
+            return self._open_cpu(device, None, threads)
         return backend
+
+    def _open_cpu(self, device: int, precision: str | None, threads: int | None) -> Backend:
+        """The fastest CPU model of the artifact (``cpu_models``); one this ONNX Runtime cannot load is skipped."""
+        from .backends.onnxruntime import CPU_EP, OnnxRuntimeBackend
+
+        candidates = cpu_models(self.manifest, precision)
+        if not candidates:
+            have = ", ".join(f"{m.precision} ({m.path})" for m in self.manifest.models)
+            raise ArtifactError(
+                f"{self.path}: no {precision or 'fp32'} CPU model in this artifact (it has: {have}); "
+                "re-export it (i2p-export writes the CPU models by default; INT8 needs --calib-images)"
+            )
+        for i, m in enumerate(candidates):
+            path = verify_file(self.path, self.manifest, m.path)
+            try:
+                return OnnxRuntimeBackend(path, [CPU_EP], device, threads, precision=m.precision)
+            except RuntimeError as e:  # e.g. an older ONNX Runtime without one of its contrib ops
+                if i == len(candidates) - 1:
+                    raise
+                log.warning("i2p: %s does not load here (%s); trying %s", m.path, e, candidates[i + 1].path)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Release the backend's device resources now rather than at garbage collection."""
@@ -270,6 +283,19 @@ class Detector:
             return Prediction(source, None, None, f"{source}: the network returned a non-finite output")
         p = float(probability)
         return Prediction(source, p, p >= self.threshold)
+
+
+def cpu_models(manifest: Manifest, precision: str | None = None) -> list[ModelFile]:
+    """The artifact's CPU models, fastest first (INT8, fused FP32, portable FP32); ``precision`` forces one.
+
+    INT8 and the fused FP32 use ONNX Runtime's contrib kernels (CPU-only files); model.onnx runs anywhere.
+    """
+    from .backends.onnxruntime import CPU_FUSED_FORMAT
+
+    preference = (("int8", CPU_FUSED_FORMAT), ("fp32", CPU_FUSED_FORMAT), ("fp32", "onnx"))
+    return [
+        m for p, fmt in preference if precision in (None, p) and (m := manifest.model(p, fmt)) is not None
+    ]
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # a real manifest is ~5 KB; parity and metrics live in their own files
 MAX_LAYERS = 1000
 DTYPES = ("float32", "float16")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: model.int8.onnx, CPU only
 REQUIRED = frozenset(
     {"name", "backbone", "layer", "num_layers", "threshold", "preprocess", "inputs", "outputs", "models"}
 )
@@ -54,7 +54,7 @@ class ModelFile:
     """One network file of the artifact."""
 
     path: str  # relative to the artifact directory
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8"
     format: str = "onnx"
 
 

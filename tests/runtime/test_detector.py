@@ -136,7 +136,7 @@ def test_misuse_raises_a_clear_error(det: Detector, call, exc, message) -> None:
     ("kwargs", "exc", "message"),
     [
         ({"backend": "cuda"}, ValueError, "choose one of auto, tensorrt, onnxruntime"),
-        ({"precision": "int8"}, ValueError, "precision='int8'"),
+        ({"precision": "int4"}, ValueError, "precision='int4'"),
         ({"batch_size": 0}, ValueError, "positive integer"),
         ({"backend": "tensorrt", "precision": "fp32"}, ValueError, "TensorRT backend runs FP16"),
     ],

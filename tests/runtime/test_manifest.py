@@ -108,7 +108,7 @@ BAD_FIELDS = [
     ("outputs/0/shape", [], "outputs[0].shape"),
     ("models", "model.onnx", "'models'"),
     ("models/0", ["model.onnx", "fp32"], "'models[0]'"),
-    ("models/0/precision", "int8", "models[0].precision"),
+    ("models/0/precision", "int4", "models[0].precision"),
     ("models/0/path", 3, "models[0].path"),
     ("files", [], "'files'"),
     ("files/model.onnx", "abc", "files.model.onnx"),
