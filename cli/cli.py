@@ -14,11 +14,13 @@ COMMANDS = {
     "train": "i2p.train.cli:train",
     "layers": "i2p.train.cli:layers",
     "eval": "i2p.train.cli:evaluate",
-    "demo": "i2p.train.demo:demo",
+    "demo": "i2p.demo:demo",
     "export": "i2p.export.cli:export",
     "detect": "i2p.runtime.cli:detect",
     "bench": "i2p.runtime.cli:bench",
 }
+# module prefix -> the pip extra its imports need (the demo trains and exports)
+EXTRAS = (("i2p.export", "export"), ("i2p.demo", "export"), ("i2p.train", "train"))
 
 
 class LazyGroup(click.Group):
@@ -32,10 +34,10 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except ImportError as e:
-            extra = "train" if module.startswith(("i2p.train", "i2p.export")) else "gpu"
+            extra = next((x for prefix, x in EXTRAS if module.startswith(prefix)), "gpu")
             raise click.ClickException(
                 f"'i2p {name}' needs packages that are not installed ({e.name or e}). "
-                f"Install them with: pip install 'i2p-detector[{'export' if 'export' in module else extra}]'"
+                f"Install them with: pip install 'i2p-detector[{extra}]'"
             ) from e
 
 

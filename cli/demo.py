@@ -14,10 +14,9 @@ import click
 import numpy as np
 
 from i2p.base.tables import format_table
-
-from .config import TrainConfig
-from .metrics import evaluate, metrics_table
-from .synthetic import make_image_folder
+from i2p.train.config import TrainConfig
+from i2p.train.metrics import evaluate, metrics_table
+from i2p.train.synthetic import make_image_folder
 
 NOTICE = (
     "This demo trains a tiny random-init ViT on synthetic images to show the pipeline working end to end.\n"
@@ -33,8 +32,7 @@ def demo(out: Path, epochs: int, images: int) -> None:
     """Run train -> export -> detect on synthetic images (demonstrates the pipeline, not a detector)."""
     from i2p.export.pipeline import ExportOptions, run_export
     from i2p.runtime import Detector
-
-    from .loop import train
+    from i2p.train.loop import train
 
     click.echo(NOTICE + "\n")
     start = time.perf_counter()

@@ -37,7 +37,7 @@ class DeployedDetector(nn.Module):
         return size if isinstance(size, int) else size[0]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cls = self.tower.transformer(self.tower._embeds(image))[:, 0]
+        cls = self.tower(image)  # the truncated tower ends in the CLS token (I2PModel.forward_features)
         z = self.head(cls)  # [N, 1]
         # The probability is computed from z, not from the logit output: a graph output that another node
         # also reads is a case FP16 converters get wrong (onnxconverter-common keep_io_types).

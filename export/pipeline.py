@@ -23,6 +23,7 @@ from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS
 from i2p.runtime.manifest import MANIFEST, Manifest, ModelFile, TensorSpec
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, preprocess
 from i2p.train.checkpoint import load_model
+from i2p.train.metadata import CheckpointMeta
 from i2p.train.model import I2PModel
 
 from . import engine as engine_step
@@ -112,7 +113,7 @@ class Build:
     """What one export run knows so far; the manifest is written from it."""
 
     opts: ExportOptions
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     spec: PreprocessSpec
     threshold: float
     probes: ProbeSet
@@ -196,23 +197,23 @@ def _load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
     """The unmerged model, and its PyTorch outputs on the probe inputs (the parity reference)."""
     with progress.step(f"loading {opts.ckpt}"):
         model, meta = load_model(opts.ckpt, str(opts.backbone) if opts.backbone else None)
-    if meta.get("threshold") is None:
+    if meta.threshold is None:
         raise ExportError(f"{opts.ckpt}: the checkpoint has no calibrated threshold; finish training first")
-    spec = PreprocessSpec.from_dict(meta.get("preprocess") or meta["backbone"]["preprocess"])
+    spec = meta.preprocess
     size = model.tower.image_size
     if (spec.size, spec.size) != (size if isinstance(size, tuple) else (size, size)):
         raise ExportError(
             f"{opts.ckpt}: preprocessing makes {spec.size}x{spec.size} images but the network takes {size}"
         )
     notes: list[str] = []
-    if meta.get("complete") is False:
+    if not meta.complete:
         notes.append(
             f"warning: {opts.ckpt.name} is from an unfinished training run (its last completed epoch)"
         )
     probes = _probe_set(opts, spec, notes)
     with progress.step(f"PyTorch FP32 reference on {len(probes.stacked())} inputs (unmerged model)"):
         reference = probes.split(*_torch_outputs(model, probes.stacked(), opts.max_batch))
-    return model, Build(opts, meta, spec, float(meta["threshold"]), probes, reference, notes=notes)
+    return model, Build(opts, meta, spec, meta.threshold, probes, reference, notes=notes)
 
 
 def _merge(build: Build, model: I2PModel, echo: Callable[[str], None]) -> None:
@@ -413,11 +414,11 @@ def _manifest(build: Build, staging: Path, parity: ParityReport) -> Manifest:
     extra: dict[str, Any] = {
         "checkpoint": {"file": opts.ckpt.name, "sha256": sha256_file(opts.ckpt)},
         "backbone_weights": {
-            "pretrained": meta["backbone"]["pretrained"],
-            "sha256": meta["backbone"]["sha256"],
+            "pretrained": meta.backbone.pretrained,
+            "sha256": meta.backbone.sha256,
         },
-        "baseline": bool(meta.get("baseline", False)),
-        "metrics": meta.get("metrics"),
+        "baseline": meta.baseline,
+        "metrics": meta.metrics,
         "compute_kept": f"{net.layer}/{net.num_layers} transformer blocks",
         "opset": opts.opset,
         "max_batch": opts.max_batch,
@@ -433,7 +434,7 @@ def _manifest(build: Build, staging: Path, parity: ParityReport) -> Manifest:
         }
     return Manifest(
         name=opts.target.stem,
-        backbone=meta["backbone"]["model"],
+        backbone=meta.backbone.model,
         layer=net.layer,
         num_layers=net.num_layers,
         threshold=build.threshold,

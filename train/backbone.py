@@ -7,16 +7,17 @@ open_clip pretrained tag. Loading never unpickles code: safetensors, or ``torch.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.model import _build_vision_tower
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from i2p.base.files import sha256_file
 from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
+
+from .metadata import BackboneInfo
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the demo
@@ -26,16 +27,16 @@ class BackboneError(ValueError):
     """The backbone name, its weights file or its architecture cannot be used."""
 
 
-@dataclass(frozen=True)
-class BackboneInfo:
-    """What a checkpoint records about its frozen base, so export can find and verify it again."""
+# The text tower is never used: ``create_model`` builds this stand-in instead of the configured one (a
+# large transformer, or a Hugging Face model whose config would be downloaded).
+NO_TEXT_TOWER = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
 
-    model: str  # open_clip model name
-    pretrained: str  # file path, open_clip tag, or "none"
-    sha256: str  # of the weights file; of the state dict for random init
-    num_layers: int
-    width: int
-    preprocess: PreprocessSpec
+
+class _NoRandomInitNotice(logging.Filter):
+    """open_clip warns that an unloaded model is random; ours gets its weights right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def build_tower(model: str) -> VisionTransformer:
@@ -43,8 +44,15 @@ def build_tower(model: str) -> VisionTransformer:
     cfg = open_clip.get_model_config(model)
     if cfg is None:
         raise BackboneError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
-    tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
-    if not isinstance(tower, VisionTransformer) or tower.attn_pool is not None:
+    quiet = _NoRandomInitNotice()
+    logging.getLogger().addFilter(quiet)
+    try:
+        tower = open_clip.create_model(model, pretrained=None, text_cfg=NO_TEXT_TOWER).visual
+    except Exception as e:  # open_clip raises many types for configs it cannot build
+        raise BackboneError(f"{model}: open_clip cannot build this model ({type(e).__name__}: {e})") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    if not isinstance(tower, VisionTransformer) or tower.attn_pool is not None or tower.pool_type != "tok":
         raise BackboneError(f"{model}: only plain open_clip ViT image towers are supported")
     if not all(type(b) is ResidualAttentionBlock for b in tower.transformer.resblocks):
         raise BackboneError(
@@ -83,10 +91,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise BackboneError(f"{path}: not a state dict (a mapping of names to tensors)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
     return sd
+
+
+def mismatched_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """ "name (shape) (model: shape)" for every tensor whose shape differs from the model's of that name."""
+    return [
+        f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
 
 
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
@@ -120,7 +141,9 @@ def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[VisionTra
     weights = resolve_weights(model, pretrained)
     if weights is not None:
         sd = read_state_dict(weights)
-        missing, unexpected = tower.load_state_dict(sd, strict=False)
+        if wrong := mismatched_shapes(sd, tower.state_dict()):
+            raise BackboneError(f"{weights}: weights do not fit {model}: {', '.join(wrong[:5])}")
+        missing, _ = tower.load_state_dict(sd, strict=False)
         if missing:
             raise BackboneError(f"{weights}: weights do not fit {model}: missing {missing[:5]}…")
         digest = sha256_file(weights)
@@ -133,6 +156,5 @@ def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[VisionTra
         sha256=digest,
         num_layers=len(tower.transformer.resblocks),
         width=tower.transformer.width,
-        preprocess=preprocess_spec(model),
     )
     return tower, info

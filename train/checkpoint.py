@@ -1,79 +1,68 @@
-"""``checkpoint.safetensors``: the trained deltas and head, resume state, and JSON metadata in one file.
+"""``checkpoint.safetensors``: the trained deltas and head, resume state, and typed metadata in one file.
 
 The frozen base is referenced (open_clip name, weights path, sha256), not copied, except when it is
 not a file (random init) or the user asks for ``--embed-base``. Loading is safetensors + JSON only:
-nothing in a checkpoint can run code.
+nothing in a checkpoint can run code. Every way a checkpoint can be wrong (metadata, tensor names or
+shapes, base weights) is a ``CheckpointError`` that names the file and the problem.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from i2p.runtime.preprocess import PreprocessSpec
+from i2p.base.files import sha256_file, write_bytes_atomic
 
-from .backbone import BackboneError, BackboneInfo, build_tower, read_state_dict
+from .backbone import BackboneError, build_tower, mismatched_shapes, read_state_dict
+from .metadata import CheckpointError, CheckpointMeta
 from .model import I2PModel
 
-FORMAT = "i2p-checkpoint"
-FORMAT_VERSION = 1
+BASE, RESUME = "base.", "resume."
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, truncated, from a newer version, or its base weights do not match."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A read checkpoint: where it came from, its metadata and all its tensors."""
+
+    path: Path
+    meta: CheckpointMeta
+    tensors: dict[str, torch.Tensor]
+
+    def section(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors stored under ``prefix`` (``base.``, ``resume.``), with the prefix removed."""
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if k.startswith(("head.", "delta."))}
 
 
 def save_checkpoint(
     path: str | os.PathLike,
     model: I2PModel,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     resume: dict[str, torch.Tensor] | None = None,
     base: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write atomically (temp file + rename): a crash leaves the previous checkpoint intact."""
     tensors = dict(model.trainable_state())
-    tensors.update({f"resume.{k}": v for k, v in (resume or {}).items()})
-    tensors.update({f"base.{k}": v for k, v in (base or {}).items()})
+    tensors.update({f"{RESUME}{k}": v for k, v in (resume or {}).items()})
+    tensors.update({f"{BASE}{k}": v for k, v in (base or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes it private
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"i2p": json.dumps(header, default=_json_default)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, safetensors_bytes(tensors, metadata={"i2p": meta.to_json()}))
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "__dataclass_fields__"):
-        return asdict(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot store {type(o).__name__} in checkpoint metadata")
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata, tensors); a truncated or foreign file is a CheckpointError naming it."""
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Metadata and tensors; a truncated, foreign or malformed file is a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get("i2p")
         tensors = load_file(path)
@@ -83,40 +72,23 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         ) from e
     if raw is None:
         raise CheckpointError(f"{path}: a safetensors file without i2p metadata; not an i2p-train checkpoint")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an i2p checkpoint (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {meta['format_version']} is newer than this i2p ({FORMAT_VERSION}); upgrade"
-        )
-    return meta, tensors
+    return Checkpoint(path, CheckpointMeta.from_json(raw, path), tensors)
 
 
-def backbone_info(meta: dict[str, Any]) -> BackboneInfo:
-    b = dict(meta["backbone"])
-    b["preprocess"] = PreprocessSpec.from_dict(b["preprocess"])
-    return BackboneInfo(**b)
-
-
-def base_state(
-    meta: dict[str, Any], tensors: dict[str, torch.Tensor], backbone: str | None
-) -> dict[str, torch.Tensor]:
+def base_state(ckpt: Checkpoint, backbone: str | os.PathLike | None) -> dict[str, torch.Tensor]:
     """The frozen base's weights: embedded in the checkpoint, or read from disk and checked by sha256."""
-    embedded = {k[len("base.") :]: v for k, v in tensors.items() if k.startswith("base.")}
+    embedded = ckpt.section(BASE)
     if embedded and backbone is None:
         return embedded
-    info = backbone_info(meta)
-    path = Path(backbone or info.pretrained)
+    info = ckpt.meta.backbone
     if info.pretrained == "none" and backbone is None:
         raise CheckpointError(
-            "the checkpoint was trained from random init but does not embed its base weights"
+            f"{ckpt.path}: the checkpoint was trained from random init but does not embed its base weights"
         )
-    from i2p.base.files import sha256_file
-
+    path = Path(backbone or info.pretrained)
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: the backbone weights this checkpoint was trained on are not there; "
+            f"{path}: the backbone weights {ckpt.path} was trained on are not there; "
             "pass --backbone PATH where they moved"
         )
     digest = sha256_file(path)
@@ -131,26 +103,38 @@ def base_state(
         raise CheckpointError(str(e)) from e
 
 
-def load_model(path: str | os.PathLike, backbone: str | None = None) -> tuple[I2PModel, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike, backbone: str | os.PathLike | None = None
+) -> tuple[I2PModel, CheckpointMeta]:
     """Rebuild the trained detector (unmerged, eval mode) from a checkpoint and its base weights."""
-    meta, tensors = read_checkpoint(path)
-    return build_model(meta, tensors, backbone, name=str(path)), meta
+    ckpt = read_checkpoint(path)
+    return build_model(ckpt, backbone), ckpt.meta
 
 
-def build_model(
-    meta: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
-    backbone: str | None = None,
-    name: str = "checkpoint",
-) -> I2PModel:
-    """The detector from an already read checkpoint (``read_checkpoint``'s result)."""
-    info = backbone_info(meta)
-    tower = build_tower(info.model)
-    missing, _ = tower.load_state_dict(base_state(meta, tensors, backbone), strict=False)
-    dropped = tuple(f"transformer.resblocks.{i}." for i in range(meta["layer"], info.num_layers))
+def build_model(ckpt: Checkpoint, backbone: str | os.PathLike | None = None) -> I2PModel:
+    """The detector from an already read checkpoint; tensors that do not fit are a CheckpointError."""
+    meta, info = ckpt.meta, ckpt.meta.backbone
+    try:
+        tower = build_tower(info.model)
+    except BackboneError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from e
+    built = (len(tower.transformer.resblocks), tower.transformer.width)
+    if built != (info.num_layers, info.width):
+        raise CheckpointError(
+            f"{ckpt.path}: backbone {info.model!r} has {built[0]} blocks of width {built[1]}, but the "
+            f"checkpoint says {info.num_layers} of width {info.width}"
+        )
+    base = base_state(ckpt, backbone)
+    if wrong := mismatched_shapes(base, tower.state_dict()):
+        raise CheckpointError(f"{ckpt.path}: base weights do not fit {info.model}: {', '.join(wrong[:5])}")
+    missing, _ = tower.load_state_dict(base, strict=False)
+    dropped = tuple(f"transformer.resblocks.{i}." for i in range(meta.layer, info.num_layers))
     needed = [k for k in missing if not k.startswith((*dropped, "ln_post", "proj"))]  # blocks after L* unused
     if needed:
-        raise CheckpointError(f"{name}: base weights lack {needed[:5]}")
-    model = I2PModel(tower, meta["layer"], baseline=meta["baseline"])
-    model.load_trainable_state({k: v for k, v in tensors.items() if k.startswith(("head.", "delta."))})
+        raise CheckpointError(f"{ckpt.path}: base weights lack {needed[:5]}")
+    model = I2PModel(tower, meta.layer, baseline=meta.baseline)
+    problems = model.trainable_state_problems(ckpt.trainable())
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: trained tensors do not fit the model: {'; '.join(problems[:5])}")
+    model.load_trainable_state(ckpt.trainable())
     return model.eval()

@@ -114,7 +114,8 @@ def train(no_augment: bool, no_amp: bool, resume: bool, **kw) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def layers(as_json: bool, **kw) -> None:
     """Stage 1 alone: score every block and write layer_importance.json + .png to --out."""
-    from .loop import importance_table, profile_layers
+    from .importance import importance_table
+    from .stages import profile_layers
 
     cfg = _config(**kw)
     profile = _run(profile_layers, cfg)
@@ -141,7 +142,7 @@ def evaluate(
     ckpt: str, data: str, backbone: str | None, threshold: float | None, as_json: bool, **kw
 ) -> None:
     """Metrics of a trained checkpoint on a labelled set, per generator and mean."""
-    from .loop import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint
     from .metrics import metrics_table
 
     metrics, used = _run(evaluate_checkpoint, ckpt, data, backbone, threshold, kw)

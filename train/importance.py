@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
+from i2p.base.tables import format_table
+
 from .metrics import roc_auc
 
 
@@ -69,12 +71,10 @@ def block_cls_features(
     """CLS token after every block: features [L, N, width] (float32, CPU) and labels [N]."""
     feats, labels = [], []
     for x, y in batches:
-        h = tower._embeds(x.to(device))
-        per_block = []
-        for block in tower.transformer.resblocks:
-            h = block(h)
-            per_block.append(h[:, 0].float().cpu())
-        feats.append(torch.stack(per_block))
+        out = tower.forward_intermediates(
+            x.to(device), intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+        )
+        feats.append(torch.stack([t[:, 0].float().cpu() for t in out["image_intermediates_prefix"]]))
         labels.append(y.float())
     return torch.cat(feats, dim=1), torch.cat(labels)
 
@@ -86,9 +86,14 @@ def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((num / den).mean())
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> torch.nn.Linear:
-    """Logistic regression on F.layer_norm(x): the same function as a fresh Head, so it can warm-start one."""
-    z = F.layer_norm(x.float(), x.shape[-1:])
+def fit_probe(
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100, normalize: bool = True
+) -> torch.nn.Linear:
+    """Logistic regression on F.layer_norm(x): the same function as a fresh Head, so it can warm-start one.
+
+    ``normalize=False`` fits on ``x`` itself (the UnivFD head on CLIP's already normalized embedding).
+    """
+    z = F.layer_norm(x.float(), x.shape[-1:]) if normalize else x.float()
     probe = torch.nn.Linear(x.shape[1], 1)
     torch.nn.init.zeros_(probe.weight)
     torch.nn.init.zeros_(probe.bias)
@@ -105,8 +110,8 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 1
     return probe.requires_grad_(False)
 
 
-def probe_logits(probe: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return probe(F.layer_norm(x.float(), x.shape[-1:])).squeeze(-1)
+def probe_logits(probe: torch.nn.Linear, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    return probe(F.layer_norm(x.float(), x.shape[-1:]) if normalize else x.float()).squeeze(-1)
 
 
 def choose_layer(importance: list[float], tolerance: float) -> int:
@@ -177,3 +182,19 @@ def plot(p: ImportanceProfile, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def importance_table(p: ImportanceProfile) -> str:
+    """One row per block, L* marked: what ``i2p layers`` and ``i2p-train`` print."""
+    rows = [
+        {
+            "layer": s.layer,
+            "probe_auc": s.probe_auc,
+            "probe_loss": s.probe_loss,
+            "fisher": s.fisher,
+            "importance": s.importance,
+            "": "<- L*" if s.layer == p.layer else "",
+        }
+        for s in p.scores
+    ]
+    return format_table(rows)

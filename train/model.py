@@ -85,7 +85,8 @@ class I2PModel(nn.Module):
         self.deltas = {}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tower.transformer(self.tower._embeds(x))[:, 0]
+        """The CLS token after block L*: the truncated tower's own output (its ln_post/proj are gone)."""
+        return self.tower(x)
 
     def forward_head(self, cls: torch.Tensor) -> torch.Tensor:
         return self.head(cls)
@@ -99,6 +100,30 @@ class I2PModel(nn.Module):
         for name, d in self.deltas.items():
             state.update({f"delta.{name}.U": d.U, f"delta.{name}.V": d.V, f"delta.{name}.A": d.A})
         return {k: v.detach() for k, v in state.items()}
+
+    def trainable_state_problems(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """What keeps ``state`` (a checkpoint's head and delta tensors) from loading into this model."""
+        head = {f"head.{k}": v for k, v in self.head.state_dict().items() if v is not None}
+        expected = {k: tuple(v.shape) for k, v in head.items()}
+        names = {name: getattr(m, attr) for name, m, attr in subspace.adapted_weights(self.blocks)}
+        stored = {k[len("delta.") : -len(".U")] for k in state if k.startswith("delta.") and k.endswith(".U")}
+        if stored:  # rank 0 stores no deltas; otherwise every adapted map has one
+            for name, w in names.items():
+                u, v = state.get(f"delta.{name}.U"), state.get(f"delta.{name}.V")
+                rank = (u.shape[-1], v.shape[-1]) if u is not None and v is not None else (0, 0)
+                expected |= {
+                    f"delta.{name}.U": (w.shape[0], rank[0]),
+                    f"delta.{name}.V": (w.shape[1], rank[1]),
+                    f"delta.{name}.A": rank,
+                }
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(state[k].shape)}, the model needs {shape}"
+            for k, shape in expected.items()
+            if k in state and tuple(state[k].shape) != shape
+        ]
+        return problems
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of trainable_state on a freshly built model (deltas are created from the stored bases)."""

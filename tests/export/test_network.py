@@ -76,17 +76,18 @@ def test_onnx_matches_the_independent_open_clip_reference(ckpt, exported, images
     """Merged weights computed here from the checkpoint tensors, run through open_clip's own
     forward_intermediates (CLS token at block L*), then the head: the exported ONNX must agree."""
     _, _, path = exported
-    meta, tensors = read_checkpoint(ckpt)
-    state = {k.removeprefix("base."): v for k, v in tensors.items() if k.startswith("base.")}
+    read = read_checkpoint(ckpt)
+    meta, tensors = read.meta, read.tensors
+    state = read.section("base.")
     for key in [k for k in tensors if k.startswith("delta.") and k.endswith(".A")]:
         name = key[len("delta.") : -len(".A")]  # e.g. "0.attn.in_proj_weight"
         u, a, v = (tensors[f"delta.{name}.{x}"] for x in "UAV")
         state[f"transformer.resblocks.{name}"] = state[f"transformer.resblocks.{name}"] + u @ a @ v.T
-    tower = build_tower(meta["backbone"]["model"]).eval()  # all N blocks, the unused ones random
+    tower = build_tower(meta.backbone.model).eval()  # all N blocks, the unused ones random
     tower.load_state_dict(state, strict=False)
     with torch.no_grad():
         out = tower.forward_intermediates(
-            images, indices=[meta["layer"] - 1], output_extra_tokens=True, intermediates_only=True
+            images, indices=[meta.layer - 1], output_extra_tokens=True, intermediates_only=True
         )
         cls = out["image_intermediates_prefix"][0][:, 0]
         x = F.layer_norm(cls, cls.shape[-1:], tensors["head.norm.weight"], tensors["head.norm.bias"])

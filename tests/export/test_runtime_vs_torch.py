@@ -7,10 +7,11 @@ import torch
 
 from i2p.export.pipeline import ExportOptions, run_export
 from i2p.runtime import Detector
-from i2p.train.checkpoint import backbone_info, load_model
+from i2p.train.checkpoint import load_model
 from i2p.train.config import TrainConfig
 from i2p.train.data import discover
-from i2p.train.loop import Runtime, eval_loader, predict
+from i2p.train.distributed import Runtime
+from i2p.train.evaluation import eval_loader, predict
 from i2p.train.synthetic import make_image_folder
 from tests.support.checkpoints import make_checkpoint
 
@@ -20,9 +21,7 @@ def test_detector_matches_the_pytorch_detector_on_images(tmp_path):
     make_image_folder(tmp_path / "images", n_per_class=5, size=(97, 71), formats=("png", "jpg"))
     samples = discover(tmp_path / "images")
     model, meta = load_model(ckpt)
-    loader = eval_loader(
-        samples, backbone_info(meta).preprocess, TrainConfig(data="", batch_size=4, workers=0)
-    )
+    loader = eval_loader(samples, meta.preprocess, TrainConfig(data="", batch_size=4, workers=0))
     torch_probs, idx = predict(model, loader, Runtime(torch.device("cpu")))
 
     result = run_export(ExportOptions(ckpt=ckpt, out=tmp_path / "det.i2p"), echo=lambda _: None)

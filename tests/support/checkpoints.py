@@ -7,15 +7,15 @@ of training, so merging and export are exercised with non-zero deltas.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from i2p.train import subspace
-from i2p.train.backbone import load_backbone
+from i2p.train.backbone import load_backbone, preprocess_spec
 from i2p.train.checkpoint import save_checkpoint
+from i2p.train.metadata import CheckpointMeta
 from i2p.train.model import I2PModel
 
 TINY = "i2p-tiny-vit"  # image 64, patch 16, 4 blocks, width 64
@@ -60,18 +60,17 @@ def make_checkpoint(
                 1 + 0.1 * torch.randn(model.head.norm.weight.shape, generator=generator)
             )
             model.head.norm.bias.copy_(0.1 * torch.randn(model.head.norm.bias.shape, generator=generator))
-    meta = {
-        "config": {"rank": rank, "seed": seed},
-        "backbone": asdict(info),
-        "layer": layer,
-        "num_layers": model.num_layers,
-        "baseline": baseline,
-        "importance": None,
-        "preprocess": info.preprocess.to_dict(),
-        "threshold": threshold,
-        "metrics": {"val": {"mean": {"auc": 0.5}}},
-        "complete": True,
-    }
+    meta = CheckpointMeta(
+        backbone=info,
+        layer=layer,
+        num_layers=model.num_layers,
+        preprocess=preprocess_spec(TINY),
+        baseline=baseline,
+        threshold=threshold,
+        config={"rank": rank, "seed": seed},
+        metrics={"val": {"mean": {"auc": 0.5}}},
+        complete=True,
+    )
     path = directory / name
     save_checkpoint(path, model, meta, base=None if weights_file else base)
     return path

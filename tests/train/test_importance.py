@@ -1,0 +1,52 @@
+"""Stage 1: the layer-choice rule, the importance profile, and per-block CLS features through open_clip's API."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from i2p.train import importance
+from i2p.train.backbone import load_backbone
+from i2p.train.model import I2PModel
+
+
+def test_choose_layer_prefers_the_shallowest_within_tolerance():
+    assert importance.choose_layer([0.2, 0.96, 1.0, 0.97], 0.05) == 2
+    assert importance.choose_layer([0.2, 0.90, 1.0, 0.97], 0.05) == 3
+    assert importance.choose_layer([0.2, 0.90, 1.0, 0.97], 0.0) == 3
+
+
+def test_profile_finds_the_discriminative_layer():
+    g = torch.Generator().manual_seed(0)
+    n, width = 200, 16
+    y = (torch.arange(n) % 2).float()
+    feats = torch.randn(4, n, width, generator=g)
+    feats[2, :, :4] += 3.0 * y[:, None]  # only block 3 separates the classes
+    vy = (torch.arange(n) % 2).float()
+    vfeats = torch.randn(4, n, width, generator=g)
+    vfeats[2, :, :4] += 3.0 * vy[:, None]
+    p, probe = importance.profile((feats, y), (vfeats, vy), "auto", 0.05)
+    assert [s.layer for s in p.scores] == [1, 2, 3, 4]
+    assert p.layer == 3
+    assert p.scores[2].probe_auc > 0.95 and max(s.probe_auc for i, s in enumerate(p.scores) if i != 2) < 0.75
+    assert importance.probe_logits(probe, vfeats[2]).shape == (n,)
+    assert importance.profile((feats, y), (vfeats, vy), "last")[0].layer == 4
+    assert importance.profile((feats, y), (vfeats, vy), 2)[0].layer == 2
+
+
+def test_block_features_are_the_cls_token_after_each_block():
+    """Stage 1's features at block k == the detector truncated at k (two open_clip entry points)."""
+    tower, _ = load_backbone("i2p-tiny-vit", "none", seed=0)
+    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    feats, labels = importance.block_cls_features(
+        tower, [(x[:4], y[:4]), (x[4:], y[4:])], torch.device("cpu")
+    )
+    assert feats.shape == (4, 6, 64) and labels.tolist() == y.float().tolist()
+    for k in (1, 3):
+        with torch.no_grad():
+            cls = I2PModel(copy.deepcopy(tower), k).eval().forward_features(x)
+        torch.testing.assert_close(feats[k - 1], cls, atol=1e-5, rtol=0)
+    table = importance.importance_table(importance.profile((feats, labels), (feats, labels), "last")[0])
+    assert table.splitlines()[-1].endswith("<- L*")

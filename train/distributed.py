@@ -1,0 +1,65 @@
+"""Where a training process runs: its device, its DDP rank and world size, and rank-aware output.
+
+The same code runs in one process or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPU); only rank 0
+prints, shows progress bars and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device and DDP rank/world size (world 1 without torchrun)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str) -> Runtime:
+    """The device (``auto`` picks CUDA when present) and, under torchrun, the process group."""
+    if device_name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_name)
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Runtime(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, dist.get_rank(), dist.get_world_size())
+
+
+def say(rt: Runtime, msg: str) -> None:
+    """A line on rank 0 that does not break a running progress bar."""
+    if rt.main:
+        tqdm.write(msg)
+
+
+def progress(rt: Runtime, iterable: Iterable, **kw: Any) -> Iterator:
+    """A progress bar on rank 0 when stderr is a terminal; the plain iterable otherwise."""
+    return tqdm(iterable, disable=not rt.main or not os.isatty(2), leave=False, dynamic_ncols=True, **kw)
+
+
+def batch_is_empty(n: int, rt: Runtime) -> bool:
+    """Skip a step on every rank together: one rank skipping alone would hang DDP's all-reduce."""
+    if rt.world == 1:
+        return n == 0
+    flag = torch.tensor([float(n == 0)], device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -1,0 +1,94 @@
+"""Stage 1 (score every block, pick L*) and the model stage 2 trains: truncated tower, subspace deltas, head.
+
+Deltas are attached on the low-sensitivity bases of every adapted map, ranked by singular value or, with
+``--sensitivity fisher``, weighted by loss gradients on the training data; the head starts as the
+layer-L* linear probe of stage 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from i2p.runtime.preprocess import PreprocessSpec
+
+from . import importance, subspace
+from .backbone import load_backbone, preprocess_spec
+from .config import TrainConfig
+from .distributed import Runtime, say, setup
+from .evaluation import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
+from .metadata import BackboneInfo
+from .model import I2PModel
+
+
+def perceive(
+    cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Runtime
+) -> tuple[importance.ImportanceProfile, torch.nn.Linear]:
+    """Stage 1: per-block CLS features on calibration/validation subsets -> (profile, probe at L*)."""
+    calib = calibration_subset(splits.train, cfg.calib_size, cfg.seed)
+    val = calibration_subset(splits.val, cfg.calib_size, cfg.seed)
+    say(
+        rt,
+        f"stage 1: scoring {len(tower.transformer.resblocks)} layers on {len(calib)} calibration / {len(val)} validation images",
+    )
+    xc = importance.block_cls_features(tower, labelled_batches(eval_loader(calib, spec, cfg)), rt.device)
+    xv = importance.block_cls_features(tower, labelled_batches(eval_loader(val, spec, cfg)), rt.device)
+    return importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance)
+
+
+def profile_layers(cfg: TrainConfig) -> importance.ImportanceProfile:
+    """``i2p layers``: stage 1 alone."""
+    rt = setup(cfg.device)
+    tower, _ = load_backbone(cfg.model, cfg.pretrained, cfg.seed)
+    spec = preprocess_spec(cfg.model)
+    return perceive(cfg, tower.to(rt.device), spec, load_splits(cfg, spec.max_pixels, rt), rt)[0]
+
+
+def build(
+    cfg: TrainConfig, splits: Splits, rt: Runtime
+) -> tuple[I2PModel, BackboneInfo, importance.ImportanceProfile | None, dict[str, torch.Tensor]]:
+    """Stage 1 and the model: (model with deltas, backbone info, importance profile, embedded base)."""
+    tower, info = load_backbone(cfg.model, cfg.pretrained, cfg.seed)
+    spec = preprocess_spec(cfg.model)
+    tower.to(rt.device)
+    profile, probe = None, None
+    if cfg.baseline:
+        layer = len(tower.transformer.resblocks)
+    else:
+        profile, probe = perceive(cfg, tower, spec, splits, rt)
+        layer = profile.layer
+    model = I2PModel(tower, layer, baseline=cfg.baseline).to(rt.device)
+    base = dict(model.tower.state_dict()) if (cfg.embed_base or info.pretrained == "none") else {}
+    if probe is not None:  # warm start: the head begins as the layer-L* linear probe
+        with torch.no_grad():
+            model.head.fc.weight.copy_(probe.weight)
+            model.head.fc.bias.copy_(probe.bias)
+    if cfg.rank:
+        grad_sq = fisher_statistics(model, splits, spec, cfg, rt) if cfg.sensitivity == "fisher" else None
+        model.add_deltas(subspace.choose_bases(model.blocks, cfg.rank, grad_sq))
+        model.to(rt.device)
+    return model, info, profile, base
+
+
+def fisher_statistics(
+    model: I2PModel, splits: Splits, spec: PreprocessSpec, cfg: TrainConfig, rt: Runtime
+) -> dict[str, torch.Tensor]:
+    """E[(u_iᵀ G v_i)²] per singular direction of every adapted map, from loss gradients on training data."""
+    weights = {name: getattr(m, attr) for name, m, attr in subspace.adapted_weights(model.blocks)}
+    for w in weights.values():
+        w.requires_grad_(True)
+    sums = {name: 0.0 for name in weights}
+    batches = 0
+    for x, y in labelled_batches(
+        eval_loader(calibration_subset(splits.train, cfg.calib_size, cfg.seed), spec, cfg)
+    ):
+        model.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(model(x.to(rt.device)), y.to(rt.device)).backward()
+        for name, w in weights.items():
+            sums[name] = sums[name] + subspace.projected_grad_sq(w, w.grad)
+        batches += 1
+    for w in weights.values():
+        w.requires_grad_(False)
+        w.grad = None
+    model.head.zero_grad(set_to_none=True)
+    return {name: s / max(batches, 1) for name, s in sums.items()}
