@@ -21,6 +21,7 @@ Memory per input is bounded before any pixel is decoded (README, "Reliability"):
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
 import math
@@ -29,7 +30,7 @@ import stat
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,6 +57,8 @@ MAX_PIXELS_LIMIT = 2**27  # the largest max_pixels a manifest may set (134 MP; P
 # Peak bytes per decoded pixel: the decoded mode (up to 4 B: RGBX, CMYK, I, F), the 8-bit copy and the
 # RGB result (4 B each). tests/runtime/test_preprocess.py measures it on the worst case, 16-bit grey.
 PEAK_BYTES_PER_PIXEL = 12
+LARGE_DECODE_BYTES = 32 * 2**20  # from here on, freed decode buffers must go back to the OS
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 DECODE_MEMORY_BYTES = int(os.environ.get("I2P_DECODE_MEMORY_MB", "2048")) * 2**20
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -181,16 +184,45 @@ class _MemoryBudget:
         self._cond = threading.Condition()
 
     @contextmanager
-    def reserve(self, nbytes: int) -> Iterator[None]:
+    def session(self) -> Iterator[_Reservation]:
+        """A reservation, taken (once the image's size is known) with ``take``, released at the end."""
+        reservation = _Reservation(self)
+        try:
+            yield reservation
+        finally:
+            if reservation.nbytes:
+                with self._cond:
+                    self.used -= reservation.nbytes
+                    self._cond.notify_all()
+
+    def _take(self, nbytes: int) -> None:
+        if nbytes >= LARGE_DECODE_BYTES:
+            _large_buffers_to_os()
         with self._cond:
             self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
             self.used += nbytes
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.used -= nbytes
-                self._cond.notify_all()
+
+
+class _Reservation:
+    def __init__(self, budget: _MemoryBudget) -> None:
+        self.budget, self.nbytes = budget, 0
+
+    def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` fit in the budget (at most once per session)."""
+        if self.nbytes:
+            raise RuntimeError("a decode reserves its memory once")
+        self.budget._take(nbytes)
+        self.nbytes = nbytes
+
+
+@functools.cache
+def _large_buffers_to_os() -> None:
+    """Make glibc hand every buffer over 4 MiB straight back to the OS when it is freed (mallopt
+    M_MMAP_THRESHOLD; set once, on the first large decode). Otherwise a decoded image's memory stays
+    in the decoding thread's malloc arena, and N threads each keep one large image's worth.
+    Other allocators (musl, macOS) already unmap large blocks: nothing to do there."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 4 * 2**20)
 
 
 DECODE_BUDGET = _MemoryBudget(DECODE_MEMORY_BYTES)
@@ -207,10 +239,16 @@ def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> 
     Paths and bytes are checked against ``MAX_INPUT_BYTES`` and ``max_pixels`` (from the header)
     before decoding, so a decompression bomb costs nothing. Animated images yield their first frame.
     """
+    with DECODE_BUDGET.session() as reservation:
+        return _load(src, max_pixels, reservation)
+
+
+def _load(src: ImageInput, max_pixels: int, reservation: _Reservation) -> Image.Image:
     name = describe(src)
     if isinstance(src, np.ndarray):
         if src.ndim >= 2 and 0 not in src.shape:  # an empty array's error names its shape, below
             _check_dims(src.shape[1], src.shape[0], name, max_pixels)
+            reservation.take(decode_cost(src.shape[1], src.shape[0]))
         return _array_to_rgb(src, name)
     if isinstance(src, Image.Image):
         img, encoded = src, 0
@@ -221,11 +259,11 @@ def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> 
         raise TypeError(f"cannot read {name}: expected a path, bytes, a PIL image or a uint8 HxWx3 array")
     try:
         _check_dims(img.width, img.height, name, max_pixels)
-        with DECODE_BUDGET.reserve(decode_cost(img.width, img.height, encoded)):
-            if getattr(img, "is_animated", False):
-                img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img, name)
+        reservation.take(decode_cost(img.width, img.height, encoded))
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img, name)
     except ImageError:
         raise
     except (*DECODE_ERRORS, Image.DecompressionBombError) as e:
@@ -384,5 +422,15 @@ def decode(src: ImageInput, spec: PreprocessSpec) -> Image.Image:
 
 
 def preprocess(src: ImageInput, spec: PreprocessSpec) -> np.ndarray:
-    """One input -> float32 CHW model input. Raises ImageError for unusable images."""
-    return normalize(np.asarray(resize_crop(decode(src, spec), spec)), spec)
+    """One input -> float32 CHW model input. Raises ImageError for unusable images.
+
+    The memory reservation spans decode, resize and normalization: every large buffer is freed
+    (and returned to the OS) before another thread may use the budget.
+    """
+    with DECODE_BUDGET.session() as reservation:
+        return _preprocess(src, spec, reservation)
+
+
+def _preprocess(src: ImageInput, spec: PreprocessSpec, reservation: _Reservation) -> np.ndarray:
+    img = fit_aspect(_load(src, spec.max_pixels, reservation))
+    return normalize(np.asarray(resize_crop(img, spec)), spec)
