@@ -48,9 +48,8 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--model",
                 "-m",
-                required=True,
                 type=click.Path(exists=True, file_okay=False),
-                help="Artifact directory written by i2p-export.",
+                help="Artifact directory written by i2p-export (i2p-detect: or --server).",
             ),
             click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True),
             click.option("--device", type=click.IntRange(0), default=0, show_default=True, help="GPU index."),
@@ -70,6 +69,8 @@ def _load(
     model: str, backend: str, device: int, precision: str | None, threads: int | None, **kw: Any
 ) -> Detector:
     _log_to_stderr()
+    if model is None:
+        raise click.UsageError("Missing option '--model' / '-m'.")
     try:
         return Detector(model, backend=backend, device=device, precision=precision, threads=threads, **kw)
     except ArtifactError as e:
@@ -105,6 +106,16 @@ def _load(
     "--threshold", type=click.FloatRange(0, 1), default=None, help="Default: the artifact's calibrated one."
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table (summary as JSON).")
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Score on a Triton server running the ensemble from i2p-export --triton (grpc://HOST:8001 or "
+    "http://HOST:8000) instead of --model; --workers requests of --batch-size images in flight.",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+    help="--server: seconds per request; a request that fails becomes error rows.",
+)  # fmt: skip
 def detect(
     paths: tuple[str, ...],
     model: str,
@@ -119,6 +130,8 @@ def detect(
     workers: int,
     threshold: float | None,
     as_json: bool,
+    server: str | None,
+    timeout: float,
 ) -> None:
     """Score image files (PATHS: files and directories) as real or generated.
 
@@ -129,13 +142,24 @@ def detect(
         raise click.UsageError("--csv and --jsonl are exclusive: choose one output file")
     # Pillow warns (corrupt EXIF, palette transparency) on files that decode fine; the rows say what failed.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    detector = _load(model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold)
+    if server and model:
+        raise click.UsageError("--model and --server are exclusive: score here or on the server")
+    if server:
+        detector = _connect(server, batch_size, workers, timeout, threshold)
+    else:
+        detector = _load(
+            model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold
+        )
     counts: Counter[str] = Counter()
     start = time.perf_counter()
     to_file = bool(csv_out or jsonl_out)
     with (
         _row_sink(csv_out, jsonl_out, as_json) as write,
-        _progress(predict_stream(detector, iter_images(paths, recursive), workers)) as stream,
+        _progress(
+            detector.predict_stream(iter_images(paths, recursive))
+            if server
+            else predict_stream(detector, iter_images(paths, recursive), workers)
+        ) as stream,
     ):
         for prediction in stream:
             write(_row(prediction))
@@ -155,6 +179,20 @@ def detect(
     }
     text = json.dumps(summary) if as_json else format_table([summary])
     click.echo(text, err=not to_file)  # rows on stdout: keep the summary off it
+
+
+def _connect(server: str, batch_size: int, workers: int, timeout: float, threshold: float | None) -> Any:
+    from .remote import RemoteDetector, ServerError
+
+    _log_to_stderr()
+    try:
+        return RemoteDetector(
+            server, batch_size=batch_size, concurrency=workers, timeout=timeout, threshold=threshold
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--server") from e
+    except ServerError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _row(p: Prediction) -> Row:
