@@ -301,6 +301,12 @@ def _open(src: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.I
     return img
 
 
+def check_header(src: str | os.PathLike | bytes, max_pixels: int = PreprocessSpec.max_pixels) -> None:
+    """ImageError unless ``src`` opens as an allowed image within the limits, from its header alone
+    (no pixels decoded): the cheap check training runs over a whole data set before it starts."""
+    _open(src, describe(src), max_pixels).close()
+
+
 @functools.cache
 def _allowed_formats() -> tuple[str, ...]:
     """FORMATS that this Pillow build can decode (a build may lack WebP or AVIF)."""
