@@ -40,9 +40,32 @@ __device__ __forceinline__ int clip8(int acc) {
 
 __device__ __forceinline__ void store(float* out, long long index, float value) { out[index] = value; }
 
+// What cvt.rn.f16.f32 does, in integer arithmetic, for the host build of this file (the CPU test in
+// tests/kernels compiles it with g++): float32 bits -> IEEE half bits, round to nearest, ties to even.
+__device__ __forceinline__ unsigned short f16_bits_rn(float value) {
+    const unsigned int f = __float_as_uint(value);
+    const unsigned int sign = (f >> 16) & 0x8000u;
+    const unsigned int a = f & 0x7fffffffu;
+    if (a > 0x7f800000u) return (unsigned short)(sign | 0x7e00u);  // NaN
+    if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);  // >= 65520 rounds to infinity
+    if (a >= 0x38800000u) {                                         // a normal half: rebias, round
+        const unsigned int r = a + 0xfffu + ((a >> 13) & 1u);
+        return (unsigned short)(sign | ((r - 0x38000000u) >> 13));
+    }
+    const unsigned int e = a >> 23;  // a subnormal half (units of 2^-24), or zero below 2^-25
+    if (e < 102) return (unsigned short)sign;
+    const unsigned int m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;
+    const unsigned int q = m >> shift, rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+    return (unsigned short)(sign | (q + (rem > halfway || (rem == halfway && (q & 1u)))));
+}
+
 __device__ __forceinline__ void store(unsigned short* out, long long index, float value) {
     unsigned short bits;  // IEEE half, round to nearest even (numpy's float32 -> float16 cast)
+#ifdef __CUDA_ARCH__
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+#else
+    bits = f16_bits_rn(value);
+#endif
     out[index] = bits;
 }
 

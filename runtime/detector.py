@@ -12,17 +12,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .backends import Backend
+from .backends import Backend, tensor_names
 from .manifest import ArtifactError, Manifest, ModelFile, check_session_io, read_manifest, verify_file
-from .preprocess import ImageError, ImageInput, decode, describe, preprocess
+from .preprocess import ImageError, ImageInput, ResizePlan, decode, describe, preprocess, resize_plan
 
 log = logging.getLogger("i2p")
 
@@ -60,6 +61,7 @@ class Prepared:
     source: str
     data: np.ndarray | None  # float32 CHW, or uint8 HWC for backends that preprocess on the GPU
     error: str | None = None
+    plan: ResizePlan | None = None  # with uint8 HWC data: its resize plan, computed once here
 
 
 class Detector:
@@ -91,13 +93,15 @@ class Detector:
             raise ArtifactError(f"{self.path}: the manifest lists no model files; re-export the artifact")
         self.spec = self.manifest.preprocess
         self._check_io()
+        self._logit_name = tensor_names(self.manifest)[1]
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also refuses NaN
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
         self.threshold = self.manifest.threshold if threshold is None else float(threshold)
         self.batch_size = batch_size
         self.backend: Backend = self._open_backend(backend, device, precision, threads)
         check_session_io(self.path, self.manifest, getattr(self.backend, "session", None))
-        self._gpu_preprocess = callable(getattr(self.backend, "infer_images", None))
+        self._gpu_preprocess = self.backend.accepts_images
+        self._step = min(batch_size, self.backend.max_batch or batch_size)  # images per backend call
         log.info(
             "i2p: %s loaded on %s, precision %s%s",
             self.path,
@@ -173,7 +177,9 @@ class Detector:
             engine_cache=cache_root() / "ort-trt" / self.manifest.files[model.path][:16] if gpu else None,
             input_shape=(self.manifest.inputs[0].name, self.batch_size, 3, size, size),
         )
-        backend = OnnxRuntimeBackend(path, providers, device, threads, precision=chosen)
+        backend = OnnxRuntimeBackend(
+            path, providers, device, threads, precision=chosen, output_name=self._logit_name
+        )
         if precision is None and chosen == "fp16" and not backend.on_gpu:
             log.warning("i2p: no GPU provider could start; using the fastest CPU model instead")
             return self._open_cpu(device, None, threads)
@@ -193,7 +199,9 @@ class Detector:
         for i, m in enumerate(candidates):
             path = verify_file(self.path, self.manifest, m.path)
             try:
-                return OnnxRuntimeBackend(path, [CPU_EP], device, threads, precision=m.precision)
+                return OnnxRuntimeBackend(
+                    path, [CPU_EP], device, threads, precision=m.precision, output_name=self._logit_name
+                )
             except RuntimeError as e:  # e.g. an older ONNX Runtime without one of its contrib ops
                 if i == len(candidates) - 1:
                     raise
@@ -202,9 +210,7 @@ class Detector:
 
     def close(self) -> None:
         """Release the backend's device resources now rather than at garbage collection."""
-        close = getattr(self.backend, "close", None)
-        if callable(close):
-            close()
+        self.backend.close()
 
     def __enter__(self) -> Detector:
         return self
@@ -224,9 +230,8 @@ class Detector:
         for i, item in enumerate(items):
             _check_input(item, i)
         results: list[Prediction] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            results.extend(self.predict_prepared([self.prepare(x) for x in chunk]))
+        for chunk in _chunks(items, self._step):  # decoded a chunk at a time: memory stays bounded
+            results.extend(self._score([self.prepare(x) for x in chunk]))
         return results
 
     def prepare(self, src: ImageInput) -> Prepared:
@@ -234,15 +239,27 @@ class Detector:
         source = describe(src)
         try:
             # GPU preprocessing gets the decoded image, with the same limits and aspect crop as the CPU path.
-            data = np.asarray(decode(src, self.spec)) if self._gpu_preprocess else preprocess(src, self.spec)
+            if not self._gpu_preprocess:
+                return Prepared(source, preprocess(src, self.spec))
+            img = decode(src, self.spec)
+            return Prepared(source, np.asarray(img), plan=resize_plan(img.width, img.height, self.spec.size))
         except ImageError as e:
             return Prepared(source, None, str(e))
-        return Prepared(source, data)
 
     def predict_prepared(self, items: Sequence[Prepared]) -> list[Prediction]:
         """Run the network on the prepared inputs that decoded; the rest keep their errors."""
-        good = [p.data for p in items if p.error is None]
-        probs = iter(self._probabilities(good))
+        return [r for chunk in _chunks(items, self._step) for r in self._score(chunk)]
+
+    def _score(self, items: Sequence[Prepared]) -> list[Prediction]:
+        """One backend call for at most ``_step`` prepared inputs."""
+        good = [p for p in items if p.error is None]
+        if not good:
+            logits = np.zeros(0, np.float32)
+        elif self._gpu_preprocess:
+            logits = self.backend.infer_images([p.data for p in good], [p.plan for p in good])
+        else:
+            logits = self.backend.infer(np.stack([p.data for p in good]))
+        probs = iter(sigmoid(np.asarray(logits).reshape(-1)))
         return [
             self._result(p.source, next(probs))
             if p.error is None
@@ -262,20 +279,11 @@ class Detector:
                 f"predict_batch expects float32 [N, 3, {size}, {size}] normalized as the manifest says, "
                 f"got {batch.dtype} {batch.shape}; use predict() for raw images"
             )
-        return self._probabilities(batch.astype(np.float32, copy=False))
-
-    def _probabilities(self, inputs: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """Probabilities for float32 CHW inputs (an array or a list) or, on GPU preprocessing, uint8 images."""
-        parts = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
-            if isinstance(chunk, list) and chunk[0].dtype == np.uint8:
-                logits = self.backend.infer_images(chunk)  # type: ignore[attr-defined]
-            else:
-                logits = self.backend.infer(
-                    np.ascontiguousarray(np.stack(chunk) if isinstance(chunk, list) else chunk)
-                )
-            parts.append(_sigmoid(np.asarray(logits).reshape(-1)))
+        batch = batch.astype(np.float32, copy=False)
+        parts = [
+            sigmoid(np.asarray(self.backend.infer(np.ascontiguousarray(chunk))).reshape(-1))
+            for chunk in _chunks(batch, self._step)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _result(self, source: str, probability: np.float32) -> Prediction:
@@ -298,7 +306,12 @@ def cpu_models(manifest: Manifest, precision: str | None = None) -> list[ModelFi
     ]
 
 
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
+def _chunks(items: Sequence[Any], step: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), step):
+        yield items[start : start + step]
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function, computed in float64."""
     with np.errstate(invalid="ignore"):  # NaN stays NaN, and becomes an error row
         return np.exp(-np.logaddexp(0.0, -logits.astype(np.float64))).astype(np.float32)

@@ -19,13 +19,15 @@ because the intermediate image is rounded to uint8.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import PIL
 
-from .preprocess import PreprocessSpec, aspect_box, normalize, resize_plan
+from .preprocess import PreprocessSpec, ResizePlan, aspect_box, normalize, resize_plan
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow: 8 bits of result, 2 bits of headroom for negative lobes
 HALF = 1 << (PRECISION_BITS - 1)  # accumulators start here: rounding to nearest after the shift
@@ -47,6 +49,10 @@ class AxisCoefficients:
     @property
     def ksize(self) -> int:
         return int(self.weights.shape[1])
+
+    def flat(self) -> np.ndarray:
+        """``start | count | weights`` as one int32 array: one axis's table as ``preprocess.cu`` reads it."""
+        return np.concatenate([self.start, self.count, self.weights.ravel()])
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -133,6 +139,40 @@ def vertical_first(
     return False
 
 
+class KernelTables(NamedTuple):
+    """What the CUDA kernel needs for one image besides its pixels (``i2p.kernels.plan_batch`` packs it)."""
+
+    x: np.ndarray  # int32 column table, AxisCoefficients.flat()
+    y: np.ndarray  # int32 row table
+    vertical_first: bool
+
+
+@lru_cache(maxsize=1024)
+def kernel_tables(plan: ResizePlan) -> KernelTables:
+    """Pillow's fixed-point tables for one resize plan (computed once per plan; photos repeat sizes)."""
+    cols = crop_coefficients(plan.src_w, plan.out_w, plan.left, plan.size)
+    rows = crop_coefficients(plan.src_h, plan.out_h, plan.top, plan.size)
+    x, y = cols.flat(), rows.flat()
+    for a in (x, y):
+        a.setflags(write=False)  # shared through the lru_cache
+    return KernelTables(x, y, vertical_first(plan.src_w, plan.src_h, plan.out_w, plan.out_h))
+
+
+def fit_aspect_array(rgb: np.ndarray) -> np.ndarray:
+    """``preprocess.fit_aspect`` on a uint8 HWC array: a view of its centered MAX_ASPECT:1 box."""
+    box = aspect_box(rgb.shape[1], rgb.shape[0])
+    if box is None:
+        return rgb
+    left, top, right, bottom = box
+    return rgb[top:bottom, left:right]
+
+
+def kernel_batch(images: Sequence[np.ndarray], size: int) -> tuple[list[np.ndarray], list[KernelTables]]:
+    """uint8 HWC images as the kernel takes them: each fitted to MAX_ASPECT:1 (a view), with its tables."""
+    fitted = [fit_aspect_array(img) for img in images]
+    return fitted, [kernel_tables(resize_plan(img.shape[1], img.shape[0], size)) for img in fitted]
+
+
 def _resample(src: np.ndarray, coeffs: AxisCoefficients, axis: int) -> np.ndarray:
     """One Pillow pass along ``axis`` (0 = rows/vertical, 1 = columns/horizontal) of a uint8 HWC image."""
     n_in = src.shape[axis]
@@ -181,8 +221,4 @@ def _shifted(coeffs: AxisCoefficients, offset: int) -> AxisCoefficients:
 
 def preprocess_reference(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC -> float32 CHW model input, the numpy twin of ``i2p.runtime.preprocess.preprocess``."""
-    box = aspect_box(rgb.shape[1], rgb.shape[0])  # the same MAX_ASPECT:1 center crop first
-    if box is not None:
-        left, top, right, bottom = box
-        rgb = rgb[top:bottom, left:right]
-    return normalize(resize_crop_reference(rgb, spec), spec)
+    return normalize(resize_crop_reference(fit_aspect_array(rgb), spec), spec)

@@ -1,16 +1,48 @@
-"""Inference backends: each turns a float32 NCHW batch into float32 logits, one per image."""
+"""Inference backends: each turns a float32 NCHW batch into float32 logits, one per image.
+
+The Detector cuts batches (at most ``max_batch`` images per call) and talks to a backend only
+through ``Backend``; a backend that preprocesses on its device says so with ``accepts_images``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from ..manifest import Manifest
+from ..preprocess import ResizePlan
+
+
+def tensor_names(manifest: Manifest) -> tuple[str, str]:
+    """(input, logit output) as the manifest names them: its one input, and its first output.
+
+    The exporter lists the logit first (then the probability); the runtime reads names from the
+    manifest rather than assuming them.
+    """
+    return manifest.inputs[0].name, manifest.outputs[0].name
 
 
 class Backend(Protocol):
     name: str  # e.g. "onnxruntime[CUDAExecutionProvider]", "tensorrt"
     precision: str  # "fp32" | "fp16"
+    max_batch: int | None  # the most images one call takes; None: any number
+    accepts_images: bool  # infer_images preprocesses decoded uint8 images on the device
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] -> float32 logits [N]. Must be safe to call from several threads."""
+        ...
+
+    def infer_images(
+        self, images: Sequence[np.ndarray], plans: Sequence[ResizePlan] | None = None
+    ) -> np.ndarray:
+        """Decoded uint8 HxWx3 images (with their resize plans) -> float32 logits [N].
+
+        Only called when ``accepts_images`` is true; other backends raise RuntimeError.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release device resources now rather than at garbage collection."""
         ...

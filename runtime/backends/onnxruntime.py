@@ -37,12 +37,18 @@ def auto_providers(
     """Best providers first: TensorRT EP, CUDA EP, then the CPU EP every build has.
 
     ``input_shape`` = (input name, max batch, channels, height, width) gives the TensorRT EP one
-    optimization profile (batch 1..max) instead of a rebuild per new batch size; ``engine_cache`` is
-    where it keeps its engines (key it by the model's sha256).
+    optimization profile (batch 1..max) instead of a rebuild per new batch size, so it is required
+    whenever the TensorRT EP is available; ``engine_cache`` is where it keeps its engines (key it by
+    the model's sha256).
     """
     available = ort.get_available_providers() if available is None else available
     providers: list[Provider] = []
     if TENSORRT_EP in available:
+        if input_shape is None:
+            raise ValueError(
+                "the TensorRT execution provider is available: pass input_shape=(name, max_batch, 3, S, S) "
+                "so that it builds one engine for batches 1..max_batch instead of one per batch size"
+            )
         opts: dict[str, Any] = {"device_id": device, "trt_fp16_enable": precision == "fp16"}
         if engine_cache is not None:
             engine_cache.mkdir(parents=True, exist_ok=True)
@@ -67,8 +73,27 @@ def auto_providers(
 FP16_CPU_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 
 
+def model_input_shape(model_path: str | os.PathLike, max_batch: int) -> tuple[str, int, int, int, int]:
+    """(name, max_batch, C, H, W) of the model's image input, read with a CPU session that optimizes nothing."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(os.fspath(model_path), sess_options=opts, providers=[CPU_EP])
+    first = session.get_inputs()[0]
+    _, *chw = first.shape
+    if len(chw) != 3 or not all(isinstance(d, int) for d in chw):
+        raise RuntimeError(f"{model_path}: input {first.name!r} is {first.shape}, expected [batch, C, H, W]")
+    return (first.name, max_batch, *chw)
+
+
 class OnnxRuntimeBackend:
-    """One InferenceSession; ``infer`` may be called from several threads at once (``run`` is thread-safe)."""
+    """One InferenceSession; ``infer`` may be called from several threads at once (``run`` is thread-safe).
+
+    ``providers=None`` picks them with ``auto_providers``; where the TensorRT EP is available its
+    optimization profile covers batch 1..``max_batch`` of the model's own input shape.
+    """
+
+    accepts_images = False  # preprocessing happens on the host, before infer
+    max_batch = None  # ONNX Runtime takes any batch size
 
     def __init__(
         self,
@@ -78,13 +103,19 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         *,
         precision: str = "fp32",
+        output_name: str | None = None,
+        max_batch: int = 32,
     ) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT's placement warnings are expected and not actionable
         if threads is not None:
             opts.intra_op_num_threads = threads
-        providers = auto_providers(device, precision) if providers is None else providers
+        if providers is None:
+            shape = None
+            if TENSORRT_EP in ort.get_available_providers():
+                shape = model_input_shape(model_path, max_batch)
+            providers = auto_providers(device, precision, input_shape=shape)
         on_cpu = provider_name(providers[0]) == CPU_EP
         disabled = list(FP16_CPU_DISABLED_OPTIMIZERS) if precision == "fp16" and on_cpu else []
         try:
@@ -99,8 +130,11 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
-        if "logit" not in outputs:
-            raise RuntimeError(f"{model_path}: the model has no 'logit' output (outputs: {outputs})")
+        self.output_name = outputs[0] if output_name is None else output_name
+        if self.output_name not in outputs:
+            raise RuntimeError(
+                f"{model_path}: the model has no {self.output_name!r} output (outputs: {outputs})"
+            )
         wanted = [provider_name(p) for p in providers]
         if self.providers[0] != wanted[0]:
             log.warning("ONNX Runtime could not use %s; running on %s", wanted[0], self.providers[0])
@@ -111,5 +145,11 @@ class OnnxRuntimeBackend:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] -> float32 logits [N]."""
-        (logits,) = self.session.run(["logit"], {self.input_name: batch})
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return logits
+
+    def infer_images(self, images: object, plans: object = None) -> np.ndarray:
+        raise RuntimeError("ONNX Runtime takes preprocessed batches (accepts_images=False); use infer")
+
+    def close(self) -> None:
+        """Nothing to release early: the session's memory goes with the object."""

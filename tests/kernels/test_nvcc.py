@@ -1,5 +1,6 @@
-"""The CUDA preprocessing kernel: compiled with nvcc for every target GPU, its host-side layout, and (on a GPU)
-its output against the numpy reference.
+"""The CUDA preprocessing kernel: compiled with nvcc for every target GPU this nvcc knows, its host-side
+layout, and (on a GPU) its output against the numpy reference. ``test_host_kernel.py`` runs the same
+source on the CPU.
 
 Tolerance on a GPU: float32 output equals ``preprocess_reference`` exactly (0 difference), float16 output
 equals the reference cast to float16 exactly; every output element is written.
@@ -18,12 +19,14 @@ from i2p.runtime.preprocess import PreprocessSpec
 from i2p.runtime.resample import (
     AxisCoefficients,
     _resample,
+    kernel_batch,
     pillow_version,
     preprocess_reference,
     resize_crop_reference,
 )
 
-ARCHS = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90")  # Turing .. Hopper, sm_87 = Jetson Orin
+# Turing .. Hopper, sm_87 = Jetson Orin; each compiled where this nvcc supports it (11.4 stops at sm_87).
+WANTED = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 SPEC = PreprocessSpec(size=224)
 MIXED = [(1, 1), (3, 500), (500, 3), (224, 224), (224, 300), (640, 480), (57, 913), (1000, 1400), (300, 1400)]
 
@@ -36,7 +39,16 @@ def _images(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
 
 
 @needs_nvcc
+def test_nvcc_lists_the_architectures_it_supports() -> None:
+    archs = kernels.supported_archs()
+    assert archs and all(a.startswith("sm_") for a in archs)
+
+
+@needs_nvcc
 def test_every_target_compiles_without_register_spills(tmp_path: Path) -> None:
+    supported = set(kernels.supported_archs())
+    ARCHS = [a for a in WANTED if a in supported]
+    assert "sm_87" in ARCHS, f"this nvcc cannot build for Jetson Orin (supports {sorted(supported)})"
     start = time.perf_counter()
     report = kernels.nvcc_compile(ARCHS, tmp_path / "preprocess.fatbin")
     seconds = time.perf_counter() - start
@@ -110,8 +122,8 @@ def _emulate_kernel_reads(layout: kernels.BatchLayout, src: np.ndarray, size: in
 
 def test_batch_layout_is_what_the_kernel_expects() -> None:
     """Packed source offsets, descriptors and tables reproduce the reference for a mixed-size batch."""
-    images = _images(MIXED)
-    layout = kernels.plan_batch([img.shape for img in images], SPEC)
+    images, tables = kernel_batch(_images(MIXED), SPEC.size)
+    layout = kernels.plan_batch([img.shape for img in images], tables, SPEC.size)
     assert layout.descs.shape == (len(images), kernels.DESC_FIELDS) and layout.descs.dtype == np.int64
     assert layout.tables.dtype == np.int32
     src = np.zeros(layout.src_bytes, np.uint8)
@@ -139,7 +151,7 @@ def test_module_imports_and_reports_unavailable_without_pycuda() -> None:
     except ImportError:
         assert kernels.available() is False
         with pytest.raises(ImportError, match="GPU preprocessing needs pycuda"):
-            kernels.GpuPreprocessor(SPEC)
+            kernels.GpuPreprocessor(SPEC.size, SPEC.mean, SPEC.std)
     else:
         pytest.skip("pycuda is installed here")
 
@@ -153,14 +165,15 @@ def test_module_imports_and_reports_unavailable_without_pycuda() -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_kernel_matches_the_reference_on_a_gpu(dtype: type) -> None:
     cuda = kernels.driver()
-    images = _images(MIXED + [(4000, 3000), (120, 13000)], seed=1)
-    pre = kernels.GpuPreprocessor(SPEC, max_batch=len(images), out_dtype=dtype)
+    images = _images(MIXED + [(4000, 3000), (120, 1900)], seed=1)
+    fitted, tables = kernel_batch(images, SPEC.size)
+    pre = kernels.GpuPreprocessor(SPEC.size, SPEC.mean, SPEC.std, max_batch=len(images), out_dtype=dtype)
     n, s = len(images), SPEC.size
     nbytes = n * 3 * s * s * np.dtype(dtype).itemsize
     with kernels.activated(pre.context):
         out = cuda.mem_alloc(nbytes)
         cuda.memset_d8(out, 0xFF, nbytes)  # NaN in both float16 and float32: unwritten elements show
-    pre.launch(images, int(out))
+    pre.launch(fitted, tables, int(out))
     host = np.empty((n, 3, s, s), dtype)
     with kernels.activated(pre.context):
         pre.stream.synchronize()
@@ -168,13 +181,17 @@ def test_kernel_matches_the_reference_on_a_gpu(dtype: type) -> None:
         start, end = cuda.Event(), cuda.Event()
         start.record(pre.stream)
     for _ in range(10):
-        pre.launch(images, int(out))
+        pre.launch(fitted, tables, int(out))
     with kernels.activated(pre.context):
         end.record(pre.stream)
         end.synchronize()
         ms = start.time_till(end) / 10
         out.free()
+    via_call = pre(fitted, tables)
     pre.close()
+    pre.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        pre(fitted, tables)
     assert not np.isnan(host).any(), "some output elements were never written"
     expected = np.stack([preprocess_reference(img, SPEC) for img in images]).astype(dtype)
     worst = float(np.max(np.abs(host.astype(np.float64) - expected)))
@@ -182,3 +199,25 @@ def test_kernel_matches_the_reference_on_a_gpu(dtype: type) -> None:
         f"\n{cuda.Device(0).name()} {np.dtype(dtype).name}: max |gpu - reference| = {worst}, {ms:.2f} ms/batch of {n}"
     )
     np.testing.assert_array_equal(host, expected)
+    np.testing.assert_array_equal(via_call, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not kernels.available(), reason="needs pycuda and an NVIDIA GPU")
+def test_concurrent_calls_each_get_their_own_batch() -> None:
+    """__call__ holds the lock from launch to copy-back: threads sharing one preprocessor never mix outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pre = kernels.GpuPreprocessor(SPEC.size, SPEC.mean, SPEC.std, max_batch=4, out_dtype=np.float32)
+    batches = [kernel_batch(_images([(100 + 37 * i, 80 + 11 * i)] * 3, seed=i), SPEC.size) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: pre(*b), batches * 4))
+    pre.close()
+    for (fitted, _), got in zip(batches * 4, results, strict=True):
+        want = np.stack([preprocess_reference(img, SPEC) for img in fitted])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_max_batch_is_bounded_by_the_grid() -> None:
+    with pytest.raises(ValueError, match="gridDim.z"):
+        kernels.GpuPreprocessor(SPEC.size, SPEC.mean, SPEC.std, max_batch=kernels.MAX_BATCH + 1)

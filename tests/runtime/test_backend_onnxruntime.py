@@ -16,6 +16,7 @@ from i2p.runtime.backends.onnxruntime import (
     TENSORRT_EP,
     OnnxRuntimeBackend,
     auto_providers,
+    model_input_shape,
 )
 from tests.support.fake_artifact import build_model, make_artifact
 
@@ -42,7 +43,16 @@ def test_provider_order_prefers_tensorrt_then_cuda_then_cpu(tmp_path: Path) -> N
     assert (tmp_path / "engines").is_dir()
     assert trt["trt_profile_min_shapes"] == "image:1x3x224x224"
     assert trt["trt_profile_max_shapes"] == trt["trt_profile_opt_shapes"] == "image:32x3x224x224"
-    assert auto_providers(precision="fp32", available=[TENSORRT_EP, CPU_EP])[0][1]["trt_fp16_enable"] is False
+    shape = ("image", 8, 3, 224, 224)
+    fp32 = auto_providers(precision="fp32", available=[TENSORRT_EP, CPU_EP], input_shape=shape)
+    assert fp32[0][1]["trt_fp16_enable"] is False
+
+
+def test_the_tensorrt_ep_always_gets_a_batch_profile(artifact: Path) -> None:
+    """Without one, ORT's TensorRT EP builds an engine for every new batch size."""
+    with pytest.raises(ValueError, match="pass input_shape"):
+        auto_providers(available=[TENSORRT_EP, CPU_EP])
+    assert model_input_shape(artifact / "model.onnx", 16) == ("image", 16, 3, 32, 32)
 
 
 def test_cache_root_follows_i2p_cache_dir_then_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -73,7 +83,11 @@ def test_unloadable_or_wrong_models_are_clear_errors(tmp_path: Path) -> None:
     model.graph.node[4].output[0] = "score"
     onnx.save(model, tmp_path / "renamed.onnx")
     with pytest.raises(RuntimeError, match=r"no 'logit' output \(outputs: \['score', 'probability'\]\)"):
-        OnnxRuntimeBackend(tmp_path / "renamed.onnx")
+        OnnxRuntimeBackend(tmp_path / "renamed.onnx", output_name="logit")
+    backend = OnnxRuntimeBackend(tmp_path / "renamed.onnx")  # no name given: the model's first output
+    assert backend.output_name == "score" and not backend.accepts_images and backend.max_batch is None
+    with pytest.raises(RuntimeError, match="accepts_images=False"):
+        backend.infer_images([])
 
 
 def test_concurrent_run_is_thread_safe(artifact: Path) -> None:

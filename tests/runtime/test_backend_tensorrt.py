@@ -1,6 +1,9 @@
-"""The TensorRT backend: engine cache keys and sidecar verification, the ONNX rewrite for TensorRT 8.5, the
-FP32 pinning, errors without TensorRT, and (where TensorRT, pycuda and a GPU exist) the engine against
-ONNX Runtime on the CPU.
+"""The TensorRT backend and its parts (``i2p.runtime.tensorrt``): engine cache keys, sidecars and lookup, the
+ONNX rewrite for TensorRT 8.5, the FP32 pinning, errors without TensorRT, CUDA graph capture (pycuda and a
+GPU), and (where TensorRT, pycuda and a GPU exist) the engine against ONNX Runtime on the CPU.
+
+Runtime-only: nothing here imports torch, open_clip or ``i2p.export`` (a Jetson with the runtime and the
+``[gpu]`` extras runs this file).
 
 GPU tolerance: |engine logit - ONNX Runtime FP32 logit| <= 0.05 + 2% of |logit| for the FP16 engine.
 """
@@ -18,21 +21,25 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from i2p import kernels
 from i2p.base.files import sha256_file
 from i2p.runtime.backends import tensorrt as trt_backend
-from i2p.runtime.backends.tensorrt import (
-    EngineBuildError,
+from i2p.runtime.manifest import Manifest, ModelFile, TensorSpec
+from i2p.runtime.preprocess import PreprocessSpec
+from i2p.runtime.tensorrt import api, build
+from i2p.runtime.tensorrt.api import EngineBuildError, TensorRTUnavailableError, graphs_supported
+from i2p.runtime.tensorrt.cache import (
     EngineKey,
-    TensorRTUnavailableError,
-    decompose_layernorm,
     engine_mismatch,
     engine_name,
     engine_source,
+    lookup,
     sidecar_path,
+    timing_cache_name,
     write_engine,
 )
-from i2p.runtime.manifest import Manifest, ModelFile, TensorSpec
-from i2p.runtime.preprocess import PreprocessSpec
+from i2p.runtime.tensorrt.graph import CudaGraph
+from i2p.runtime.tensorrt.layernorm import decompose_layernorm
 
 SHA = "ab" * 32
 KEY = EngineKey(
@@ -280,7 +287,7 @@ def test_layernorm_reductions_and_softmax_are_pinned_to_fp32() -> None:
         _FakeLayer("/mlp/fc/Add", "elementwise", ["f32"]),
     ]
     network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
-    assert trt_backend._keep_fp32(network, fake_trt) == 4
+    assert build.keep_fp32(network, fake_trt) == 4
     pinned = [layer.name for layer in layers if layer.precision == "f32"]
     assert pinned == [
         "/blocks.0/attn/Softmax",
@@ -297,18 +304,18 @@ def test_layernorm_reductions_and_softmax_are_pinned_to_fp32() -> None:
 
 @pytest.mark.skipif(_trt_importable(), reason="tensorrt is installed here")
 def test_clear_error_without_tensorrt(tmp_path: Path) -> None:
-    assert trt_backend.tensorrt_available() is False
+    assert api.available() is False
     with pytest.raises(TensorRTUnavailableError, match="needs the tensorrt Python package"):
         trt_backend.TensorRTBackend(tmp_path, _manifest((FP32, FP16)))
     with pytest.raises(TensorRTUnavailableError, match="python3-libnvinfer"):
-        trt_backend.build_engine(tmp_path / "model.onnx", tmp_path / "x.engine", max_batch=4, opt_batch=2)
+        build.build_engine(tmp_path / "model.onnx", tmp_path / "x.engine", max_batch=4, opt_batch=2)
 
 
 def test_build_arguments_are_checked_before_anything_heavy(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="opt_batch"):
-        trt_backend.build_engine(tmp_path / "m.onnx", tmp_path / "x.engine", max_batch=4, opt_batch=8)
+        build.build_engine(tmp_path / "m.onnx", tmp_path / "x.engine", max_batch=4, opt_batch=8)
     with pytest.raises(ValueError, match="precision"):
-        trt_backend.build_engine(tmp_path / "m.onnx", tmp_path / "x.engine", 4, 2, precision="int8")
+        build.build_engine(tmp_path / "m.onnx", tmp_path / "x.engine", 4, 2, precision="int8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +324,7 @@ def test_build_arguments_are_checked_before_anything_heavy(tmp_path: Path) -> No
 
 def _tiny_artifact(root: Path, size: int = 32) -> Manifest:
     """A small ViT-shaped network (patchify, LayerNorm, softmax attention, head) as FP32 and FP16 ONNX."""
-    from i2p.export.fp16 import convert_fp16  # the exporter's own FP16 conversion
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # what the exporter uses
 
     rng = np.random.default_rng(0)
     patch, dim = 8, 32
@@ -364,14 +371,12 @@ def _tiny_artifact(root: Path, size: int = 32) -> Manifest:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, root / "model.onnx")
-    convert_fp16(root / "model.onnx", root / "model.fp16.onnx")
+    onnx.save(convert_float_to_float16(model, keep_io_types=True), root / "model.fp16.onnx")
     files = {f: sha256_file(root / f) for f in ("model.onnx", "model.fp16.onnx")}
     return _manifest((FP32, FP16), files, size)
 
 
-gpu_only = pytest.mark.skipif(
-    not trt_backend.tensorrt_available(), reason="needs tensorrt, pycuda and an NVIDIA GPU"
-)
+gpu_only = pytest.mark.skipif(not api.available(), reason="needs tensorrt, pycuda and an NVIDIA GPU")
 
 
 @pytest.mark.gpu
@@ -391,13 +396,21 @@ def test_engine_matches_onnxruntime_cpu_and_is_cached(tmp_path: Path) -> None:
     x = np.random.default_rng(2).normal(0, 1, (11, 3, 32, 32)).astype(np.float32)
     reference = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     want = reference.run(["logit"], {"image": x})[0]
-    got = backend.infer(x)  # chunks of 8 and 3
+    import tensorrt
+
+    assert backend.graph_captured is graphs_supported(tensorrt.__version__)  # capture errors fail here
+    with pytest.raises(ValueError, match="exceeds max_batch=8"):
+        backend.infer(x)  # the Detector cuts batches; the backend refuses what its profile cannot run
+    got = np.concatenate([backend.infer(x[:8]), backend.infer(x[8:])])
     got4 = backend.infer(x[:4])  # the CUDA graph batch
     print(f"\nmax |TensorRT fp16 - ORT fp32| logit: {np.max(np.abs(got - want)):.4g}")
     assert np.all(np.abs(got - want) <= 0.05 + 0.02 * np.abs(want))
     np.testing.assert_allclose(got4, got[:4], rtol=1e-3, atol=1e-3)
     mtime = backend.engine_path.stat().st_mtime_ns
     backend.close()
+    backend.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.infer(x[:1])
     again = trt_backend.TensorRTBackend(tmp_path, manifest, max_batch=8)
     assert again.engine_path.stat().st_mtime_ns == mtime  # reused, not rebuilt
     again.close()
@@ -415,7 +428,65 @@ def test_infer_images_preprocesses_on_the_gpu_like_the_cpu(tmp_path: Path) -> No
         rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         for w, h in [(1, 1), (3, 500), (640, 480), (300, 1400)]
     ]
+    assert backend.accepts_images
     via_gpu = backend.infer_images(images)
     via_cpu = backend.infer(np.stack([preprocess(img, manifest.preprocess) for img in images]))
     backend.close()
     np.testing.assert_allclose(via_gpu, via_cpu, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine lookup, version rules
+
+
+def test_lookup_finds_a_verified_engine_or_says_where_to_build(tmp_path: Path) -> None:
+    first, second = tmp_path / "artifact" / "engines", tmp_path / "cache" / "engines"
+    miss = lookup([first, second], KEY)
+    assert not miss.found and miss.path == first / KEY.filename and len(miss.reasons) == 2
+    write_engine(second / KEY.filename, b"engine", KEY)
+    hit = lookup([first, second], KEY)
+    assert hit.found and hit.path == second / KEY.filename
+    assert timing_cache_name(KEY) == "timing_nvidia-jetson-agx-orin_sm87_trt10.3.0.cache"
+
+
+def test_cuda_graphs_are_skipped_before_tensorrt_9() -> None:
+    assert not graphs_supported("8.5.2.2") and not graphs_supported("8.6.1")
+    assert graphs_supported("10.3.0") and graphs_supported("11.1.0")
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA graphs (pycuda and a GPU; no TensorRT needed)
+
+needs_pycuda_gpu = pytest.mark.skipif(not kernels.available(), reason="needs pycuda and an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+@needs_pycuda_gpu
+def test_cuda_graph_replays_captured_work_and_cleans_up_a_failed_capture() -> None:
+    cuda = kernels.driver()
+    with kernels.activated(kernels.primary_context(0)):
+        stream, n = cuda.Stream(), 1 << 16
+        buffer = cuda.mem_alloc(4 * n)
+        cuda.memset_d32(buffer, 0, n)
+        graph = CudaGraph(stream.handle, lambda: cuda.memset_d32_async(buffer, 7, n, stream))
+        host = np.empty(n, np.uint32)
+        cuda.memcpy_dtoh(host, buffer)
+        assert not host.any()  # captured, not run
+        graph.launch(stream.handle)
+        stream.synchronize()
+        cuda.memcpy_dtoh(host, buffer)
+        assert (host == 7).all()
+        graph.close()
+        graph.close()
+
+        def failing() -> None:
+            cuda.memset_d32_async(buffer, 1, n, stream)
+            raise RuntimeError("enqueue failed")
+
+        with pytest.raises(RuntimeError, match="enqueue failed"):
+            CudaGraph(stream.handle, failing)
+        cuda.memset_d32_async(buffer, 3, n, stream)  # the stream left capture mode: it runs work again
+        stream.synchronize()
+        cuda.memcpy_dtoh(host, buffer)
+        assert (host == 3).all()
+        buffer.free()

@@ -7,6 +7,7 @@ import logging
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from PIL import Image
 from i2p.runtime import ArtifactError, BackendUnavailableError, Detector, ImageError, Prediction
 from i2p.runtime import detector as detector_module
 from i2p.runtime.manifest import FORMAT_VERSION
-from i2p.runtime.preprocess import preprocess
+from i2p.runtime.preprocess import ResizePlan, preprocess, resize_plan
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import build_model, make_artifact
 
@@ -29,6 +30,33 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def det(artifact: Path) -> Detector:
     return Detector(artifact, backend="onnxruntime")
+
+
+def stand_in(name: str, precision: str, infer: Any, **extra: Any) -> SimpleNamespace:
+    """A Backend stand-in: host preprocessing and any batch size unless ``extra`` says otherwise."""
+    fields = {"accepts_images": False, "max_batch": None, "close": lambda: None, **extra}
+    return SimpleNamespace(name=name, precision=precision, infer=infer, **fields)
+
+
+def test_batches_are_cut_once_to_the_backend_limit(artifact: Path, det: Detector, monkeypatch) -> None:
+    """Detector(batch_size=5) on a backend taking at most 2 images: every call gets <= 2, in order."""
+    sizes: list[int] = []
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return det.backend.infer(x)
+
+    monkeypatch.setattr(
+        Detector, "_open_backend", lambda self, *a: stand_in("small", "fp32", infer, max_batch=2)
+    )
+    small = Detector(artifact, batch_size=5)
+    imgs = images(5)
+    assert [r.probability for r in small.predict(imgs)] == [r.probability for r in det.predict(imgs)]
+    assert sizes == [2, 2, 1]
+    sizes.clear()
+    batch = np.stack([preprocess(im, det.spec) for im in imgs])
+    np.testing.assert_array_equal(small.predict_batch(batch), det.predict_batch(batch))
+    assert sizes == [2, 2, 1]
 
 
 def images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -255,9 +283,7 @@ class FakeTensorRT:
         self.calls.append((artifact_dir, manifest.name, device, max_batch))
         if self.fail:
             raise RuntimeError("no engine for this GPU")
-        return SimpleNamespace(
-            name="tensorrt", precision="fp16", infer=lambda x: np.zeros(len(x), np.float32)
-        )
+        return stand_in("tensorrt", "fp16", lambda x: np.zeros(len(x), np.float32))
 
 
 def test_tensorrt_is_preferred_when_present(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,16 +315,16 @@ def test_tensorrt_backend_without_tensorrt(artifact: Path, monkeypatch: pytest.M
 def test_gpu_preprocessing_hook_gets_decoded_images(
     artifact: Path, det: Detector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A backend with infer_images receives uint8 HWC images at their own size, bad inputs excluded."""
+    """A backend that accepts images receives uint8 HWC images at their own size with each one's resize
+    plan (computed once, while decoding), bad inputs excluded."""
     seen: list[list[tuple]] = []
 
-    def infer_images(imgs: list[np.ndarray]) -> np.ndarray:  # preprocess "on the device": here, on the CPU
+    def infer_images(imgs: list[np.ndarray], plans: list[ResizePlan]) -> np.ndarray:
         seen.append([(im.shape, im.dtype) for im in imgs])
-        return det.backend.infer(np.stack([preprocess(im, det.spec) for im in imgs]))
+        assert plans == [resize_plan(im.shape[1], im.shape[0], det.spec.size) for im in imgs]
+        return det.backend.infer(np.stack([preprocess(im, det.spec) for im in imgs]))  # "on the device"
 
-    gpu = SimpleNamespace(
-        name="gpu-stand-in", precision="fp32", infer=det.backend.infer, infer_images=infer_images
-    )
+    gpu = stand_in("gpu-stand-in", "fp32", det.backend.infer, infer_images=infer_images, accepts_images=True)
     monkeypatch.setattr(Detector, "_open_backend", lambda self, *a: gpu)
     hooked = Detector(artifact, batch_size=2)
     imgs = images(3)
@@ -316,7 +342,7 @@ def test_gpu_preprocessing_hook_gets_decoded_images(
 
 
 def test_non_finite_network_output_is_an_error_row(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nan = SimpleNamespace(name="nan", precision="fp16", infer=lambda x: np.full(len(x), np.nan, np.float32))
+    nan = stand_in("nan", "fp16", lambda x: np.full(len(x), np.nan, np.float32))
     monkeypatch.setattr(Detector, "_open_backend", lambda self, *a: nan)
     [r] = Detector(artifact).predict(images(1))
     assert not r.ok and "non-finite" in r.error and r.probability is None
