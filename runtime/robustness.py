@@ -1,0 +1,203 @@
+"""Robustness sweeps: score a labelled set under each degradation, then tabulate and plot the metrics.
+
+One implementation for both evaluation paths: ``i2p eval --ckpt`` (a PyTorch checkpoint) and
+``i2p eval --model`` (an exported artifact through the torch-free ``Detector``) pass a scoring
+function; decoding, the degradation (the same for real and generated images: the labels are not
+even given to it) and the metrics are here. Unreadable files are reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from i2p.base.tables import format_table
+
+from .metrics import MEAN, Metrics, evaluate
+from .perturb import Condition
+from .preprocess import ImageError, load_image
+
+log = logging.getLogger("i2p")
+
+Scorer = Callable[[list[Image.Image]], np.ndarray]  # decoded RGB images -> "fake" probabilities (NaN: none)
+
+
+@dataclass
+class SweepResult:
+    """Metrics per condition (clean first), per generator and mean, at one threshold."""
+
+    threshold: float
+    metrics: dict[str, dict[str, Metrics]]
+    strengths: dict[str, float | None]
+    skipped: list[tuple[str, str]]  # (path, reason), once per file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "conditions": {
+                c: {"strength": self.strengths[c], "metrics": {g: m.to_dict() for g, m in ms.items()}}
+                for c, ms in self.metrics.items()
+            },
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+
+def _batches(samples: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(samples), size):
+        yield samples[start : start + size]
+
+
+def score_condition(
+    samples: Sequence[Any], condition: Condition, scorer: Scorer, batch_size: int = 32, progress=None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """(probabilities, indices of the scored samples, skipped (path, reason)) under one condition."""
+    probs, kept, skipped = [], [], []
+    for offset, batch in enumerate(_batches(samples, batch_size)):
+        images, idx = [], []
+        for j, s in enumerate(batch):
+            try:
+                images.append(condition(load_image(s.path)))
+                idx.append(offset * batch_size + j)
+            except (ImageError, OSError) as e:
+                skipped.append((str(s.path), str(e)))
+        if images:
+            scores = np.asarray(scorer(images), dtype=np.float64)
+            for i in np.flatnonzero(~np.isfinite(scores)):  # the scorer's way of saying "could not score"
+                skipped.append((str(samples[idx[i]].path), "the model returned no score"))
+            probs.append(scores[np.isfinite(scores)])
+            kept += [j for j, ok in zip(idx, np.isfinite(scores), strict=True) if ok]
+        if progress is not None:
+            progress(len(batch))
+    return (np.concatenate(probs) if probs else np.empty(0)), np.asarray(kept, dtype=np.int64), skipped
+
+
+def sweep(
+    samples: Sequence[Any],
+    conditions: Sequence[Condition],
+    scorer: Scorer,
+    threshold: float,
+    batch_size: int = 32,
+    progress=None,
+) -> SweepResult:
+    """Metrics of ``scorer`` on ``samples`` under every condition, at ``threshold``."""
+    metrics, strengths, skipped = {}, {}, {}
+    for cond in conditions:
+        p, idx, bad = score_condition(samples, cond, scorer, batch_size, progress)
+        skipped.update(dict(bad))
+        if not len(idx):
+            raise ValueError(f"no readable images to evaluate under {cond.name}")
+        y = np.array([samples[i].label for i in idx])
+        metrics[cond.name] = evaluate(y, p, [samples[i].generator for i in idx], threshold)
+        strengths[cond.name] = cond.strength
+    return SweepResult(threshold, metrics, strengths, sorted(skipped.items()))
+
+
+def sweep_table(result: SweepResult, metric: str = "auc") -> str:
+    """One row per condition: ``metric`` per generator, the mean, and the mean's change from clean."""
+    clean = next(iter(result.metrics.values()))[MEAN]
+    rows = []
+    for cond, ms in result.metrics.items():
+        row: dict[str, Any] = {"condition": cond}
+        row.update({g: _na(getattr(m, metric)) for g, m in ms.items()})
+        delta = getattr(ms[MEAN], metric) - getattr(clean, metric)
+        row[f"Δ{metric} vs clean"] = _na(delta)
+        rows.append(row)
+    return format_table(rows)
+
+
+def _na(v: float) -> float | str:
+    return "n/a" if isinstance(v, float) and math.isnan(v) else v
+
+
+def plot_sweep(result: SweepResult, path: Path, metric: str = "auc", title: str = "") -> Path:
+    """Metric vs strength, one panel per degradation kind, one line per generator (and the mean).
+
+    Needs matplotlib (installed with the [train] extra); the clean value is drawn at the no-op
+    strength of each kind (quality 100, factor 1, sigma 0). Chains appear as single points.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds: dict[str, list[tuple[float, str]]] = {}
+    chains = []
+    for cond, strength in result.strengths.items():
+        if cond == "clean":
+            continue
+        if strength is None:
+            chains.append(cond)
+        else:
+            kinds.setdefault(cond.split(":")[0], []).append((strength, cond))
+    panels = list(kinds) + (["chains"] if chains else [])
+    noop = {"jpeg": 100.0, "resize": 1.0, "blur": 0.0}
+    fig, axes = plt.subplots(
+        1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)), 3.2), dpi=110, squeeze=False
+    )
+    generators = list(next(iter(result.metrics.values())))
+    for ax, panel in zip(axes[0], panels, strict=False):
+        if panel == "chains":
+            xs = ["clean", *chains]
+            for g in generators:
+                ax.plot(range(len(xs)), [getattr(result.metrics[c][g], metric) for c in xs], "o-", label=g,
+                        lw=2.5 if g == MEAN else 1)  # fmt: skip
+            ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=7)
+        else:
+            points = sorted([(noop[panel], "clean"), *kinds[panel]], reverse=panel != "blur")
+            for g in generators:
+                ax.plot([s for s, _ in points], [getattr(result.metrics[c][g], metric) for _, c in points], "o-",
+                        label=g, lw=2.5 if g == MEAN else 1)  # fmt: skip
+            ax.set_xlabel(
+                {"jpeg": "JPEG quality", "resize": "downscale factor", "blur": "blur sigma (px)"}[panel]
+            )
+            if panel != "blur":
+                ax.invert_xaxis()  # stronger degradation to the right in every panel
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def detector_scorer(detector: Any) -> Scorer:
+    """A Scorer running an ``i2p.runtime.Detector`` (its own preprocessing: what deployment runs)."""
+
+    def score(images: list[Image.Image]) -> np.ndarray:
+        return np.array(
+            [np.nan if r.probability is None else r.probability for r in detector.predict(images)]
+        )
+
+    return score
+
+
+def evaluate_artifact(
+    model: str | Path,
+    data: str | Path,
+    conditions: Sequence[Condition],
+    threshold: float | None = None,
+    batch_size: int = 32,
+    progress=None,
+    **detector_options: Any,
+) -> SweepResult:
+    """Metrics of an exported artifact on a labelled folder/CSV under each condition, without torch.
+
+    ``threshold`` defaults to the detector's (the manifest's, or the operating point passed in
+    ``detector_options``); the deployed model file is the one ``Detector`` picks (FP16, INT8, ...).
+    """
+    from .detector import Detector
+    from .labels import discover
+
+    samples = discover(data)
+    with Detector(model, batch_size=batch_size, threshold=threshold, **detector_options) as det:
+        return sweep(samples, conditions, detector_scorer(det), det.threshold, batch_size, progress)
