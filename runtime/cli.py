@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any
 
 import click
 import numpy as np
@@ -21,10 +21,10 @@ from i2p.base.tables import format_table
 
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
 from .manifest import ArtifactError
-from .sources import iter_images, predict_stream
+from .outputs import ROW_COLUMNS, DoneSet, OutputError, Row, display, file_sink, partial_path, safe_row
+from .sources import iter_images, predict_stream, survey
 
-ROW_COLUMNS = ("path", "probability", "label", "error")
-Row = dict[str, Any]
+MAX_BENCH_BATCH = 1024  # i2p-bench: a [1024, 3, 224, 224] float32 input is 600 MB
 
 
 class _ClickHandler(logging.Handler):
@@ -48,7 +48,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--model",
                 "-m",
-                type=click.Path(exists=True, file_okay=False),
+                type=click.Path(exists=True),  # a file gets the Detector's message (e.g. "a checkpoint")
                 help="Artifact directory written by i2p-export (i2p-detect: or --server).",
             ),
             click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True),
@@ -97,13 +97,22 @@ def _load(
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option(
     "--workers",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 256),
     default=min(8, os.cpu_count() or 1),
     show_default=True,
     help="Decode threads.",
 )
 @click.option(
-    "--threshold", type=click.FloatRange(0, 1), default=None, help="Default: the artifact's calibrated one."
+    "--threshold",
+    type=float,
+    default=None,
+    callback=lambda ctx, param, v: _probability(v),
+    help="Default: the artifact's calibrated one.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted --csv/--jsonl run: skip the files already in OUT.partial (or OUT), append the rest.",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table (summary as JSON).")
 @click.option(
@@ -130,16 +139,21 @@ def detect(
     workers: int,
     threshold: float | None,
     as_json: bool,
+    resume: bool,
     server: str | None,
     timeout: float,
 ) -> None:
     """Score image files (PATHS: files and directories) as real or generated.
 
     One row per file: path, probability, label (real/fake) and error. Unreadable images are rows with
-    an error, not failures: the exit status is 0 whenever the run completed.
+    an error, not failures: the exit status is 0 whenever the run completed. A --csv/--jsonl file is
+    written as OUT.partial and renamed to OUT at the end; after Ctrl-C (exit 130) or a crash, --resume
+    continues it. Decoding threads share one memory budget (I2P_DECODE_MEMORY_MB, default 2048).
     """
     if csv_out and jsonl_out:
         raise click.UsageError("--csv and --jsonl are exclusive: choose one output file")
+    if resume and not (csv_out or jsonl_out):
+        raise click.UsageError("--resume continues a --csv or --jsonl file: give the one to continue")
     # Pillow warns (corrupt EXIF, palette transparency) on files that decode fine; the rows say what failed.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     if server and model:
@@ -152,18 +166,31 @@ def detect(
         )
     counts: Counter[str] = Counter()
     start = time.perf_counter()
-    to_file = bool(csv_out or jsonl_out)
-    with (
-        _row_sink(csv_out, jsonl_out, as_json) as write,
-        _progress(
-            detector.predict_stream(iter_images(paths, recursive))
-            if server
-            else predict_stream(detector, iter_images(paths, recursive), workers)
-        ) as stream,
-    ):
-        for prediction in stream:
-            write(_row(prediction))
-            counts[prediction.label or "error"] += 1
+    out = csv_out or jsonl_out
+    complete, skipped = False, 0
+    try:
+        with _row_sink(csv_out, jsonl_out, as_json, resume) as (write, done):
+            skipped = len(done)
+            sources = iter_images(paths, recursive)
+            if skipped:
+                sources = (p for p in sources if display(p) not in done)
+            stream = (
+                detector.predict_stream(sources) if server else predict_stream(detector, sources, workers)
+            )
+            with _progress(stream) as bar:
+                for prediction in bar:
+                    write(_row(prediction))
+                    counts[prediction.label or "error"] += 1
+        complete = True
+    except KeyboardInterrupt:
+        pass
+    except OutputError as e:
+        kept = (
+            f"; the rows written so far are in {partial_path(out)}"
+            if out and partial_path(out).is_file()
+            else ""
+        )
+        raise click.ClickException(f"{e}{kept}") from None
     elapsed = time.perf_counter() - start
     files = sum(counts.values())
     summary = {
@@ -171,14 +198,49 @@ def detect(
         "fake": counts["fake"],
         "real": counts["real"],
         "errors": counts["error"],
+        "skipped": skipped,  # --resume: already in the output
+        "complete": complete,
         "seconds": round(elapsed, 3),
         "images_per_s": round(files / elapsed, 1) if elapsed > 0 else None,
         "backend": detector.backend.name,
         "precision": detector.backend.precision,
         "threshold": detector.threshold,
     }
-    text = json.dumps(summary) if as_json else format_table([summary])
-    click.echo(text, err=not to_file)  # rows on stdout: keep the summary off it
+    _echo(json.dumps(summary) if as_json else format_table([summary]), err=not out or not complete)
+    if not complete:
+        where = f"the rows so far are in {partial_path(out)}; " if out else ""
+        click.echo(
+            f"i2p-detect: interrupted after {files} files: {where}run again with --resume to continue",
+            err=True,
+        )
+        raise SystemExit(130)
+    if files + skipped == 0:
+        raise click.ClickException(survey(paths, recursive))
+
+
+def _probability(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise click.BadParameter(f"{value} is not a probability in [0, 1]")
+    return value
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """click.echo; a full disk or a closed pipe is one clear error, not a traceback."""
+    try:
+        click.echo(text, err=err)
+    except OSError as e:
+        stream = "standard error" if err else "standard output"
+        _silence_stdout()
+        raise OutputError(f"{stream}: cannot write ({e.strerror or e})") from e
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again on the same error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real descriptor (CliRunner, a closed stream)
+        pass
 
 
 def _connect(server: str, batch_size: int, workers: int, timeout: float, threshold: float | None) -> Any:
@@ -200,27 +262,20 @@ def _row(p: Prediction) -> Row:
 
 
 @contextmanager
-def _row_sink(csv_out: str | None, jsonl_out: str | None, as_json: bool) -> Iterator[Callable[[Row], None]]:
-    """A function that writes one row, to a CSV or JSONL file, or to stdout (JSON lines, or a table at the end)."""
+def _row_sink(
+    csv_out: str | None, jsonl_out: str | None, as_json: bool, resume: bool
+) -> Iterator[tuple[Callable[[Row], None], DoneSet]]:
+    """(write one row, paths already done): a CSV/JSONL file (``outputs.file_sink``), or stdout (JSON
+    lines, or a table at the end). Every cell is made safe to show (``outputs.display``)."""
     if csv_out or jsonl_out:
-        path = csv_out or jsonl_out
-        try:
-            f: TextIO = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)
-        except OSError as e:
-            raise click.FileError(str(path), hint=e.strerror or str(e)) from e
-        with f:
-            if csv_out:
-                writer = csv.DictWriter(f, ROW_COLUMNS)
-                writer.writeheader()
-                yield writer.writerow
-            else:
-                yield lambda row: f.write(json.dumps(row) + "\n")
+        with file_sink(csv_out or jsonl_out, "csv" if csv_out else "jsonl", resume) as sink:
+            yield sink
     elif as_json:
-        yield lambda row: click.echo(json.dumps(row))
+        yield (lambda row: _echo(json.dumps(safe_row(row)))), DoneSet()
     else:  # a table needs every row for its column widths; use --csv/--jsonl for very large runs
         rows: list[Row] = []
-        yield rows.append
-        click.echo(format_table(rows, ROW_COLUMNS))
+        yield (lambda row: rows.append(safe_row(row))), DoneSet()
+        _echo(format_table(rows, ROW_COLUMNS))
 
 
 @contextmanager
@@ -243,6 +298,8 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
         sizes = []
     if not sizes or min(sizes) < 1:
         raise click.BadParameter(f"{value!r}: give positive integers separated by commas, e.g. 1,8,32")
+    if max(sizes) > MAX_BENCH_BATCH:
+        raise click.BadParameter(f"{max(sizes)}: batch sizes go up to {MAX_BENCH_BATCH}")
     return sizes
 
 

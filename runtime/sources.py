@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from i2p.base.files import is_image_name
+from i2p.base.files import IMAGE_EXTENSIONS, is_image_name
 
 from .detector import Detector, Prediction, Prepared
 
@@ -78,3 +78,35 @@ def predict_stream(detector: Detector, sources: Iterable[str], workers: int) -> 
             batch = []
     if batch:
         yield from detector.predict_prepared(batch)
+
+
+def survey(paths: Iterable[str | os.PathLike], recursive: bool) -> str:
+    """Why a scan found no image: what the directories given hold, and ``--recursive`` when it would help."""
+    notes, nested = [], False
+    for path in map(os.fspath, paths):
+        if not os.path.isdir(path):
+            continue
+        subdirs, others = [], 0
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    elif not is_image_name(entry.name):
+                        others += 1
+        except OSError as e:
+            notes.append(f"{path}: cannot list ({e.strerror or e})")
+            continue
+        found = [f"{others} other file(s)"] if others else []
+        if subdirs:
+            shown = ", ".join(sorted(subdirs)[:5]) + (", ..." if len(subdirs) > 5 else "")
+            found.append(f"{len(subdirs)} subdirector{'y' if len(subdirs) == 1 else 'ies'} ({shown})")
+            nested = True
+        where = "in it or its subdirectories" if recursive else "directly in it"
+        notes.append(f"{path}: no image files {where}; found {', '.join(found) or 'nothing'}")
+    hint = "; ".join(notes) or "no image files among the paths given"
+    if nested and not recursive:
+        hint += (
+            ". Add --recursive (-r) to score the images in subdirectories (e.g. a <generator>/0_real layout)"
+        )
+    return hint + f". Image files end in {', '.join(sorted(IMAGE_EXTENSIONS))}."
