@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -127,12 +128,14 @@ class ImageDataset(Dataset):
         spec: PreprocessSpec,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        condition: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.samples = list(samples)
         self.spec = spec
         self.augment = augment
+        self.condition = condition  # a deterministic degradation (i2p.runtime.perturb) before preprocessing
         self.seed = seed
         self.epoch = 0
 
@@ -145,8 +148,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadSample:
         sample = self.samples[index]
         try:
-            if self.augment is None:
+            if self.augment is None and self.condition is None:
                 x = preprocess(sample.path, self.spec)
+            elif self.augment is None:
+                x = preprocess(self.condition(load_image(sample.path, self.spec.max_pixels)), self.spec)
             else:
                 rng = np.random.default_rng((self.seed, self.epoch, index))
                 img = load_image(sample.path, self.spec.max_pixels)

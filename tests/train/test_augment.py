@@ -64,3 +64,16 @@ def test_resize_probability_is_respected():
 def test_bad_resize_settings_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**{field: value})
+
+
+def test_evaluation_dataset_applies_a_degradation_condition(tmp_path):
+    from i2p.runtime.perturb import parse_condition
+    from i2p.runtime.preprocess import preprocess
+    from i2p.train.data import ImageDataset, Sample
+
+    path = tmp_path / "a.png"
+    photo(40, 36).save(path)
+    cond = parse_condition("resize:0.5+jpeg:60")
+    x, label, index = ImageDataset([Sample(path, 1, "g")], SPEC, condition=cond)[0]
+    assert np.array_equal(x.numpy(), preprocess(cond(photo(40, 36)), SPEC))
+    assert not np.array_equal(x.numpy(), preprocess(path, SPEC))
