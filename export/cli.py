@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,14 +12,13 @@ from i2p.base.tables import format_table
 from i2p.train.backbone import BackboneError
 from i2p.train.checkpoint import CheckpointError
 
-from .fp16 import DEFAULT_KEEP_FP32
 from .network import ExportError
-from .parity import DEFAULT_ATOL
-from .pipeline import ExportOptions, ExportResult, run_export
+from .options import DEFAULTS, ENGINE_CHOICES, ExportOptions
+from .pipeline import ExportResult, run_export
 
 
 def _atol(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
-    atol = dict(DEFAULT_ATOL)
+    atol = dict(DEFAULTS.atol)
     for v in values:
         precision, _, number = v.partition("=")
         if precision not in atol:
@@ -61,21 +61,21 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
 @click.option(
     "--opset",
     type=click.IntRange(17),
-    default=17,
+    default=DEFAULTS.opset,
     show_default=True,
     help="ONNX opset (17+: LayerNormalization as one op).",
 )
 @click.option(
     "--max-batch",
     type=click.IntRange(1),
-    default=32,
+    default=DEFAULTS.max_batch,
     show_default=True,
     help="Largest batch for the TensorRT profile and Triton.",
 )
 @click.option(
     "--engine",
-    type=click.Choice(["auto", "yes", "no"]),
-    default="auto",
+    type=click.Choice(ENGINE_CHOICES),
+    default=DEFAULTS.engine,
     show_default=True,
     help="Build a TensorRT engine: where available (auto), or fail without TensorRT (yes).",
 )
@@ -87,14 +87,14 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
 @click.option(
     "--calib-limit",
     type=click.IntRange(1),
-    default=256,
+    default=DEFAULTS.calib_limit,
     show_default=True,
     help="Use at most this many calibration images (spread evenly over the folder).",
 )
 @click.option(
     "--samples",
     type=click.IntRange(1),
-    default=16,
+    default=DEFAULTS.random_samples,
     show_default=True,
     help="Random inputs for the parity check.",
 )
@@ -117,12 +117,12 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
     multiple=True,
     callback=_atol,
     metavar="PRECISION=VALUE",
-    help=f"Logit tolerance against PyTorch, e.g. fp16=0.1 [default: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_ATOL.items())}]; "
+    help=f"Logit tolerance against PyTorch, e.g. fp16=0.1 [default: {', '.join(f'{k}={v:g}' for k, v in DEFAULTS.atol.items())}]; "
     "the probability tolerance is a quarter of it.",
 )
 @click.option(
     "--keep-fp32",
-    default=",".join(DEFAULT_KEEP_FP32),
+    default=",".join(DEFAULTS.keep_fp32),
     show_default=True,
     callback=_ops,
     help="ONNX op types kept in float32 inside the FP16 model (comma-separated, or 'none').",
@@ -131,44 +131,9 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
     "--force", is_flag=True, help="Replace an existing artifact (never a directory that is not one)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (progress goes to stderr).")
-def export(
-    ckpt: Path,
-    fp16: bool,
-    cpu: bool,
-    out: Path | None,
-    backbone: Path | None,
-    opset: int,
-    max_batch: int,
-    engine: str,
-    calib_images: Path | None,
-    calib_limit: int,
-    samples: int,
-    triton: Path | None,
-    triton_backend: str,
-    atol: dict[str, float],
-    keep_fp32: tuple[str, ...],
-    force: bool,
-    as_json: bool,
-) -> None:
+def export(samples: int, as_json: bool, **options: Any) -> None:
     """Merge the trained deltas, truncate at L*, export ONNX (FP32, --fp16), check parity, write NAME.i2p/."""
-    opts = ExportOptions(
-        ckpt=ckpt,
-        out=out,
-        fp16=fp16,
-        cpu=cpu,
-        backbone=backbone,
-        opset=opset,
-        max_batch=max_batch,
-        engine=engine,
-        calib_images=calib_images,
-        calib_limit=calib_limit,
-        random_samples=samples,
-        triton=triton,
-        triton_backend=triton_backend,
-        atol=atol,
-        keep_fp32=keep_fp32,
-        force=force,
-    )
+    opts = ExportOptions(random_samples=samples, **options)
     try:
         result = run_export(opts, echo=lambda line: click.echo(line, err=as_json))
     except (ExportError, CheckpointError, BackboneError) as e:

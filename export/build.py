@@ -1,0 +1,120 @@
+"""The steps that make the network files: load the checkpoint, merge and truncate, write ONNX FP32/FP16.
+
+``Build`` is what one export run knows so far (options, metadata, probe inputs and their PyTorch
+reference, the merged network, the files written, notes); the parity checks and the manifest read it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from i2p.base.files import sha256_file
+from i2p.runtime.preprocess import PreprocessSpec
+from i2p.train.checkpoint import load_model
+from i2p.train.metadata import CheckpointMeta
+from i2p.train.model import I2PModel
+
+from .fp16 import check_fp16_range, convert_fp16
+from .network import DeployedDetector, ExportError, check_merge, deploy, largest_weight
+from .onnx_export import check_graph, export_onnx
+from .options import ExportOptions
+from .probes import ProbeSet, probe_set, torch_outputs
+
+FP32_ONNX, FP16_ONNX = "model.onnx", "model.fp16.onnx"
+MERGE_ATOL, MERGE_PROBES = 1e-5, 4
+
+
+@dataclass
+class Build:
+    """What one export run knows so far; the manifest is written from it."""
+
+    opts: ExportOptions
+    meta: CheckpointMeta
+    spec: PreprocessSpec
+    threshold: float
+    probes: ProbeSet
+    reference: dict[str, tuple[np.ndarray, np.ndarray]]  # PyTorch outputs per probe set
+    net: DeployedDetector | None = None
+    largest_weight: tuple[str, float] = ("", 0.0)
+    models: dict[str, str] = field(default_factory=dict)  # ONNX file -> precision
+    notes: list[str] = field(default_factory=list)
+    checkpoint_sha256: str = ""
+
+
+class Progress:
+    """Step lines with timings for the slow parts (stderr under --json)."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self.echo(f"{what} ...")
+        start = time.perf_counter()
+        yield
+        self.echo(f"  done in {time.perf_counter() - start:.1f} s")
+
+
+def load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
+    """The unmerged model, and its PyTorch outputs on the probe inputs (the parity reference)."""
+    with progress.step(f"loading {opts.ckpt}"):
+        model, meta = load_model(opts.ckpt, opts.backbone)
+    if meta.threshold is None:
+        raise ExportError(f"{opts.ckpt}: the checkpoint has no calibrated threshold; finish training first")
+    spec = meta.preprocess
+    size = model.tower.image_size
+    if (spec.size, spec.size) != (size if isinstance(size, tuple) else (size, size)):
+        raise ExportError(
+            f"{opts.ckpt}: preprocessing makes {spec.size}x{spec.size} images but the network takes {size}"
+        )
+    notes: list[str] = []
+    if not meta.complete:
+        notes.append(
+            f"warning: {opts.ckpt.name} is from an unfinished training run (its last completed epoch)"
+        )
+    probes = probe_set(spec, opts.random_samples, opts.seed, opts.calib_images, opts.calib_limit, notes)
+    with progress.step(f"PyTorch FP32 reference on {len(probes.stacked())} inputs (unmerged model)"):
+        reference = probes.split(*torch_outputs(model, probes.stacked(), opts.max_batch))
+    digest = sha256_file(opts.ckpt)
+    return model, Build(
+        opts, meta, spec, meta.threshold, probes, reference, notes=notes, checkpoint_sha256=digest
+    )
+
+
+def merge(build: Build, model: I2PModel, echo: Callable[[str], None]) -> None:
+    """Merge in place, check merged == unmerged on a few inputs, and check the weights fit FP16."""
+    net = deploy(model)
+    images = build.probes.stacked()[:MERGE_PROBES]
+    reference = np.concatenate([lo for lo, _ in build.reference.values()])[:MERGE_PROBES]
+    err = check_merge(net, torch.from_numpy(images), torch.from_numpy(reference), MERGE_ATOL)
+    build.net, build.largest_weight = net, largest_weight(net)
+    name, value = build.largest_weight
+    build.notes.append(f"merged == unmerged: max |Δlogit| {err:.2g} (limit {MERGE_ATOL:g})")
+    build.notes.append(f"largest |weight| after merging: {value:.6g} ({name})")
+    if build.opts.fp16 and (warning := check_fp16_range(name, value)):
+        build.notes.append(f"warning: {warning}")
+        echo(f"warning: {warning}")
+
+
+def write_models(build: Build, staging: Path, progress: Progress) -> None:
+    """model.onnx (checked for structure) and, with --fp16, model.fp16.onnx."""
+    opts, net = build.opts, build.net
+    with progress.step(f"ONNX export (opset {opts.opset}, dynamic batch)"):
+        export_onnx(net, staging / FP32_ONNX, opts.opset)
+        summary = check_graph(staging / FP32_ONNX, net.layer)
+    build.notes.append(
+        f"graph: {summary.blocks} transformer blocks, {summary.linear_maps} linear maps, no adapter ops"
+    )
+    build.models[FP32_ONNX] = "fp32"
+    if opts.fp16:
+        kept = ", ".join(opts.keep_fp32) or "none"
+        with progress.step(f"FP16 conversion (float32 I/O; kept in FP32: {kept})"):
+            convert_fp16(staging / FP32_ONNX, staging / FP16_ONNX, opts.keep_fp32)
+        build.models[FP16_ONNX] = "fp16"

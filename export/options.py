@@ -1,0 +1,39 @@
+"""What ``i2p-export`` is asked to do: one dataclass, also the defaults its command-line options show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .fp16 import DEFAULT_KEEP_FP32
+from .parity import DEFAULT_ATOL
+
+ENGINE_CHOICES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    ckpt: Path
+    out: Path | None = None  # default: the checkpoint's path with suffix .i2p
+    fp16: bool = False
+    cpu: bool = False  # also model.cpu.onnx: ONNX Runtime's fused CPU kernels (see cpu_optimize)
+    backbone: Path | None = None  # where the base weights moved to (checked by sha256)
+    opset: int = 17
+    max_batch: int = 32
+    engine: str = "auto"  # one of ENGINE_CHOICES
+    calib_images: Path | None = None
+    calib_limit: int = 256
+    random_samples: int = 16
+    triton: Path | None = None
+    triton_backend: str = "auto"  # auto | tensorrt | onnxruntime | python (see triton.py)
+    atol: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ATOL))
+    keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
+    force: bool = False
+    seed: int = 0
+
+    @property
+    def target(self) -> Path:
+        return self.out if self.out is not None else self.ckpt.with_suffix(".i2p")
+
+
+DEFAULTS = ExportOptions(ckpt=Path("checkpoint.safetensors"))
