@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout, suppress
 from pathlib import Path
 
 import click
@@ -96,17 +99,37 @@ def _run(fn, *args):
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--embed-base", is_flag=True, help="Copy the frozen base weights into the checkpoint.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete epoch.")
-def train(no_augment: bool, no_amp: bool, resume: bool, **kw) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Progress to stderr; the final metadata as JSON on stdout."
+)
+def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> None:
     """Train an I2P detector: pick the critical layer, tune a low-sensitivity subspace, calibrate."""
-    from .loop import train as run
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     augment = (
         AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip=False, scale_jitter=1.0)
         if no_augment
         else AugmentConfig()
     )
-    _run(run, _config(**kw, augment=augment, amp=not no_amp), resume)
+    cfg = _config(**kw, augment=augment, amp=not no_amp)  # options are checked before torch loads (seconds)
+    from .loop import train as run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with _removed_if_left_empty(Path(cfg.out)), redirect_stdout(sys.stderr if as_json else sys.stdout):
+        meta = _run(run, cfg, resume)
+    if as_json:
+        click.echo(meta.to_json())
+
+
+@contextmanager
+def _removed_if_left_empty(out: Path) -> Iterator[None]:
+    """A failed run does not leave behind an empty --out directory that it created."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with suppress(OSError):  # not empty: whatever it holds stays
+                out.rmdir()
+        raise
 
 
 @click.command("layers")

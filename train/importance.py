@@ -193,7 +193,7 @@ def importance_table(p: ImportanceProfile) -> str:
             "probe_loss": s.probe_loss,
             "fisher": s.fisher,
             "importance": s.importance,
-            "": "<- L*" if s.layer == p.layer else "",
+            "chosen": "<- L*" if s.layer == p.layer else "",
         }
         for s in p.scores
     ]

@@ -1,0 +1,84 @@
+"""i2p-train as a command: options refused before torch loads, no empty --out left by a failed run,
+--json (progress on stderr, the final metadata alone on stdout), checkpoints readable by others (0644)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from i2p.train.cli import train as train_cmd
+from tests.support.images import make_image_folder
+
+TINY = ["--model", "i2p-tiny-vit", "--pretrained", "none", "--workers", "0", "--batch-size", "16"]
+
+# torch cannot load in this interpreter: an option error that needs torch to be found fails the test
+NO_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "open_clip"):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Block())
+    from i2p.train.cli import train
+    train(sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rank", "-1"], "rank must be >= 0"),
+        (["--epochs", "0"], "epochs and batch size >= 1"),
+        (["--layer", "middle"], "--layer must be auto, last or a block number"),
+        (["--sensitivity", "magic"], "'magic' is not one of"),
+    ],
+)
+def test_options_are_refused_before_torch_loads(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, "--data", str(tmp_path), "--out", str(tmp_path / "o"), *TINY, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "blocked" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root, n_per_class=8, size=(72, 64))
+    return root
+
+
+def test_a_failed_run_leaves_no_empty_out(tmp_path: Path) -> None:
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    out = tmp_path / "run"
+    res = CliRunner().invoke(train_cmd, ["--data", str(empty), "--out", str(out), *TINY])
+    assert res.exit_code == 1 and "Traceback" not in res.output and not out.exists(), res.output
+    out.mkdir()  # a directory the user made is theirs: it stays
+    res = CliRunner().invoke(train_cmd, ["--data", str(empty), "--out", str(out), *TINY])
+    assert res.exit_code == 1 and out.is_dir()
+
+
+def test_json_prints_the_metadata_alone_and_the_checkpoint_is_shared(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(out), "--epochs", "1", "--rank", "2", "--json", *TINY]
+    res = CliRunner().invoke(train_cmd, args)
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.stdout)
+    assert 1 <= meta["layer"] <= 4 and 0 < meta["threshold"] < 1
+    assert "stage 1" in res.stderr
+    assert (os.stat(out / "checkpoint.safetensors").st_mode & 0o777) == 0o644
