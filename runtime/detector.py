@@ -76,6 +76,7 @@ class Detector:
         precision: str | None = None,
         threads: int | None = None,
         threshold: float | None = None,
+        gpu_preprocessing: bool = True,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
@@ -98,6 +99,7 @@ class Detector:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
         self.threshold = self.manifest.threshold if threshold is None else float(threshold)
         self.batch_size = batch_size
+        self._want_gpu_preprocessing = gpu_preprocessing  # TensorRT: resize on the GPU (False: on the CPU)
         self.backend: Backend = self._open_backend(backend, device, precision, threads)
         check_session_io(self.path, self.manifest, getattr(self.backend, "session", None))
         self._gpu_preprocess = self.backend.accepts_images
@@ -140,7 +142,13 @@ class Detector:
                 )
             if trt is not None:
                 try:
-                    return trt.TensorRTBackend(self.path, self.manifest, device, self.batch_size)
+                    return trt.TensorRTBackend(
+                        self.path,
+                        self.manifest,
+                        device,
+                        self.batch_size,
+                        gpu_preprocessing=self._want_gpu_preprocessing,
+                    )
                 except ArtifactError:
                     raise
                 except Exception as e:

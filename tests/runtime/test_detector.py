@@ -279,8 +279,8 @@ class FakeTensorRT:
         self.fail = fail
         self.calls: list[tuple] = []
 
-    def TensorRTBackend(self, artifact_dir, manifest, device, max_batch):  # noqa: N802 (the class it fakes)
-        self.calls.append((artifact_dir, manifest.name, device, max_batch))
+    def TensorRTBackend(self, artifact_dir, manifest, device, max_batch, gpu_preprocessing):  # noqa: N802
+        self.calls.append((artifact_dir, manifest.name, device, max_batch, gpu_preprocessing))
         if self.fail:
             raise RuntimeError("no engine for this GPU")
         return stand_in("tensorrt", "fp16", lambda x: np.zeros(len(x), np.float32))
@@ -290,7 +290,9 @@ def test_tensorrt_is_preferred_when_present(artifact: Path, monkeypatch: pytest.
     fake = FakeTensorRT()
     monkeypatch.setattr(detector_module, "_tensorrt_module", lambda: fake)
     d = Detector(artifact, device=1, batch_size=4)
-    assert d.backend.name == "tensorrt" and fake.calls == [(artifact, "fake", 1, 4)]
+    assert d.backend.name == "tensorrt" and fake.calls == [(artifact, "fake", 1, 4, True)]
+    Detector(artifact, batch_size=4, gpu_preprocessing=False)
+    assert fake.calls[-1] == (artifact, "fake", 0, 4, False)
     assert Detector(artifact, backend="onnxruntime").backend.name.startswith("onnxruntime")
     assert Detector(artifact, precision="fp32").backend.name.startswith("onnxruntime")
 

@@ -31,6 +31,7 @@ def make_checkpoint(
     threshold: float = 0.5,
     weights_file: bool = False,
     name: str = "checkpoint.safetensors",
+    backbone: str = TINY,
 ) -> Path:
     """Write ``directory/name`` and return its path.
 
@@ -41,11 +42,11 @@ def make_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    tower, info = load_backbone(TINY, "none", seed=seed)
+    tower, info = load_backbone(backbone, "none", seed=seed)
     if weights_file:
         weights = directory / "backbone.safetensors"
         save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, weights)
-        tower, info = load_backbone(TINY, str(weights))
+        tower, info = load_backbone(backbone, str(weights))
     model = I2PModel(tower, layer, baseline=baseline)
     base = {k: v.clone() for k, v in model.tower.state_dict().items()}
     model.add_deltas(subspace.choose_bases(model.blocks, rank))
@@ -64,7 +65,7 @@ def make_checkpoint(
         backbone=info,
         layer=layer,
         num_layers=model.num_layers,
-        preprocess=preprocess_spec(TINY),
+        preprocess=preprocess_spec(backbone),
         baseline=baseline,
         threshold=threshold,
         config={"rank": rank, "seed": seed},
