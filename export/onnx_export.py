@@ -79,11 +79,19 @@ class GraphSummary:
     ops: dict[str, int] = field(default_factory=dict)
 
 
+def weights_by_name(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Every weight by the names the graph reads it under: the exporter deduplicates equal
+    initializers through Identity nodes, and such an alias is the weight."""
+    weights = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Identity" and n.input[0] in weights:
+            weights[n.output[0]] = weights[n.input[0]]
+    return weights
+
+
 def summarize_graph(model: onnx.ModelProto) -> GraphSummary:
     graph = model.graph
-    weights = {t.name for t in graph.initializer}
-    # The exporter deduplicates equal initializers through Identity nodes: follow them to the weight.
-    weights |= {n.output[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in weights}
+    weights = weights_by_name(graph)
     linear = sum(
         1 for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[:2])
     )
