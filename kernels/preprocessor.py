@@ -141,6 +141,8 @@ class GpuPreprocessor:
             return np.zeros(shape, self.out_dtype)
         nbytes = int(np.prod(shape)) * self.out_dtype.itemsize
         with self._lock, activated(self.context):
+            if self._closed:
+                raise RuntimeError("GpuPreprocessor is closed")
             if self._out is None:
                 full = self.max_batch * 3 * self.size * self.size * self.out_dtype.itemsize
                 self._out = self._cuda.mem_alloc(full)
