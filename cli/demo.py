@@ -15,14 +15,15 @@ import sys
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
 from i2p.base.tables import format_table
 from i2p.train.config import TrainConfig
-from i2p.train.metrics import evaluate, metrics_table
-from i2p.train.synthetic import make_image_folder
+from i2p.train.metrics import Metrics, evaluate, metrics_table
+from i2p.train.synthetic import Row, make_image_folder
 
 NOTICE = (
     "This demo trains a tiny random-init ViT on synthetic images to show the pipeline working end to end.\n"
@@ -87,31 +88,14 @@ def demo(out: Path, epochs: int, images: int, as_json: bool) -> None:
 
 def _run(out: Path, epochs: int, images: int) -> dict:
     from i2p.export.pipeline import ExportOptions, run_export
-    from i2p.runtime import Detector
     from i2p.train.loop import train
 
     click.echo(NOTICE + "\n")
     start = time.perf_counter()
-    data = out / "data"
-    click.echo(f"[1/4] drawing synthetic images into {data}")
-    make_image_folder(data / "train", n_per_class=images, size=(96, 80), seed=1)
-    make_image_folder(data / "val", n_per_class=images // 3, size=(96, 80), seed=2)
-    test = make_image_folder(
-        data / "test", n_per_class=images // 3, generators=("gen_c",), size=(96, 80), seed=3
-    )
+    click.echo(f"[1/4] drawing synthetic images into {out / 'data'}")
+    cfg, test = _draw_data(out, epochs, images)
 
     click.echo("\n[2/4] i2p-train: critical layer + low-sensitivity subspace tuning")
-    cfg = TrainConfig(
-        data=str(data / "train"),
-        val=str(data / "val"),
-        out=str(out / "run"),
-        model="i2p-tiny-vit",
-        pretrained="none",
-        rank=4,
-        epochs=epochs,
-        batch_size=32,
-        workers=0,
-    )
     meta = train(cfg)
 
     click.echo("\n[3/4] i2p-export --fp16")
@@ -121,26 +105,7 @@ def _run(out: Path, epochs: int, images: int) -> dict:
     )
 
     click.echo(f"\n[4/4] Detector({result.artifact}) on {len(test)} held-out images of an unseen 'generator'")
-    det = Detector(result.artifact)
-    preds = det.predict([path for path, _, _ in test])
-    y = np.array([label for _, label, _ in test])
-    p = np.array([r.probability for r in preds])
-    sample = list(zip(preds, y, strict=True))[:: max(1, len(preds) // 8)]
-    click.echo(
-        format_table(
-            [
-                {
-                    "path": r.source,
-                    "truth": "fake" if t else "real",
-                    "probability": r.probability,
-                    "verdict": r.label,
-                }
-                for r, t in sample
-            ]
-        )
-    )
-    metrics = evaluate(y, p, [g for _, _, g in test], det.threshold)
-    click.echo("\n" + metrics_table(metrics))
+    det, metrics = _detect(result.artifact, test)
     elapsed = time.perf_counter() - start
     commands = next_commands(out)
     click.echo(
@@ -158,3 +123,44 @@ def _run(out: Path, epochs: int, images: int) -> dict:
         "seconds": round(elapsed, 1),
         "next": commands,
     }
+
+
+def _draw_data(out: Path, epochs: int, images: int) -> tuple[TrainConfig, list[Row]]:
+    """Synthetic train/val folders (two generators) and a held-out test folder (a third): the config and test rows."""
+    data = out / "data"
+    make_image_folder(data / "train", n_per_class=images, size=(96, 80), seed=1)
+    make_image_folder(data / "val", n_per_class=images // 3, size=(96, 80), seed=2)
+    test = make_image_folder(
+        data / "test", n_per_class=images // 3, generators=("gen_c",), size=(96, 80), seed=3
+    )
+    cfg = TrainConfig(
+        data=str(data / "train"),
+        val=str(data / "val"),
+        out=str(out / "run"),
+        model="i2p-tiny-vit",
+        pretrained="none",
+        rank=4,
+        epochs=epochs,
+        batch_size=32,
+        workers=0,
+    )
+    return cfg, test
+
+
+def _detect(artifact: Path, test: list[Row]) -> tuple[Any, dict[str, Metrics]]:
+    """The Detector on the test rows: a sample table and the metrics at its threshold, printed."""
+    from i2p.runtime import Detector
+
+    det = Detector(artifact)
+    preds = det.predict([path for path, _, _ in test])
+    y = np.array([label for _, label, _ in test])
+    p = np.array([r.probability for r in preds])
+    sample = list(zip(preds, y, strict=True))[:: max(1, len(preds) // 8)]
+    rows = [
+        {"path": r.source, "truth": "fake" if t else "real", "probability": r.probability, "verdict": r.label}
+        for r, t in sample
+    ]
+    click.echo(format_table(rows))
+    metrics = evaluate(y, p, [g for _, _, g in test], det.threshold)
+    click.echo("\n" + metrics_table(metrics))
+    return det, metrics
