@@ -129,46 +129,61 @@ def serve(artifact: Path, work: Path, threads: int, queue_delay_us: int, tag: st
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every contender at every client count, in interleaved repetitions (medians): noise hits all alike.
+
+    One server per queue delay is up throughout (idle servers cost memory, not CPU); the first delay is
+    the main table's, the others are measured at the largest client count only.
+    """
     artifact = args.artifact or build_artifact(work)
     folder, described = jpeg_folder(work, args.images)
     blobs = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[: args.images]]
-    rows, sweep = [], []
-    server = serve(artifact, work, args.threads, args.queue_delays[0], "main")
+    servers = {d: serve(artifact, work, args.threads, d, f"delay{d}") for d in args.queue_delays}
     try:
         local = in_process(artifact, args.threads)
-        remote = through_triton(server.grpc_url)
-        for warm_up in (local, remote):  # sessions, stubs, connections
-            load(1, 5, blobs, warm_up)
+        load(1, 5, blobs, local)  # warm-up: sessions, stubs, connections
+        for server in servers.values():
+            load(1, 5, blobs, through_triton(server.grpc_url))
+        rows, sweep = [], []
         for clients in args.clients:
-            requests = max(args.min_requests, args.total // clients)
-            a = load(clients, requests, blobs, local)
-            b = batched_load(server.grpc_url, clients, requests, blobs)
+            delays = args.queue_delays if clients == max(args.clients) else args.queue_delays[:1]
+            runs = measure(clients, max(args.min_requests, args.total // clients), args.reps, blobs, local,
+                           {d: servers[d].grpc_url for d in delays})  # fmt: skip
+            a, b = runs["in-process"], runs[delays[0]]
             rows.append(
-                {"clients": clients, "requests": clients * requests,
+                {"clients": clients, "requests": a["requests"],
                  "in-process img/s": a["images_per_s"], "in-process p50 ms": a["p50_ms"], "in-process p99 ms": a["p99_ms"],
                  "Triton img/s": b["images_per_s"], "Triton p50 ms": b["p50_ms"], "Triton p99 ms": b["p99_ms"],
-                 "network batch": b["network_batch"],
-                 "Triton / in-process": b["images_per_s"] / a["images_per_s"]}
+                 "network batch": b["network_batch"], "Triton / in-process": b["images_per_s"] / a["images_per_s"]}
             )  # fmt: skip
             print(format_table(rows[-1:]), flush=True)
+            if len(delays) > 1:
+                sweep = [{"max_queue_delay_us": d, "clients": clients, **runs[d]} for d in delays]
+                print(format_table(sweep), flush=True)
     finally:
-        server.stop()
-    top = max(args.clients)
-    for delay in args.queue_delays if len(args.queue_delays) > 1 else []:
-        server = serve(artifact, work, args.threads, delay, f"delay{delay}")
-        try:
-            load(1, 5, blobs, through_triton(server.grpc_url))
-            r = batched_load(server.grpc_url, top, max(args.min_requests, args.total // top), blobs)
-        finally:
+        for server in servers.values():
             server.stop()
-        sweep.append({"max_queue_delay_us": delay, "clients": top, **r})
-        print(format_table(sweep[-1:]), flush=True)
     return {
         "artifact": str(artifact),
         "images": described,
         "rows": rows,
         "sweep": sweep,
+        "reps": args.reps,
         "machine": machine(),
+    }
+
+
+def measure(
+    clients: int, requests: int, reps: int, blobs: list[bytes], local: Callable[[], Any], urls: dict[int, str]
+) -> dict[Any, dict[str, float]]:
+    """Median figures of each contender (``"in-process"``, then each queue delay) over ``reps`` rounds."""
+    runs: dict[Any, list[dict[str, float]]] = {"in-process": [], **{d: [] for d in urls}}
+    for _ in range(reps):
+        runs["in-process"].append(load(clients, requests, blobs, local))
+        for d, url in urls.items():
+            runs[d].append(batched_load(url, clients, requests, blobs))
+    return {
+        name: {"requests": clients * requests, **{k: float(np.median([r[k] for r in rs])) for k in rs[0]}}
+        for name, rs in runs.items()
     }
 
 
@@ -195,14 +210,16 @@ def render(result: dict[str, Any], command: str, threads: int) -> str:
         "Every client sends one JPEG per request and waits for the answer. In-process = threads sharing one "
         "`Detector`; Triton = tritonserver 2.51 (nvidia-pytriton wheel) running the `i2p` ensemble with the "
         "Python-backend network (`--triton-backend python`), clients on gRPC; network batch = images per "
-        "execution of the network model (Triton's statistics), i.e. what dynamic batching merged.",
+        "execution of the network model (Triton's statistics), i.e. what dynamic batching merged. "
+        f"Figures are medians of {result['reps']} interleaved rounds (in-process, Triton, in-process, ...).",
         "",
         _markdown(result["rows"]),
     ]
     if result["sweep"]:
         lines += [
             "",
-            "Dynamic batching delay (`max_queue_delay_microseconds`) at the largest client count:",
+            "Dynamic batching delay (`max_queue_delay_microseconds`) at the largest client count, measured "
+            "in the same interleaved rounds:",
             "",
         ]
         lines += [_markdown(result["sweep"])]
@@ -231,9 +248,15 @@ def main() -> None:
     ap.add_argument("--clients", type=ints, default=[1, 4, 16])
     ap.add_argument("--total", type=int, default=160, help="requests per client count (split over clients)")
     ap.add_argument("--min-requests", type=int, default=10, help="at least this many per client")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (figures are medians)")
     ap.add_argument("--images", type=int, default=64, help="distinct JPEGs cycled through")
     ap.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    ap.add_argument("--queue-delays", type=ints, default=[2000], help="first one for the main table")
+    ap.add_argument(
+        "--queue-delays",
+        type=ints,
+        default=[2000],
+        help="dynamic batching delays (µs); the first for the main table",
+    )
     ap.add_argument("--work", type=Path, help="keep the artifact and repositories here")
     ap.add_argument(
         "--write-docs", action="store_true", help="replace the Serving section of docs/performance.md"
