@@ -21,6 +21,15 @@ from i2p.train.model import I2PModel
 TINY = "i2p-tiny-vit"  # image 64, patch 16, 4 blocks, width 64
 
 
+def tiny_model(layer: int = 3, rank: int = 4, seed: int = 0) -> I2PModel:
+    """The tiny detector truncated at ``layer``, with rank-``rank`` deltas (none for rank 0), all zero."""
+    tower, _ = load_backbone(TINY, "none", seed)
+    model = I2PModel(tower, layer)
+    if rank:
+        model.add_deltas(subspace.choose_bases(model.blocks, rank))
+    return model
+
+
 def make_checkpoint(
     directory: str | Path,
     layer: int = 2,

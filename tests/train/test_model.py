@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from i2p.train import subspace
 from i2p.train.backbone import load_backbone
 from i2p.train.model import I2PModel
-
-
-def tiny_model(layer: int = 3, rank: int = 4, seed: int = 0) -> I2PModel:
-    tower, _ = load_backbone("i2p-tiny-vit", "none", seed)
-    model = I2PModel(tower, layer)
-    if rank:
-        model.add_deltas(subspace.choose_bases(model.blocks, rank))
-    return model
+from tests.support.checkpoints import tiny_model
 
 
 def test_blocks_after_the_critical_layer_are_dropped():

@@ -10,17 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from i2p.train import subspace
-from i2p.train.backbone import load_backbone
 from i2p.train.model import I2PModel
-
-
-def tiny_model(layer: int = 3, rank: int = 4, seed: int = 0) -> I2PModel:
-    """The tiny detector with rank-``rank`` deltas (none for rank 0)."""
-    tower, _ = load_backbone("i2p-tiny-vit", "none", seed)
-    model = I2PModel(tower, layer)
-    if rank:
-        model.add_deltas(subspace.choose_bases(model.blocks, rank))
-    return model
+from tests.support.checkpoints import tiny_model
 
 
 def trained_tiny_model() -> I2PModel:
