@@ -181,7 +181,7 @@ class TensorRTBackend:
         if not graphs_supported(version):
             log.info(
                 "TensorRT %s: CUDA graphs skipped (a second execution context would need its own "
-                "optimization profile before TensorRT 9); batches of %d run normally",
+                "optimization profile before TensorRT 10); batches of %d run normally",
                 version,
                 batch,
             )

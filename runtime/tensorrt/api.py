@@ -63,8 +63,9 @@ def major(version: str) -> int:
 def graphs_supported(version: str) -> bool:
     """Whether a second execution context of a dynamic-shape engine can run on profile 0.
 
-    Before TensorRT 9 only the first context of an engine gets profile 0; later ones must select
-    an unused profile (TensorRT 8.5 ``createExecutionContext``), so the context a CUDA graph is
-    captured from could not enqueue at all. The backend skips graphs there.
+    Before TensorRT 10 only the first context of an engine gets profile 0; later ones must select
+    an unused profile (TensorRT 8.5 ``createExecutionContext``; NVIDIA/TensorRT#846 "Profile 0 has
+    been chosen by another IExecutionContext"), so the context a CUDA graph is captured from could
+    not enqueue at all. The backend skips graphs there (TensorRT 9 was an LLM-only release).
     """
-    return major(version) >= 9
+    return major(version) >= 10

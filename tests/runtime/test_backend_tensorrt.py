@@ -449,8 +449,8 @@ def test_lookup_finds_a_verified_engine_or_says_where_to_build(tmp_path: Path) -
     assert timing_cache_name(KEY) == "timing_nvidia-jetson-agx-orin_sm87_trt10.3.0.cache"
 
 
-def test_cuda_graphs_are_skipped_before_tensorrt_9() -> None:
-    assert not graphs_supported("8.5.2.2") and not graphs_supported("8.6.1")
+def test_cuda_graphs_are_skipped_before_tensorrt_10() -> None:
+    assert not graphs_supported("8.5.2.2") and not graphs_supported("8.6.1") and not graphs_supported("9.3.0")
     assert graphs_supported("10.3.0") and graphs_supported("11.1.0")
 
 
