@@ -388,7 +388,7 @@ def _to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
     start = 0
     for block in _row_blocks(arr):
         if arr.dtype.kind == "f":
-            converted = (block.astype(np.float32) * scale).round().clip(0, 255)
+            converted = (block.clip(0, 255 / scale).astype(np.float32) * scale).round()  # no overflow
         elif wide:
             converted = (block.clip(0, 65535).astype(np.uint32) + 128) // 257  # == round(x / 257): no ties
         else:

@@ -181,10 +181,12 @@ with ThreadPoolExecutor(4) as pool:
     list(pool.map(lambda p: preprocess(p, spec), {[str(p) for p in paths]!r}))
 """
     one_image_mb = str(4000 * 4000 * PEAK_BYTES_PER_PIXEL // 2**20 + 10)
+    shared_bound = 4000 * 4000 * PEAK_BYTES_PER_PIXEL / 2**20
     shared = _peak_mb(threads, {"I2P_DECODE_MEMORY_MB": one_image_mb})
     single = _peak_mb(f"preprocess({str(paths[0])!r}, spec)")
     print(f"4 threads, budget of one image: peak +{shared:.0f} MB; one image alone: +{single:.0f} MB")
-    assert shared < 2 * single  # unbudgeted, the 4 decodes overlap: ~3.5x (386 vs 108 MB measured)
+    # Within one image's documented cost; the 4 decodes overlapping (no budget) measured 386 MB.
+    assert single < shared_bound and shared < shared_bound
 
 
 # -- inputs that used to escape predict ---------------------------------------------------------------
