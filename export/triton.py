@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from i2p.runtime.manifest import MANIFEST, Manifest
 from i2p.runtime.serving import DECODE_ERROR, ENSEMBLE, IMAGE, LOGIT, PIXELS, STEPS, VERDICT
@@ -136,13 +137,14 @@ def _write_python_model(
     (staging / "1" / "model.py").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
 
 
-def _mc():  # noqa: ANN202 - the generated protobuf module
+def _mc() -> Any:
+    """Triton's generated ModelConfig protobuf module (tritonclient, imported only when writing)."""
     from tritonclient.grpc import model_config_pb2
 
     return model_config_pb2
 
 
-def _base_config(opts: TritonOptions, model: str):  # noqa: ANN202
+def _base_config(opts: TritonOptions, model: str) -> Any:
     mc = _mc()
     config = mc.ModelConfig(name=model, max_batch_size=opts.max_batch)
     config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
