@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from i2p.runtime.perturb import blur, downscale, jpeg
-from i2p.runtime.preprocess import ImageError, PreprocessSpec, normalize, resize_plan
+from i2p.runtime.preprocess import PreprocessSpec, fit_aspect, normalize, resize_plan
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ class AugmentConfig:
 
 
 def augment(
-    img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator, spec: PreprocessSpec, name: str = "image"
+    img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator, spec: PreprocessSpec
 ) -> np.ndarray:
-    """RGB PIL image -> augmented float32 CHW model input; ImageError (naming ``name``) if unusable.
+    """RGB PIL image -> augmented float32 CHW model input.
 
     Every random number is drawn up front in a fixed order, whichever branches are taken, so one
     ``rng`` state always gives the same augmentation and changing one probability does not reshuffle
@@ -78,12 +78,8 @@ def augment(
         img = downscale(img, factor)
     if u_jpeg < cfg.jpeg_prob:
         img = jpeg(img, quality)
+    img = fit_aspect(img)  # the runtime's rule for elongated images, before any resize
     plan = resize_plan(img.width, img.height, short)
-    if plan.out_w * plan.out_h > spec.max_pixels:  # the same guard as the runtime's resize_crop
-        raise ImageError(
-            f"{name}: a {img.width}x{img.height} image is too elongated: resizing it to {plan.out_w}x{plan.out_h} "
-            f"exceeds the {spec.max_pixels:,}-pixel limit"
-        )
     img = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
     left = int(u_left * (plan.out_w - spec.size + 1))
     top = int(u_top * (plan.out_h - spec.size + 1))

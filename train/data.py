@@ -155,7 +155,7 @@ class ImageDataset(Dataset):
             else:
                 rng = np.random.default_rng((self.seed, self.epoch, index))
                 img = load_image(sample.path, self.spec.max_pixels)
-                x = augment(img, self.augment, rng, self.spec, str(sample.path))
+                x = augment(img, self.augment, rng, self.spec)
         except (ImageError, OSError) as e:
             return BadSample(index, sample.path, str(e))
         return torch.from_numpy(x), sample.label, index

@@ -260,14 +260,20 @@ def test_undecodable_file_at_load_time_is_dropped_and_reported(folder):
         assert all(b.images.shape == (len(b.indices), 3, 24, 24) for b in batches)
 
 
-def test_too_elongated_image_is_a_bad_sample_in_training_and_evaluation(tmp_path):
+def test_an_elongated_image_follows_the_runtimes_16_to_1_rule_in_training_and_evaluation(tmp_path):
+    """A 150:1 strip is center-cropped to 16:1 before the resize on every path: evaluation gives exactly
+    the runtime's input, augmentation a full-size crop of it (once refused as "too elongated")."""
     strip = tmp_path / "strip.png"
-    Image.new("RGB", (300, 2), (90, 20, 200)).save(strip)  # 600 pixels; resized to 3600x24 = 86,400
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(2, 300, 3), dtype=np.uint8)).save(strip)
     spec = PreprocessSpec(size=24, max_pixels=5_000)
-    for augment_cfg in (None, AugmentConfig()):
-        item = ImageDataset([Sample(strip, 1, "g")], spec, augment_cfg)[0]
-        assert isinstance(item, BadSample) and item.path == strip and item.index == 0
-        assert "too elongated" in item.reason and str(strip) in item.reason
+    x, label, index = ImageDataset([Sample(strip, 1, "g")], spec)[0]
+    np.testing.assert_array_equal(x.numpy(), preprocess(strip, spec))
+    assert (label, index) == (1, 0)
+    cropped = Image.open(strip).crop((134, 0, 166, 2))  # the centered 32x2 box
+    np.testing.assert_array_equal(x.numpy(), preprocess(cropped, spec))
+    augmented = ImageDataset([Sample(strip, 1, "g")], spec, AugmentConfig())[0]
+    assert not isinstance(augmented, BadSample) and augmented[0].shape == (3, 24, 24)
 
 
 def test_collate_of_an_all_bad_batch_is_empty():
