@@ -38,6 +38,7 @@ def test_bad_server_urls_are_refused(url):
 
 
 def test_nobody_listening_is_a_clear_error():
+    pytest.importorskip("tritonclient", reason="the client needs tritonclient (the [serve] extra)")
     with pytest.raises(ServerError, match="cannot talk to the server"):
         RemoteDetector(f"http://127.0.0.1:{free_port()}", timeout=2)
 

@@ -76,6 +76,7 @@ def test_unreadable_files_are_skipped_once_and_named(folder):
 
 
 def test_table_and_plot(folder, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the [train] extra)")
     result = sweep(folder, CONDITIONS, sharpness_scorer(), threshold=0.5)
     table = sweep_table(result, "auc").splitlines()
     assert table[0].split() == ["condition", "gen_a", "gen_b", "mean", "Δauc", "vs", "clean"]
