@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .detector import _sigmoid
+from .detector import sigmoid
 from .preprocess import ImageError, PreprocessSpec, describe, preprocess
 
 ENSEMBLE = "i2p"  # default ensemble name; the composing models are named f"{ENSEMBLE}_{step}"
@@ -61,7 +61,7 @@ def verdicts(
     logits: np.ndarray, errors: Sequence[str], threshold: float
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Logits [N] and decode errors -> (probabilities [N], labels, errors), exactly as ``Detector`` decides."""
-    probabilities = _sigmoid(np.asarray(logits, np.float32).reshape(-1))
+    probabilities = sigmoid(np.asarray(logits, np.float32).reshape(-1))
     labels, reasons = [], []
     for p, error in zip(probabilities, errors, strict=True):
         if not error and not np.isfinite(p):
