@@ -47,19 +47,19 @@ def test_nvcc_lists_the_architectures_it_supports() -> None:
 @needs_nvcc
 def test_every_target_compiles_without_register_spills(tmp_path: Path) -> None:
     supported = set(kernels.supported_archs())
-    ARCHS = [a for a in WANTED if a in supported]
-    assert "sm_87" in ARCHS, f"this nvcc cannot build for Jetson Orin (supports {sorted(supported)})"
+    archs = [a for a in WANTED if a in supported]
+    assert "sm_87" in archs, f"this nvcc cannot build for Jetson Orin (supports {sorted(supported)})"
     start = time.perf_counter()
-    report = kernels.nvcc_compile(ARCHS, tmp_path / "preprocess.fatbin")
+    report = kernels.nvcc_compile(archs, tmp_path / "preprocess.fatbin")
     seconds = time.perf_counter() - start
     resources = kernels.parse_ptxas_report(report)
     assert {(r.kernel, r.arch) for r in resources} == {
-        (k, a) for k in kernels.KERNELS.values() for a in ARCHS
+        (k, a) for k in kernels.KERNELS.values() for a in archs
     }
     for r in resources:
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills on {r.arch}: {r}"
         assert r.stack_bytes == 0, f"{r.kernel} uses a stack frame on {r.arch}: {r}"
-    print(f"\nnvcc, {len(ARCHS)} targets: {seconds:.1f} s")
+    print(f"\nnvcc, {len(archs)} targets: {seconds:.1f} s")
     for r in resources:
         print(f"  {r.arch} {r.kernel}: {r.registers} registers, 0 B spilled")
 
