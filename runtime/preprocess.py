@@ -165,7 +165,7 @@ def fit_aspect(img: Image.Image) -> Image.Image:
 def describe(src: Any) -> str:
     """A short name for an input, for error messages."""
     if isinstance(src, (str, os.PathLike)):
-        return os.fsdecode(src)
+        return os.fsdecode(src) or "<empty path>"
     if isinstance(src, bytes):
         return f"<{len(src)} bytes>"
     if isinstance(src, np.ndarray):

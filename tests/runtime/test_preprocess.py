@@ -208,22 +208,12 @@ def test_unusable_paths_and_empty_images_are_error_rows(det: Detector, tmp_path:
         good[1],
         str(tmp_path / "missing\nfile.png"),
         good[2],
+        "",
     ]
     results = det.predict(inputs)
     expected = det.predict(good)
-    assert [r.ok for r in results] == [
-        True,
-        False,
-        False,
-        True,
-        False,
-        False,
-        False,
-        False,
-        True,
-        False,
-        True,
-    ]
+    ok = {0, 3, 8, 10}  # the good arrays and the non-UTF-8 file name; everything else an error row
+    assert [r.ok for r in results] == [i in ok for i in range(len(inputs))]
     assert [results[i].probability for i in (0, 8, 10)] == [r.probability for r in expected]
     assert results[3].probability == expected[0].probability  # the non-UTF-8 name decodes like any file
     assert "a\0b.png: not a usable path" in results[1].error
@@ -232,3 +222,35 @@ def test_unusable_paths_and_empty_images_are_error_rows(det: Detector, tmp_path:
         assert "has no pixels" in results[i].error
     assert "shape (5, 0, 3)" in results[7].error
     assert "No such file" in results[9].error
+    assert results[11].error == "<empty path>: cannot read file (No such file or directory)"
+
+
+def _closed() -> Image.Image:
+    img = Image.fromarray(base_image())
+    img.close()
+    return img
+
+
+def test_odd_in_memory_inputs_never_raise(det: Detector) -> None:
+    """Arrays of every dtype and shape, every PIL mode, closed images: a result or an error row each."""
+    rgb = base_image(30, 20)
+    huge = np.lib.stride_tricks.as_strided(rgb, (10**5, 10**5, 3), (0, 0, 1))  # 30 GB as a view
+    inputs = {
+        "bool": (rgb > 128, "not a number type"),
+        "complex": (rgb.astype(np.complex64), "not a number type"),
+        "object": (rgb.astype(object), "not a number type"),
+        "2 channels": (rgb[:, :, :2], "expected an HxWx3"),
+        "0-d": (np.array(5), "expected an HxWx3"),
+        "huge view": (huge, "10,000,000,000 pixels exceeds"),
+        "closed": (_closed(), "closed image"),
+        "La": (Image.fromarray(rgb).convert("LA").convert("La"), "cannot decode"),
+    }
+    fine = [rgb.astype(np.float16), -rgb.astype(np.int32), rgb[:, ::-2], np.full((4, 4, 3), 1e300)]
+    fine += [
+        Image.fromarray(rgb).convert(m) for m in ("1", "P", "LA", "CMYK", "YCbCr", "HSV", "PA", "I", "F")
+    ]
+    fine.append(Image.new("P", (5, 5)))
+    results = det.predict([x for x, _ in inputs.values()] + fine)
+    for (name, (_, message)), r in zip(inputs.items(), results, strict=False):
+        assert not r.ok and message in r.error, (name, r.error)
+    assert all(r.ok for r in results[len(inputs) :])
