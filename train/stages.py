@@ -15,7 +15,7 @@ from i2p.runtime.preprocess import PreprocessSpec
 from . import importance, subspace
 from .backbone import load_backbone, preprocess_spec
 from .config import TrainConfig
-from .distributed import Runtime, say, setup
+from .distributed import Runtime, progress, say, setup
 from .evaluation import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
 from .metadata import BackboneInfo
 from .model import I2PModel
@@ -31,8 +31,12 @@ def perceive(
         rt,
         f"stage 1: scoring {len(tower.transformer.resblocks)} layers on {len(calib)} calibration / {len(val)} validation images",
     )
-    xc = importance.block_cls_features(tower, labelled_batches(eval_loader(calib, spec, cfg)), rt.device)
-    xv = importance.block_cls_features(tower, labelled_batches(eval_loader(val, spec, cfg)), rt.device)
+    feats = []
+    for name, samples in (("calibration", calib), ("validation", val)):
+        loader = eval_loader(samples, spec, cfg)
+        bar = progress(rt, labelled_batches(loader), total=len(loader), desc=f"stage 1: {name} features")
+        feats.append(importance.block_cls_features(tower, bar, rt.device))
+    xc, xv = feats
     return importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance)
 
 
