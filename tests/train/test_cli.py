@@ -82,3 +82,15 @@ def test_json_prints_the_metadata_alone_and_the_checkpoint_is_shared(tmp_path: P
     assert 1 <= meta["layer"] <= 4 and 0 < meta["threshold"] < 1
     assert "stage 1" in res.stderr
     assert (os.stat(out / "checkpoint.safetensors").st_mode & 0o777) == 0o644
+
+
+def test_stage_1_shows_progress_on_a_terminal(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from i2p.train import distributed
+    from i2p.train.cli import layers
+
+    monkeypatch.setattr(distributed.os, "isatty", lambda fd: True)  # stderr "is" a terminal
+    res = CliRunner().invoke(layers, ["--data", str(data_dir), "--out", str(tmp_path / "l"), *TINY])
+    assert res.exit_code == 0, res.output
+    assert "stage 1: calibration features" in res.stderr and "stage 1: validation features" in res.stderr
