@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +35,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 Row = dict[str, Any]
+log = logging.getLogger("i2p")
 
 
 class OutputError(Exception):
@@ -149,7 +152,9 @@ def file_sink(path: str, fmt: str, resume: bool) -> Iterator[tuple[Callable[[Row
         return
     partial = partial_path(target)
     if resume and not partial.exists() and target.is_file():
-        partial.write_bytes(target.read_bytes())  # continue a complete output: add to a copy of it
+        shutil.copyfile(target, partial)  # continue a complete output: add to a copy of it
+    elif not resume and partial.exists():
+        log.warning("i2p: starting over: %s (an unfinished run) is replaced; --resume continues it", partial)
     done = done_paths(partial, fmt) if resume else DoneSet()
     appending = resume and partial.exists() and partial.stat().st_size > 0
     with _written(partial, "a" if appending else "w", fmt, header=not appending) as write:

@@ -177,9 +177,14 @@ def test_an_interrupted_run_keeps_the_old_output_and_resumes(
     assert sorted(paths) == sorted(str(folder / f"{i}.png") for i in range(7))  # each exactly once
     assert not partial.exists()
     code, stdout, _ = run([folder, "--model", artifact, f"--{fmt}", out, "--resume", "--json"])
-    assert (
-        json.loads(stdout)["skipped"] == 7 and json.loads(stdout)["files"] == 0
-    )  # a complete run: nothing to do
+    again = json.loads(stdout)
+    assert (again["skipped"], again["files"]) == (7, 0)  # a complete run: nothing left to do
+
+    partial.write_text("left by some interrupted run\n")
+    code, stdout, err = run(
+        [folder, "--model", artifact, f"--{fmt}", out, "--json"]
+    )  # no --resume: start over
+    assert code == 0 and "starting over" in err and json.loads(stdout)["files"] == 7 and not partial.exists()
 
 
 @pytest.mark.timeout(120)
