@@ -13,11 +13,13 @@ import numpy as np
 import psutil
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from i2p.base.files import sha256_file
 from i2p.runtime import ArtifactError, Detector
 from i2p.runtime.cli import detect
-from i2p.runtime.manifest import MAX_MANIFEST_BYTES, read_manifest
+from i2p.runtime.manifest import MAX_MANIFEST_BYTES, Manifest, read_manifest
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact
 
@@ -306,3 +308,35 @@ def test_the_pristine_artifact_still_loads(artifact: Path) -> None:
     det = Detector(artifact)
     assert sha256_file(artifact / "model.onnx") == det.manifest.files["model.onnx"]
     assert det.predict(np.zeros((8, 8, 3), np.uint8))[0].ok
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+FIELD_PATHS = [
+    *(f for f, _, _ in BAD_FIELDS if not f.startswith(("files/", "tools/"))),
+    "preprocess/std/1",
+    "inputs/0/shape/2",
+    "models/1",
+]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(FIELD_PATHS), JSON_VALUES), min_size=1, max_size=3))
+def test_any_field_replaced_by_any_json_is_loaded_valid_or_refused(pristine: Path, edits) -> None:
+    """Whatever JSON lands in whichever fields: ArtifactError, or a manifest whose fields hold their types."""
+    data = manifest(pristine)
+    for field, value in edits:
+        try:
+            set_path(data, field, value)
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue  # the parent itself was replaced by an earlier edit
+    try:
+        m = Manifest.from_dict(json.loads(json.dumps(data)))
+    except ArtifactError:
+        return
+    assert 0 <= m.threshold <= 1 and 1 <= m.layer <= m.num_layers
+    assert all(0 < s <= 10 for s in m.preprocess.std) and isinstance(m.preprocess.size, int)
+    assert all(isinstance(f.path, str) and f.path in m.files for f in m.models)
