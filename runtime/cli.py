@@ -164,33 +164,11 @@ def detect(
         detector = _load(
             model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold
         )
-    counts: Counter[str] = Counter()
-    start = time.perf_counter()
     out = csv_out or jsonl_out
-    complete, skipped = False, 0
-    try:
-        with _row_sink(csv_out, jsonl_out, as_json, resume) as (write, done):
-            skipped = len(done)
-            sources = iter_images(paths, recursive)
-            if skipped:
-                sources = (p for p in sources if display(p) not in done)
-            stream = (
-                detector.predict_stream(sources) if server else predict_stream(detector, sources, workers)
-            )
-            with _progress(stream) as bar:
-                for prediction in bar:
-                    write(_row(prediction))
-                    counts[prediction.label or "error"] += 1
-        complete = True
-    except KeyboardInterrupt:
-        pass
-    except OutputError as e:
-        kept = (
-            f"; the rows written so far are in {partial_path(out)}"
-            if out and partial_path(out).is_file()
-            else ""
-        )
-        raise click.ClickException(f"{e}{kept}") from None
+    start = time.perf_counter()
+    counts, skipped, complete = _score(
+        detector, paths, recursive, workers, bool(server), csv_out, jsonl_out, as_json, resume
+    )
     elapsed = time.perf_counter() - start
     files = sum(counts.values())
     summary = {
@@ -216,6 +194,49 @@ def detect(
         raise SystemExit(130)
     if files + skipped == 0:
         raise click.ClickException(survey(paths, recursive))
+
+
+def _score(
+    detector: Any,
+    paths: tuple[str, ...],
+    recursive: bool,
+    workers: int,
+    remote: bool,
+    csv_out: str | None,
+    jsonl_out: str | None,
+    as_json: bool,
+    resume: bool,
+) -> tuple[Counter[str], int, bool]:
+    """Score and write every file not already in the output: (label counts, files skipped, completed?).
+
+    Ctrl-C ends the run early (completed = False); the rows written so far stay in OUT.partial.
+    """
+    counts: Counter[str] = Counter()
+    skipped = 0
+    try:
+        with _row_sink(csv_out, jsonl_out, as_json, resume) as (write, done):
+            skipped = len(done)
+            sources = iter_images(paths, recursive)
+            if skipped:
+                sources = (p for p in sources if display(p) not in done)
+            stream = (
+                detector.predict_stream(sources) if remote else predict_stream(detector, sources, workers)
+            )
+            with _progress(stream) as bar:
+                for prediction in bar:
+                    write(_row(prediction))
+                    counts[prediction.label or "error"] += 1
+    except KeyboardInterrupt:
+        return counts, skipped, False
+    except OutputError as e:
+        out = csv_out or jsonl_out
+        kept = (
+            f"; the rows written so far are in {partial_path(out)}"
+            if out and partial_path(out).is_file()
+            else ""
+        )
+        raise click.ClickException(f"{e}{kept}") from None
+    return counts, skipped, True
 
 
 def _probability(value: float | None) -> float | None:
