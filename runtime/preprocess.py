@@ -15,27 +15,26 @@ Memory per input is bounded before any pixel is decoded (README, "Reliability"):
   sees the same content, and the resized intermediate stays under ``MAX_ASPECT`` × size² pixels;
 - 16-bit and float pixels are scaled to 8 bits in row blocks with integer (float32 for float input)
   arithmetic, so no full-size wide temporaries;
-- decoding threads share ``DECODE_MEMORY_BYTES``: each decode reserves its estimate
-  (``decode_cost``) first, so ``workers`` × the per-image cap cannot add up past it.
+- decoding threads share one memory budget (``i2p.runtime.memory``): each decode reserves its estimate
+  first, so ``workers`` × the per-image cap cannot add up past it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import math
 import os
 import stat
 import struct
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from .memory import DECODE_BUDGET, Reservation, decode_cost
 
 # Pillow must not hand us half an image silently: a truncated file is an error, not grey pixels.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -54,13 +53,6 @@ MAX_INPUT_BYTES = 64 * 2**20  # an encoded image file (a 64 MP photo is ~30 MB a
 MAX_ASPECT = 16  # longer images are center-cropped to 16:1 before the resize
 MAX_SIZE = 1024  # the network's input side: bounds the resize intermediate (MAX_ASPECT * size²)
 MAX_PIXELS_LIMIT = 2**27  # the largest max_pixels a manifest may set (134 MP; Pillow refuses 179 MP)
-# Peak bytes per decoded pixel: the decoded mode (up to 4 B: RGBX, CMYK, I, F), the 8-bit copy and the
-# RGB result (4 B each). tests/runtime/test_preprocess.py measures it on the worst case, 16-bit grey.
-PEAK_BYTES_PER_PIXEL = 12
-LARGE_DECODE_BYTES = 32 * 2**20  # from here on, freed decode buffers must go back to the OS
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-DECODE_MEMORY_BYTES = int(os.environ.get("I2P_DECODE_MEMORY_MB", "2048")) * 2**20
-
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
@@ -175,64 +167,6 @@ def describe(src: Any) -> str:
     return f"<{type(src).__name__}>"
 
 
-class _MemoryBudget:
-    """Bytes that decoding may hold at once across threads; an image over the whole budget runs alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def session(self) -> Iterator[_Reservation]:
-        """A reservation, taken (once the image's size is known) with ``take``, released at the end."""
-        reservation = _Reservation(self)
-        try:
-            yield reservation
-        finally:
-            if reservation.nbytes:
-                with self._cond:
-                    self.used -= reservation.nbytes
-                    self._cond.notify_all()
-
-    def _take(self, nbytes: int) -> None:
-        if nbytes >= LARGE_DECODE_BYTES:
-            _large_buffers_to_os()
-        with self._cond:
-            self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
-            self.used += nbytes
-
-
-class _Reservation:
-    def __init__(self, budget: _MemoryBudget) -> None:
-        self.budget, self.nbytes = budget, 0
-
-    def take(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` fit in the budget (at most once per session)."""
-        if self.nbytes:
-            raise RuntimeError("a decode reserves its memory once")
-        self.budget._take(nbytes)
-        self.nbytes = nbytes
-
-
-@functools.cache
-def _large_buffers_to_os() -> None:
-    """Make glibc hand every buffer over 4 MiB straight back to the OS when it is freed (mallopt
-    M_MMAP_THRESHOLD; set once, on the first large decode). Otherwise a decoded image's memory stays
-    in the decoding thread's malloc arena, and N threads each keep one large image's worth.
-    Other allocators (musl, macOS) already unmap large blocks: nothing to do there."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 4 * 2**20)
-
-
-DECODE_BUDGET = _MemoryBudget(DECODE_MEMORY_BYTES)
-
-
-def decode_cost(width: int, height: int, encoded_bytes: int = 0) -> int:
-    """Estimated peak bytes to decode one image to 8-bit RGB (what DECODE_BUDGET reserves)."""
-    return encoded_bytes + width * height * PEAK_BYTES_PER_PIXEL
-
-
 def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> Image.Image:
     """Decode any supported input into an upright 8-bit RGB PIL image, or raise ImageError.
 
@@ -243,7 +177,7 @@ def load_image(src: ImageInput, max_pixels: int = PreprocessSpec.max_pixels) -> 
         return _load(src, max_pixels, reservation)
 
 
-def _load(src: ImageInput, max_pixels: int, reservation: _Reservation) -> Image.Image:
+def _load(src: ImageInput, max_pixels: int, reservation: Reservation) -> Image.Image:
     name = describe(src)
     if isinstance(src, np.ndarray):
         if src.ndim >= 2 and 0 not in src.shape:  # an empty array's error names its shape, below
@@ -437,6 +371,6 @@ def preprocess(src: ImageInput, spec: PreprocessSpec) -> np.ndarray:
         return _preprocess(src, spec, reservation)
 
 
-def _preprocess(src: ImageInput, spec: PreprocessSpec, reservation: _Reservation) -> np.ndarray:
+def _preprocess(src: ImageInput, spec: PreprocessSpec, reservation: Reservation) -> np.ndarray:
     img = fit_aspect(_load(src, spec.max_pixels, reservation))
     return normalize(np.asarray(resize_crop(img, spec)), spec)

@@ -15,10 +15,10 @@ from PIL import Image
 
 from i2p.runtime import Detector
 from i2p.runtime import preprocess as pp
+from i2p.runtime.memory import PEAK_BYTES_PER_PIXEL
 from i2p.runtime.preprocess import (
     MAX_ASPECT,
     MAX_INPUT_BYTES,
-    PEAK_BYTES_PER_PIXEL,
     ImageError,
     PreprocessSpec,
     load_image,
