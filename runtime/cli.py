@@ -252,7 +252,7 @@ def _echo(text: str, err: bool = False) -> None:
     except OSError as e:
         stream = "standard error" if err else "standard output"
         _silence_stdout()
-        raise OutputError(f"{stream}: cannot write ({e.strerror or e})") from e
+        raise click.ClickException(f"{stream}: cannot write ({e.strerror or e})") from None
 
 
 def _silence_stdout() -> None:
@@ -380,7 +380,6 @@ def bench(
         "warmup": warmup,
     }
     if as_json:
-        click.echo(json.dumps({**header, "results": rows}, indent=2))
+        _echo(json.dumps({**header, "results": rows}, indent=2))
     else:
-        click.echo(", ".join(f"{k} {v}" for k, v in header.items()))
-        click.echo(format_table(rows))
+        _echo(", ".join(f"{k} {v}" for k, v in header.items()) + "\n" + format_table(rows))

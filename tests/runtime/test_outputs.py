@@ -133,6 +133,16 @@ def test_a_full_disk_is_a_message(artifact: Path, tmp_path: Path) -> None:
         )
     assert proc.returncode == 1 and "standard output: cannot write (No space left on device)" in proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    rows = tmp_path / "rows.csv"  # rows to a file, the summary to a full stdout; and i2p-bench's report
+    bench_cmd = [sys.executable, "-c", "from i2p.runtime.cli import bench; bench()"]
+    for cmd in (
+        [*DETECT, str(image), "--model", str(artifact), "--csv", str(rows)],
+        [*bench_cmd, "--model", str(artifact), "--batch-sizes", "1", "--iters", "2"],
+    ):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 1 and "standard output: cannot write" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
