@@ -32,6 +32,7 @@ import psutil
 
 from benchmarks.perf import E2E, E2E_LAYER, export_artifact, jpeg_folder, machine, write_checkpoint
 from i2p.base.tables import format_table
+from i2p.export.triton import QUEUE_DELAY_US
 
 REPO = Path(__file__).resolve().parents[1]
 DOC, SECTION = REPO / "docs" / "performance.md", "## Serving"
@@ -254,7 +255,7 @@ def main() -> None:
     ap.add_argument(
         "--queue-delays",
         type=ints,
-        default=[2000],
+        default=[QUEUE_DELAY_US],
         help="dynamic batching delays (µs); the first for the main table",
     )
     ap.add_argument("--work", type=Path, help="keep the artifact and repositories here")

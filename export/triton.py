@@ -38,9 +38,11 @@ CONFIG = "config.pbtxt"
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
 PLAN, ONNX = "model.plan", "model.onnx"
 ARTIFACT_DIR = "artifact"  # inside i2p_network/1/ for the Python backend: manifest + FP32 ONNX files
-# Measured with benchmarks/serve.py (docs/performance.md, "Serving"): the batcher may wait this long for
-# more requests; on the CPU server 16 clients gained throughput with it and 1 client lost nothing measurable.
-QUEUE_DELAY_US = 2000
+# How long the dynamic batcher may hold a request for more (µs). Measured with benchmarks/serve.py on the
+# CPU server (docs/performance.md, "Serving"): 0 had the best throughput and latency at 16 clients, as
+# requests queue anyway while the one network instance is busy (batches of ~8 formed without waiting).
+# On a GPU, where a batch costs little more than one image, measure again (docs/serving.md).
+QUEUE_DELAY_US = 0
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def test_hostile_files_are_error_rows_and_the_model_stays_up(served, tmp_path, i
     server, artifact = served
     cases = make_bad_corpus(tmp_path / "corpus")
     files = [str(tmp_path / "corpus" / name) for name in sorted(cases)]
+    stubs = {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
     with RemoteDetector(server.grpc_url, batch_size=8, concurrency=2) as remote:
         got = remote.predict(files)
         bad = [g for g, name in zip(got, sorted(cases), strict=True) if cases[name].error]
@@ -88,7 +89,8 @@ def test_hostile_files_are_error_rows_and_the_model_stays_up(served, tmp_path, i
             if cases[name].error:
                 assert cases[name].error in g.error, (name, g.error)
         assert_same(got, Detector(artifact).predict(files))
-        assert server.ready()
+        assert server.ready()  # and no model instance died (and was restarted) on the way:
+        assert {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)} == stubs
         after = remote.predict([str(images[0]), b"\xff\xd8\xff garbage", b""])
     assert after[0].ok and after[1].error.startswith("<") and after[2].error == "<0 bytes>: empty file"
 
