@@ -108,9 +108,16 @@ def done_paths(path: Path, fmt: str) -> DoneSet:
         return DoneSet()
     _drop_torn_line(path)
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        if fmt == "csv":
+        first = f.readline()
+        f.seek(0)
+        if fmt == "csv" and first.rstrip("\r\n") == ",".join(ROW_COLUMNS):
             return DoneSet(_uncell(r.get("path") or "") for r in csv.DictReader(f))
-        return DoneSet(_jsonl_paths(f))
+        if fmt == "jsonl" and (not first or first.startswith('{"path": ')):
+            return DoneSet(_jsonl_paths(f))
+    raise OutputError(
+        f"{path}: not an i2p-detect {fmt.upper()} output (it starts {first[:40]!r}); "
+        "--resume appends only to the output of the same command"
+    )
 
 
 def _jsonl_paths(f: TextIO) -> Iterator[str]:

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from i2p.base.files import IMAGE_EXTENSIONS, is_image_name
 
 from .detector import Detector, Prediction, Prepared
+from .outputs import display
 
 log = logging.getLogger("i2p")
 
@@ -47,7 +48,7 @@ def _walk(top: str, recursive: bool) -> Iterator[str]:
                     elif is_image_name(entry.name):
                         yield entry.path  # a non-file named like an image gets its error row
         except OSError as e:
-            log.warning("i2p: skipping directory %s: %s", directory, e.strerror or e)
+            log.warning("i2p: skipping directory %s: %s", display(directory), e.strerror or e)
 
 
 def prepare_stream(

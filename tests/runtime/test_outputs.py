@@ -259,3 +259,16 @@ def test_a_checkpoint_given_as_model_is_named(tmp_path: Path) -> None:
     ckpt.write_bytes(b"\x02\0\0\0\0\0\0\0{}")
     code, _, err = run([png(tmp_path / "x.png"), "--model", ckpt])
     assert code == 2 and "training checkpoint" in err and "i2p-export --ckpt" in err
+
+
+def test_resume_refuses_a_file_that_is_not_its_output(artifact: Path, tmp_path: Path) -> None:
+    image = png(tmp_path / "x.png")
+    for name, option, text in (
+        ("notes.csv", "--csv", "name,age\nbob,3\n"),
+        ("rows.csv", "--csv", '{"path": "a.png"}\n'),
+        ("rows.jsonl", "--jsonl", "path,probability,label,error\n"),
+    ):
+        Path(f"{tmp_path / name}.partial").write_text(text)
+        code, _, err = run([image, "--model", artifact, option, tmp_path / name, "--resume"])
+        assert code == 1 and "not an i2p-detect" in err and "--resume appends only" in err
+        assert Path(f"{tmp_path / name}.partial").read_text() == text  # left as it was
