@@ -25,6 +25,7 @@ from .outputs import ROW_COLUMNS, DoneSet, OutputError, Row, display, file_sink,
 from .sources import iter_images, predict_stream, survey
 
 MAX_BENCH_BATCH = 1024  # i2p-bench: a [1024, 3, 224, 224] float32 input is 600 MB
+MAX_BENCH_INPUT_BYTES = 2**30  # and no input batch over 1 GiB, whatever the input size
 
 
 class _ClickHandler(logging.Handler):
@@ -346,6 +347,11 @@ def bench(
     """Latency percentiles and throughput of the network (preprocessing excluded) per batch size."""
     detector = _load(model, backend, device, precision, threads, batch_size=max(batch_sizes))
     size = detector.spec.size
+    if max(batch_sizes) * 3 * size * size * 4 > MAX_BENCH_INPUT_BYTES:  # a large --model input side
+        largest = MAX_BENCH_INPUT_BYTES // (3 * size * size * 4)
+        raise click.BadParameter(
+            f"at {size}x{size}, batch sizes go up to {largest}", param_hint="--batch-sizes"
+        )
     rng = np.random.default_rng(0)
     rows = []
     for bs in batch_sizes:

@@ -237,6 +237,12 @@ def test_bench_batch_sizes_are_bounded(artifact: Path, sizes: str) -> None:
     assert result.exit_code == 2 and "batch sizes go up to 1024" in result.stderr
 
 
+def test_bench_batch_bytes_are_bounded(tmp_path: Path) -> None:
+    big = make_artifact(tmp_path / "big.i2p", size=1024, fp16=False)  # 12 MB per image
+    result = CliRunner().invoke(bench, ["--model", str(big), "--batch-sizes", "1,100"])
+    assert result.exit_code == 2 and "at 1024x1024, batch sizes go up to 85" in result.stderr
+
+
 def test_nothing_found_says_what_is_there(artifact: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
