@@ -18,8 +18,10 @@ from .build import FP16_ONNX, Build
 from .cpu_optimize import CPU_MODEL, CPU_ONNX
 from .onnx_export import INPUT, OUTPUTS
 from .parity import ParityReport
+from .quantize import INT8_MODEL, INT8_ONNX
 
 PARITY = "parity.json"
+CPU_ONLY = {CPU_ONNX: CPU_MODEL, INT8_ONNX: INT8_MODEL}  # manifest entries of the ONNX Runtime CPU files
 
 
 def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Manifest:
@@ -36,12 +38,13 @@ def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Mani
         inputs=(TensorSpec(INPUT, "float32", ("batch", 3, size, size)),),
         outputs=tuple(TensorSpec(o, "float32", ("batch",)) for o in OUTPUTS),
         models=tuple(
-            CPU_MODEL if file == CPU_ONNX else ModelFile(file, precision)
-            for file, precision in build.models.items()
+            CPU_ONLY.get(file, ModelFile(file, precision)) for file, precision in build.models.items()
         ),
         files=dict(hashes),
         tools=tool_versions(),
         extra=_extra(build, parity),
+        operating_points=dict(meta.operating_points or {}),  # calibrated on validation at training
+        operating_point=meta.operating_point if meta.operating_points else "",
     )
 
 

@@ -77,6 +77,7 @@ class Detector:
         threads: int | None = None,
         threshold: float | None = None,
         gpu_preprocessing: bool = True,
+        operating_point: str | None = None,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
@@ -97,6 +98,10 @@ class Detector:
         self._logit_name = tensor_names(self.manifest)[1]
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also refuses NaN
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
+        if threshold is not None and operating_point is not None:
+            raise ValueError("pass threshold= or operating_point=, not both")
+        if operating_point is not None:  # a named threshold of the manifest ("balanced", "fpr_1pct", ...)
+            threshold = self.manifest.point_threshold(operating_point)
         self.threshold = self.manifest.threshold if threshold is None else float(threshold)
         self.batch_size = batch_size
         self._want_gpu_preprocessing = gpu_preprocessing  # TensorRT: resize on the GPU (False: on the CPU)

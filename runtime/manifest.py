@@ -72,8 +72,19 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of every file
     tools: dict[str, str] = field(default_factory=dict)  # package -> version used to export
     extra: dict[str, Any] = field(default_factory=dict)  # metrics, parity summary, checkpoint info
+    # Named thresholds calibrated on validation ("balanced", "fpr_1pct", ...): each has "threshold" and
+    # how it was chosen ("rule", "target_fpr", "val_fpr", "val_tpr", ...); ``threshold`` is operating_point's.
+    operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)
+    operating_point: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    def point_threshold(self, name: str) -> float:
+        """The threshold of the named operating point; ArtifactError listing the ones there are."""
+        if name not in self.operating_points:
+            known = ", ".join(sorted(self.operating_points)) or "none (exported before operating points)"
+            raise ArtifactError(f"no operating point {name!r} in this artifact; it has: {known}")
+        return float(self.operating_points[name]["threshold"])
 
     def model(self, precision: str, format: str = "onnx") -> ModelFile | None:
         """The portable network file of a precision (``format="onnx"``: runs on every backend)."""
@@ -118,6 +129,8 @@ class Manifest:
             files=_files(d.get("files", {})),
             tools=_str_map(d.get("tools", {}), "tools"),
             extra=_object(d.get("extra", {}), "extra"),
+            operating_points=_operating_points(d.get("operating_points", {})),
+            operating_point=_point_name(d, "operating_point"),
             format=FORMAT,
             format_version=version,
         )
@@ -152,6 +165,35 @@ def _probability(d: dict[str, Any], key: str) -> float:
     ):
         raise ArtifactError(f"field {key!r} must be a number in [0, 1], got {value!r:.80}")
     return float(value)
+
+
+def _point_name(d: dict[str, Any], key: str) -> str:
+    value = d.get(key, "")
+    if not isinstance(value, str) or len(value) > 64:
+        raise ArtifactError(f"field {key!r} must be a string of at most 64 characters, got {value!r:.80}")
+    return value
+
+
+def _operating_points(value: Any) -> dict[str, dict[str, Any]]:
+    """name -> {"threshold": probability, "rule": str, other numbers}; at most 32 points."""
+    points = _object(value, "operating_points")
+    if len(points) > 32:
+        raise ArtifactError(f"field 'operating_points' holds {len(points)} points; at most 32 are allowed")
+    for name, point in points.items():
+        key = f"operating_points.{name}"
+        if not name or len(name) > 64:
+            raise ArtifactError(f"field {key!r}: a point name must have 1 to 64 characters")
+        if "threshold" not in _object(point, key):
+            raise ArtifactError(f"field {key!r} must hold a 'threshold'")
+        try:
+            _probability(point, "threshold")
+        except ArtifactError:
+            raise ArtifactError(
+                f"field '{key}.threshold' must be a number in [0, 1], got {point['threshold']!r:.80}"
+            ) from None
+        if not isinstance(point.get("rule", ""), str):
+            raise ArtifactError(f"field '{key}.rule' must be a string")
+    return points
 
 
 def _object(value: Any, key: str) -> dict[str, Any]:

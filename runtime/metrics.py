@@ -146,7 +146,9 @@ def calibrate_threshold(y: Any, p: Any, target_fpr: float | None = None) -> floa
         feasible = fp <= target_fpr * n_neg + 1e-9
         score = np.where(feasible, tp - fp / (n_neg + 1.0), -1.0)
     best = np.flatnonzero(score >= score.max() - 1e-12)
-    return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+    # A probability threshold is at most 1: "nothing is fake" above a real scored exactly 1.0 (a
+    # saturated sigmoid) cannot be expressed, so such a real stays a false positive.
+    return min(float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]]), 1.0)
 
 
 BALANCED = "balanced"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,19 +55,35 @@ def _batches(samples: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield samples[start : start + size]
 
 
+def _load(sample: Any, condition: Condition) -> Image.Image | str:
+    """The degraded image, or why it could not be read (decoding runs on worker threads)."""
+    try:
+        return condition(load_image(sample.path))
+    except (ImageError, OSError) as e:
+        return str(e)
+
+
 def score_condition(
-    samples: Sequence[Any], condition: Condition, scorer: Scorer, batch_size: int = 32, progress=None
+    samples: Sequence[Any],
+    condition: Condition,
+    scorer: Scorer,
+    batch_size: int = 32,
+    progress=None,
+    workers: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """(probabilities, indices of the scored samples, skipped (path, reason)) under one condition."""
     probs, kept, skipped = [], [], []
+    pool = ThreadPoolExecutor(max(1, workers))
     for offset, batch in enumerate(_batches(samples, batch_size)):
         images, idx = [], []
-        for j, s in enumerate(batch):
-            try:
-                images.append(condition(load_image(s.path)))
+        for j, (s, img) in enumerate(
+            zip(batch, pool.map(_load, batch, [condition] * len(batch)), strict=True)
+        ):
+            if isinstance(img, str):
+                skipped.append((str(s.path), img))
+            else:
+                images.append(img)
                 idx.append(offset * batch_size + j)
-            except (ImageError, OSError) as e:
-                skipped.append((str(s.path), str(e)))
         if images:
             scores = np.asarray(scorer(images), dtype=np.float64)
             for i in np.flatnonzero(~np.isfinite(scores)):  # the scorer's way of saying "could not score"
@@ -75,6 +92,7 @@ def score_condition(
             kept += [j for j, ok in zip(idx, np.isfinite(scores), strict=True) if ok]
         if progress is not None:
             progress(len(batch))
+    pool.shutdown()
     return (np.concatenate(probs) if probs else np.empty(0)), np.asarray(kept, dtype=np.int64), skipped
 
 
@@ -85,11 +103,12 @@ def sweep(
     threshold: float,
     batch_size: int = 32,
     progress=None,
+    workers: int = 2,
 ) -> SweepResult:
     """Metrics of ``scorer`` on ``samples`` under every condition, at ``threshold``."""
     metrics, strengths, skipped = {}, {}, {}
     for cond in conditions:
-        p, idx, bad = score_condition(samples, cond, scorer, batch_size, progress)
+        p, idx, bad = score_condition(samples, cond, scorer, batch_size, progress, workers)
         skipped.update(dict(bad))
         if not len(idx):
             raise ValueError(f"no readable images to evaluate under {cond.name}")

@@ -39,7 +39,7 @@ class Checkpoint:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if k.startswith(("head.", "delta."))}
+        return {k: v for k, v in self.tensors.items() if k.startswith(("head.", "delta.", "block."))}
 
 
 def save_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -43,6 +44,14 @@ def data_options(f):
         ),
         click.option("--layer", default="auto", show_default=True, help="auto | last | block number."),
         click.option("--layer-tolerance", default=DEFAULTS.layer_tolerance, show_default=True),
+        click.option(
+            "--layer-rule",
+            type=click.Choice(["robust", "clean"]),
+            default=DEFAULTS.layer_rule,
+            show_default=True,
+            help="robust: score layers on validation copies degraded by JPEG 75, half size and blur 1 too "
+            "(measured in docs/evaluation.md); clean: clean copies only.",
+        ),
         click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True),
         click.option("--workers", default=DEFAULTS.workers, show_default=True, help="DataLoader processes."),
         click.option("--device", default="auto", show_default=True),
@@ -90,6 +99,20 @@ def _run(fn, *args):
 @click.option(
     "--baseline", is_flag=True, help="UnivFD recipe: frozen full tower, final embedding, linear head."
 )
+@click.option(
+    "--adapter",
+    type=click.Choice(["subspace", "lora", "full"]),
+    default=DEFAULTS.adapter,
+    show_default=True,
+    help="subspace: I2P low-sensitivity subspace; lora: LoRA of --rank on the same maps; full: every "
+    "weight of blocks 1..L*. All merge and export alike.",
+)
+@click.option(
+    "--target-fpr",
+    type=float,
+    help="Calibrate the threshold for at most this fraction of validation reals called fake (e.g. 0.01); "
+    "default: balanced accuracy. Every named operating point is stored either way.",
+)
 @click.option("--epochs", default=DEFAULTS.epochs, show_default=True)
 @click.option("--lr", default=DEFAULTS.lr, show_default=True)
 @click.option("--weight-decay", default=DEFAULTS.weight_decay, show_default=True)
@@ -105,7 +128,7 @@ def _run(fn, *args):
 def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> None:
     """Train an I2P detector: pick the critical layer, tune a low-sensitivity subspace, calibrate."""
     augment = (
-        AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip=False, scale_jitter=1.0)
+        AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, resize_prob=0.0, flip=False, scale_jitter=1.0)
         if no_augment
         else AugmentConfig()
     )
@@ -152,27 +175,77 @@ def layers(as_json: bool, **kw) -> None:
 
 @click.command("eval")
 @click.option(
-    "--ckpt", required=True, type=click.Path(exists=True, dir_okay=False), help="checkpoint.safetensors"
+    "--ckpt", type=click.Path(exists=True, dir_okay=False), help="checkpoint.safetensors (PyTorch)."
+)
+@click.option(
+    "--model",
+    "artifact",
+    type=click.Path(exists=True),
+    help="An exported NAME.i2p artifact instead: the deployed model, through the torch-free runtime.",
 )
 @click.option("--data", required=True, type=click.Path(exists=True), help="Image folder or CSV manifest.")
-@click.option("--backbone", type=click.Path(exists=True, dir_okay=False), help="Base weights if they moved.")
+@click.option(
+    "--perturb",
+    multiple=True,
+    help="Also evaluate under degradations, e.g. jpeg:95,75,50  resize:0.5  blur:1,2  social  "
+    "resize:0.5+jpeg:90 (a chain). Repeatable; the same degradation for real and generated images.",
+)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the metric-vs-strength plot (PNG) here.")
+@click.option("--metric", default="auc", show_default=True, help="Metric of the sweep table and plot.")
+@click.option(
+    "--operating-point", help="Use a named threshold (balanced, fpr_1pct, fpr_5pct, ...) stored at training."
+)
 @click.option("--threshold", type=float, help="Override the calibrated threshold.")
+@click.option("--backbone", type=click.Path(exists=True, dir_okay=False), help="Base weights if they moved.")
+@click.option("--backend", default="auto", show_default=True, help="Runtime backend for --model.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding threads.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(
-    ckpt: str, data: str, backbone: str | None, threshold: float | None, as_json: bool, **kw
+    ckpt: str | None,
+    artifact: str | None,
+    data: str,
+    perturb: tuple[str, ...],
+    plot: str | None,
+    metric: str,
+    operating_point: str | None,
+    threshold: float | None,
+    backbone: str | None,
+    backend: str,
+    as_json: bool,
+    **kw,
 ) -> None:
-    """Metrics of a trained checkpoint on a labelled set, per generator and mean."""
-    from .evaluation import evaluate_checkpoint
-    from .metrics import metrics_table
+    """Metrics of a checkpoint or exported artifact on a labelled set: per generator and mean, clean and degraded."""
+    from i2p.runtime.metrics import TABLE_COLUMNS, metrics_table
+    from i2p.runtime.perturb import parse_sweeps
+    from i2p.runtime.robustness import evaluate_artifact, plot_sweep, sweep_table
 
-    metrics, used = _run(evaluate_checkpoint, ckpt, data, backbone, threshold, kw)
-    if as_json:
-        click.echo(
-            json.dumps({"threshold": used, "metrics": {g: m.to_dict() for g, m in metrics.items()}}, indent=2)
-        )
+    if (ckpt is None) == (artifact is None):
+        raise click.UsageError("pass exactly one of --ckpt (a checkpoint) or --model (an exported artifact)")
+    if metric not in TABLE_COLUMNS or metric == "n":
+        raise click.UsageError(f"--metric must be one of {', '.join(TABLE_COLUMNS[1:])}")
+    conditions = _run(parse_sweeps, perturb)
+    if artifact is not None:
+        run = functools.partial(evaluate_artifact, backend=backend, operating_point=operating_point)
+        result = _run(run, artifact, data, conditions, threshold, kw["batch_size"], None)
     else:
+        from .evaluation import evaluate_checkpoint
+
+        result = _run(evaluate_checkpoint, ckpt, data, backbone, threshold, kw, conditions, operating_point)
+    if plot:
+        plot_sweep(result, Path(plot), metric, title=f"{Path(ckpt or artifact).name} on {data}")
+    if as_json:
+        clean = next(iter(result.metrics.values()))
+        body = {"metrics": {g: m.to_dict() for g, m in clean.items()}, **result.to_dict()}
+        click.echo(json.dumps(body, indent=2))
+        return
+    for name, metrics in result.metrics.items():
+        if len(result.metrics) > 1:
+            click.echo(f"== {name}")
         click.echo(metrics_table(metrics))
-        click.echo(f"threshold {used:.4f}")
+    if len(result.metrics) > 1:
+        click.echo(f"== {metric} under each condition\n" + sweep_table(result, metric))
+    for path, reason in result.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    click.echo(f"threshold {result.threshold:.4f}" + (f" ({operating_point})" if operating_point else ""))

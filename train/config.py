@@ -34,6 +34,10 @@ class TrainConfig:
     embed_base: bool = False  # copy the frozen base into the checkpoint
     max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for demos and tests
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    adapter: str = "subspace"  # "subspace" (I2P) | "lora" (same maps and rank) | "full" (blocks 1..L*)
+    target_fpr: float | None = None  # threshold: None = balanced accuracy, else max TPR at this val FPR
+    layer_rule: str = "robust"  # "robust" | "clean": which validation copies stage 1 scores layers on
+    layer_degrade: tuple[str, ...] = ("jpeg:75", "resize:0.5", "blur:1")  # the degraded copies (robust)
 
     def __post_init__(self) -> None:
         if self.layer not in ("auto", "last") and not str(self.layer).isdigit():
@@ -42,6 +46,13 @@ class TrainConfig:
             raise ValueError(f"--sensitivity must be singular or fisher, got {self.sensitivity!r}")
         if self.rank < 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("rank must be >= 0, epochs and batch size >= 1")
+        if self.adapter not in ("subspace", "lora", "full"):
+            raise ValueError(f"--adapter must be subspace, lora or full, got {self.adapter!r}")
+        if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
+        if self.layer_rule not in ("robust", "clean"):
+            raise ValueError(f"--layer-rule must be robust or clean, got {self.layer_rule!r}")
+        object.__setattr__(self, "layer_degrade", tuple(self.layer_degrade))  # a JSON list when read back
         if self.baseline and self.rank:
             object.__setattr__(self, "rank", 0)  # the UnivFD baseline trains the linear head only
 
@@ -67,5 +78,6 @@ class TrainConfig:
         "rank",
         "sensitivity",
         "baseline",
+        "adapter",
         "seed",
     )

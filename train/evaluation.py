@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from i2p.runtime.preprocess import PreprocessSpec
+from i2p.runtime.perturb import CLEAN, Condition
+from i2p.runtime.preprocess import PreprocessSpec, preprocess
+from i2p.runtime.robustness import Scorer, SweepResult, sweep
 
 from . import data as data_mod
 from .checkpoint import load_model
 from .config import TrainConfig
 from .distributed import Runtime, progress, say, setup
-from .metrics import Metrics, calibrate_threshold, evaluate
+from .metadata import CheckpointMeta
+from .metrics import (
+    DEFAULT_TARGETS,
+    Metrics,
+    OperatingPoint,
+    calibrate_threshold,
+    evaluate,
+    operating_points,
+    point_name,
+)
 from .model import I2PModel
 
 
@@ -51,8 +64,11 @@ def calibration_subset(samples: list[data_mod.Sample], n: int, seed: int) -> lis
     return [samples[i] for i in keep]
 
 
-def eval_loader(samples: list[data_mod.Sample], spec: PreprocessSpec, cfg: TrainConfig) -> DataLoader:
-    ds = data_mod.ImageDataset(samples, spec)
+def eval_loader(
+    samples: list[data_mod.Sample], spec: PreprocessSpec, cfg: TrainConfig, condition: Condition | None = None
+) -> DataLoader:
+    """Evaluation batches as deployed, after ``condition`` (a robustness degradation) when given."""
+    ds = data_mod.ImageDataset(samples, spec, condition=condition)
     return DataLoader(
         ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=data_mod.collate_skip_bad
     )
@@ -95,17 +111,67 @@ def evaluate_samples(
     return evaluate(y, probs, [samples[i].generator for i in idx], threshold), threshold
 
 
+def validate(
+    model: I2PModel, samples: list[data_mod.Sample], spec: PreprocessSpec, cfg: TrainConfig, rt: Runtime
+) -> tuple[dict[str, Metrics], dict[str, OperatingPoint], str]:
+    """Validation metrics at the chosen operating point, every named point, and the chosen name.
+
+    Points: "balanced" (max balanced accuracy), "fpr_1pct", "fpr_5pct" (most fakes caught with at
+    most 1% / 5% of validation reals called fake) and the ``--target-fpr`` one; the threshold in use
+    is ``--target-fpr``'s when given, else "balanced".
+    """
+    probs, idx = predict(model, eval_loader(samples, spec, cfg), rt)
+    y = np.array([samples[i].label for i in idx])
+    targets = sorted({*DEFAULT_TARGETS, *([cfg.target_fpr] if cfg.target_fpr is not None else [])})
+    points = operating_points(y, probs, targets)
+    chosen = point_name(cfg.target_fpr)
+    metrics = evaluate(y, probs, [samples[i].generator for i in idx], points[chosen].threshold)
+    return metrics, points, chosen
+
+
+def checkpoint_scorer(model: I2PModel, spec: PreprocessSpec, device: torch.device) -> Scorer:
+    """A robustness-sweep Scorer running the PyTorch detector on decoded images (runtime preprocessing)."""
+
+    @torch.no_grad()
+    def score(images: list[Image.Image]) -> np.ndarray:
+        x = torch.from_numpy(np.stack([preprocess(img, spec) for img in images])).to(device)
+        return torch.sigmoid(model(x).float()).cpu().numpy()
+
+    return score
+
+
+def checkpoint_threshold(meta: CheckpointMeta, operating_point: str | None, path: str) -> float:
+    """The checkpoint's threshold, or the one of a named operating point it stores."""
+    if operating_point is None:
+        if meta.threshold is None:
+            raise ValueError(f"{path}: no calibrated threshold yet (training did not finish an epoch)")
+        return meta.threshold
+    points = meta.operating_points or {}
+    if operating_point not in points:
+        known = ", ".join(sorted(points)) or "none (trained before operating points)"
+        raise ValueError(f"{path}: no operating point {operating_point!r}; the checkpoint has: {known}")
+    return float(points[operating_point]["threshold"])
+
+
 def evaluate_checkpoint(
-    ckpt: str, data: str, backbone: str | None, threshold: float | None, options: dict[str, Any]
-) -> tuple[dict[str, Metrics], float]:
-    """``i2p eval``: metrics at the checkpoint's calibrated threshold (or the one given)."""
+    ckpt: str,
+    data: str,
+    backbone: str | None,
+    threshold: float | None,
+    options: dict[str, Any],
+    conditions: Sequence[Condition] = (CLEAN,),
+    operating_point: str | None = None,
+) -> SweepResult:
+    """``i2p eval --ckpt``: metrics under each condition at the checkpoint's threshold (or the one given)."""
     model, meta = load_model(ckpt, backbone)
     cfg = TrainConfig(data=data, **options)
     rt = setup(cfg.device)
-    model.to(rt.device)
+    model.to(rt.device).eval()
     samples, bad = data_mod.scan(data_mod.discover(data), meta.preprocess.max_pixels, progress=True)
     for _s, reason in bad:
         say(rt, f"skipped {reason}")
     if threshold is None:
-        threshold = meta.threshold
-    return evaluate_samples(model, samples, meta.preprocess, cfg, rt, threshold)
+        threshold = checkpoint_threshold(meta, operating_point, ckpt)
+    scorer = checkpoint_scorer(model, meta.preprocess, rt.device)
+    with progress(rt, None, total=len(samples) * len(conditions), desc="evaluating", unit="img") as bar:
+        return sweep(samples, conditions, scorer, threshold, cfg.batch_size, bar.update, cfg.workers)

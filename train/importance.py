@@ -1,29 +1,34 @@
 """Stage 1, critical-layer perception: how well each block's CLS token separates real from generated.
 
-Two scores per block, both on CLS features of a calibration subset:
+Scores per block, on CLS features of a calibration subset (fit) and the validation images (score):
 
 * **Fisher ratio** (training-free): mean over feature dimensions of (μ_fake − μ_real)² / (σ²_real + σ²_fake).
 * **Linear-probe AUC**: a logistic regression on the LayerNorm'ed CLS token (the head's own form),
-  fit on the calibration features and scored on validation features.
+  fit on the clean calibration features and scored on validation features.
+* **Degraded-probe AUC** (``rule="robust"``): the same probe scored on validation copies after the
+  degradations a deployment sees (by default JPEG q75, half size, Gaussian blur σ 1; see
+  ``i2p.runtime.perturb``): a layer whose separation one JPEG re-encode destroys scores low here.
 
 Rule for L* (``--layer auto``): min-max normalize each score across layers, average them into an
-importance, and take the *shallowest* layer whose importance is within ``tolerance`` of the best.
-Validation AUC alone saturates by the middle layers on real data; the Fisher ratio keeps ranking
-layers there, and preferring the shallowest near-best layer also buys speed at deployment (the
-exported network runs only L* of N blocks).
+importance (``robust``: Fisher, clean AUC and mean degraded AUC; ``clean``: Fisher and clean AUC), and
+take the *shallowest* layer whose importance is within ``tolerance`` of the best. Validation AUC alone
+saturates by the middle layers on real data; the Fisher ratio keeps ranking layers there, the degraded
+AUC penalizes layers whose signal is fragile, and preferring the shallowest near-best layer also buys
+speed at deployment (the exported network runs only L* of N blocks). docs/evaluation.md measures the
+rules on sid-mini.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
+from i2p.base.files import write_json_atomic
 from i2p.base.tables import format_table
 
 from .metrics import roc_auc
@@ -36,6 +41,7 @@ class LayerScore:
     probe_auc: float
     probe_loss: float  # validation binary cross-entropy of the probe
     importance: float  # the combined score the rule reads
+    degraded_auc: dict[str, float] = field(default_factory=dict)  # probe AUC per degraded validation copy
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class ImportanceProfile:
     tolerance: float
     n_calib: int
     n_val: int
+    criterion: str = "clean"  # "robust" | "clean": which scores the importance averages
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rule": __doc__.split("Rule for L*")[1].strip().split("\n\n")[0]}
@@ -59,7 +66,7 @@ class ImportanceProfile:
         """layer_importance.json and layer_importance.png in ``out_dir``."""
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, png_path = out_dir / "layer_importance.json", out_dir / "layer_importance.png"
-        json_path.write_text(json.dumps(self.to_dict(), indent=2))
+        write_json_atomic(json_path, self.to_dict())
         plot(self, png_path)
         return json_path, png_path
 
@@ -125,13 +132,30 @@ def _minmax(values: list[float]) -> list[float]:
     return [0.0 if hi - lo < 1e-12 else (v - lo) / (hi - lo) for v in values]
 
 
+def combine(
+    criterion: str, fisher: list[float], aucs: list[float], degraded: dict[str, list[float]]
+) -> list[float]:
+    """Per-layer importance: the mean of the min-max normalized scores the criterion reads."""
+    parts = [_minmax(aucs), _minmax(fisher)]
+    if criterion == "robust" and degraded:
+        mean_degraded = [sum(v[i] for v in degraded.values()) / len(degraded) for i in range(len(aucs))]
+        parts.append(_minmax(mean_degraded))
+    return [sum(p[i] for p in parts) / len(parts) for i in range(len(aucs))]
+
+
 def profile(
     calib: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     layer: str | int = "auto",
     tolerance: float = 0.05,
+    degraded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    rule: str = "robust",
 ) -> tuple[ImportanceProfile, torch.nn.Linear]:
-    """Score every block and pick L*; also returns the probe at L* (the head's warm start)."""
+    """Score every block and pick L*; also returns the probe at L* (the head's warm start).
+
+    ``degraded`` maps a condition name to the validation features after that degradation; without
+    any, the robust rule reduces to the clean one (and the profile says so).
+    """
     (xc, yc), (xv, yv) = calib, val
     if len(torch.unique(yc)) < 2 or len(torch.unique(yv)) < 2:
         raise ValueError(
@@ -144,7 +168,12 @@ def profile(
         logits = probe_logits(probe, xv[i])
         aucs.append(roc_auc(yv.numpy(), logits.numpy()))
         losses.append(float(F.binary_cross_entropy_with_logits(logits, yv)))
-    importance = [(a + f) / 2 for a, f in zip(_minmax(aucs), _minmax(fisher), strict=True)]
+    degraded_aucs = {
+        name: [roc_auc(yd.numpy(), probe_logits(p, xd[i]).numpy()) for i, p in enumerate(probes)]
+        for name, (xd, yd) in (degraded or {}).items()
+    }
+    criterion = "robust" if rule == "robust" and degraded_aucs else "clean"
+    importance = combine(criterion, fisher, aucs, degraded_aucs)
     n = len(probes)
     if layer == "auto":
         chosen, mode = choose_layer(importance, tolerance), "auto"
@@ -154,31 +183,49 @@ def profile(
         chosen, mode = int(layer), "fixed"
         if not 1 <= chosen <= n:
             raise ValueError(f"--layer {chosen} is outside 1..{n} for this backbone")
-    scores = tuple(LayerScore(i + 1, fisher[i], aucs[i], losses[i], importance[i]) for i in range(n))
-    result = ImportanceProfile(scores, chosen, mode, tolerance, int(yc.numel()), int(yv.numel()))
+    scores = tuple(
+        LayerScore(
+            i + 1, fisher[i], aucs[i], losses[i], importance[i], {k: v[i] for k, v in degraded_aucs.items()}
+        )
+        for i in range(n)
+    )
+    result = ImportanceProfile(scores, chosen, mode, tolerance, int(yc.numel()), int(yv.numel()), criterion)
     return result, probes[chosen - 1]
 
 
 def plot(p: ImportanceProfile, path: Path) -> None:
+    """Left: raw probe AUC per block, clean and on each degraded copy. Right: the normalized scores and L*."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = [s.layer for s in p.scores]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
-    ax.plot(layers, _minmax([s.probe_auc for s in p.scores]), "o-", label="probe AUC (normalized)")
+    fig, (raw, ax) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=120)
+    raw.plot(layers, [s.probe_auc for s in p.scores], "o-", lw=2, label="clean")
+    for name in p.scores[0].degraded_auc:
+        raw.plot(layers, [s.degraded_auc[name] for s in p.scores], ".--", label=name)
+    raw.set_title("validation probe AUC per block", fontsize=9)
+    raw.set_ylabel("AUC")
+    raw.legend(fontsize=7)
+    ax.plot(layers, _minmax([s.probe_auc for s in p.scores]), "o-", label="probe AUC, clean (normalized)")
     ax.plot(layers, _minmax([s.fisher for s in p.scores]), "s-", label="Fisher ratio (normalized)")
-    ax.plot(layers, [s.importance for s in p.scores], "k-", lw=2, label="importance")
+    if p.scores[0].degraded_auc:
+        mean_deg = [sum(s.degraded_auc.values()) / len(s.degraded_auc) for s in p.scores]
+        ax.plot(layers, _minmax(mean_deg), "^-", label="probe AUC, degraded mean (normalized)")
+    ax.plot(layers, [s.importance for s in p.scores], "k-", lw=2, label=f"importance ({p.criterion})")
     ax.axvline(p.layer, color="tab:red", ls="--", label=f"L* = {p.layer} ({p.mode})")
     best = max(p.scores, key=lambda s: s.probe_auc)
     ax.set_title(
-        f"Layer importance: L* = {p.layer}/{len(p.scores)} (best probe AUC {best.probe_auc:.3f} at block {best.layer})"
+        f"L* = {p.layer}/{len(p.scores)} (best clean probe AUC {best.probe_auc:.3f} at block {best.layer})",
+        fontsize=9,
     )
-    ax.set_xlabel("block")
-    ax.set_xticks(layers)
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="lower right")
+    for a in (raw, ax):
+        a.set_xlabel("block")
+        a.set_xticks(layers)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -192,6 +239,7 @@ def importance_table(p: ImportanceProfile) -> str:
             "probe_auc": s.probe_auc,
             "probe_loss": s.probe_loss,
             "fisher": s.fisher,
+            **{f"auc {k}": v for k, v in s.degraded_auc.items()},
             "importance": s.importance,
             "chosen": "<- L*" if s.layer == p.layer else "",
         }

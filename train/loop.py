@@ -28,7 +28,7 @@ from .backbone import preprocess_spec
 from .checkpoint import BASE, Checkpoint, build_model, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import Runtime, batch_is_empty, progress, say, setup
-from .evaluation import Splits, evaluate_samples, load_splits
+from .evaluation import Splits, load_splits, validate
 from .importance import ImportanceProfile, importance_table
 from .metadata import BackboneInfo, CheckpointMeta
 from .metrics import Metrics, metrics_table
@@ -118,7 +118,9 @@ def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | No
             profile.save(out)
             say(rt, importance_table(profile))
     else:
-        model = build_model(previous).to(rt.device)  # the checkpoint is read once
+        model = build_model(previous)  # the checkpoint is read once
+        model.resume_adapter(cfg.adapter)
+        model.to(rt.device)
         info, base = previous.meta.backbone, previous.section(BASE)
         profile = ImportanceProfile.from_dict(previous.meta.importance) if previous.meta.importance else None
     trainable, total = model.parameter_counts()
@@ -204,7 +206,8 @@ class _Stepper:
 def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) -> CheckpointMeta:
     """Validate, calibrate the threshold, and write the checkpoint (with resume state) atomically."""
     cfg, model = run.cfg, run.model
-    metrics, threshold = evaluate_samples(model, run.splits.val, run.spec, cfg, run.rt, None)
+    metrics, points, chosen = validate(model, run.splits.val, run.spec, cfg, run.rt)
+    threshold = points[chosen].threshold
     trainable, total = model.parameter_counts()
     tensors, resume = resume_state(optimizer, scheduler, epoch)
     earlier = run.previous.meta.wall_time_s if run.previous is not None else 0.0
@@ -224,12 +227,14 @@ def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) 
         wall_time_s=time.time() - run.started + earlier,
         versions={"torch": torch.__version__},
         resume=resume,
+        operating_points={name: p.to_dict() for name, p in points.items()},
+        operating_point=chosen,
     )
     save_checkpoint(run.checkpoint, model, meta, resume=tensors, base=run.base)
     say(
         run.rt,
         f"epoch {epoch + 1}/{cfg.epochs}: loss {meta.train_loss or float('nan'):.4f}, "
-        f"val mean AUC {metrics['mean'].auc:.4f}, acc {metrics['mean'].acc:.4f} at threshold {threshold:.3f}",
+        f"val mean AUC {metrics['mean'].auc:.4f}, acc {metrics['mean'].acc:.4f} at threshold {threshold:.3f} ({chosen})",
     )
     run.last_metrics = metrics
     return meta
@@ -244,6 +249,8 @@ def _finish(run: Run, meta: CheckpointMeta) -> None:
         )
     summary = {
         "threshold": meta.threshold,
+        "operating_point": meta.operating_point,
+        "operating_points": meta.operating_points,
         "layer": meta.layer,
         "num_layers": meta.num_layers,
         "parameters": meta.parameters,

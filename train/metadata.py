@@ -64,6 +64,9 @@ class CheckpointMeta:
     wall_time_s: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
     resume: ResumeInfo | None = None
+    # Named thresholds calibrated on validation (OperatingPoint.to_dict()) and the one ``threshold`` is.
+    operating_points: dict[str, dict[str, Any]] | None = None
+    operating_point: str = "balanced"
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -152,6 +155,8 @@ def _parse(d: Any, f: _Fields) -> CheckpointMeta:
         wall_time_s=f.number(d, "wall_time_s", optional=True) or 0.0,
         versions=f.get(d, "versions", dict, optional=True) or {},
         resume=_resume(d, f),
+        operating_points=_operating_points(d, f),
+        operating_point=f.get(d, "operating_point", str, optional=True) or "balanced",
     )
 
 
@@ -174,3 +179,14 @@ def _resume(d: dict[str, Any], f: _Fields) -> ResumeInfo | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise f.error("optimizer_steps", f"must map to numbers, not {key!r}: {value!r:.60}")
     return ResumeInfo(f.get(d, "epoch", int), f.get(d, "scheduler", dict), steps)
+
+
+def _operating_points(d: dict[str, Any], f: _Fields) -> dict[str, dict[str, Any]] | None:
+    """Each named point needs a threshold in [0, 1]; its other fields say how it was chosen."""
+    points = f.get(d, "operating_points", dict, optional=True)
+    for name, point in (points or {}).items():
+        where = f"operating_points.{name}"
+        t = f.number(point, "threshold") if isinstance(point, dict) else None
+        if t is None or not 0 <= t <= 1:
+            raise f.error(where, f"must hold a threshold in [0, 1], not {point!r:.60}")
+    return points

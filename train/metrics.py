@@ -5,6 +5,7 @@ and evaluating a checkpoint compute every number with the same code; training im
 """
 
 from i2p.runtime.metrics import (
+    DEFAULT_TARGETS,
     MEAN,
     Metrics,
     OperatingPoint,
@@ -20,6 +21,7 @@ from i2p.runtime.metrics import (
 )
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "MEAN",
     "Metrics",
     "OperatingPoint",

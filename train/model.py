@@ -12,7 +12,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from . import subspace
+from . import adapters, subspace
 
 
 class Head(nn.Module):
@@ -65,6 +65,7 @@ class I2PModel(nn.Module):
         self.tower, self.head = tower, head
         self.layer, self.num_layers, self.baseline = layer, num_layers, baseline
         self.deltas: dict[str, subspace.SubspaceDelta] = {}
+        self.tuned_blocks = False  # full fine-tuning: the blocks' own weights train and are stored
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -73,6 +74,18 @@ class I2PModel(nn.Module):
     def add_deltas(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Attach trainable subspace deltas to every linear map of blocks 1..L*."""
         self.deltas = subspace.attach(self.blocks, bases)
+
+    def tune_blocks(self) -> None:
+        """Full fine-tuning (``--adapter full``): every parameter of blocks 1..L* trains and is checkpointed."""
+        adapters.unfreeze(self.blocks)
+        self.tuned_blocks = True
+
+    def resume_adapter(self, adapter: str) -> None:
+        """On a model rebuilt from a checkpoint: make the adapter's tensors train again (``--resume``)."""
+        if adapter == "lora":
+            self.deltas = adapters.to_lora(self.blocks)
+        elif adapter == "full":
+            self.tune_blocks()
 
     def merge(self) -> None:
         """Fold the deltas into the base weights: afterwards the tower holds plain ViT blocks.
@@ -99,6 +112,8 @@ class I2PModel(nn.Module):
         state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         for name, d in self.deltas.items():
             state.update({f"delta.{name}.U": d.U, f"delta.{name}.V": d.V, f"delta.{name}.A": d.A})
+        if self.tuned_blocks:
+            state.update(adapters.block_state(self.blocks))
         return {k: v.detach() for k, v in state.items()}
 
     def trainable_state_problems(self, state: dict[str, torch.Tensor]) -> list[str]:
@@ -116,6 +131,10 @@ class I2PModel(nn.Module):
                     f"delta.{name}.V": (w.shape[1], rank[1]),
                     f"delta.{name}.A": rank,
                 }
+        if any(k.startswith(adapters.BLOCK_PREFIX) for k in state):  # full fine-tuning: every block tensor
+            expected |= {
+                f"{adapters.BLOCK_PREFIX}{k}": tuple(v.shape) for k, v in self.blocks.state_dict().items()
+            }
         problems = [f"missing {k}" for k in expected if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in expected]
         problems += [
@@ -138,6 +157,9 @@ class I2PModel(nn.Module):
                 for name, d in self.deltas.items():
                     d.A.copy_(state[f"delta.{name}.A"])
         self.head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+        if any(k.startswith(adapters.BLOCK_PREFIX) for k in state):
+            adapters.load_block_state(self.blocks, state)
+            self.tuned_blocks = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

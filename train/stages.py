@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from i2p.runtime.perturb import parse_condition
 from i2p.runtime.preprocess import PreprocessSpec
 
-from . import importance, subspace
+from . import adapters, importance, subspace
 from .backbone import load_backbone, preprocess_spec
 from .config import TrainConfig
 from .distributed import Runtime, progress, say, setup
@@ -37,7 +38,15 @@ def perceive(
         bar = progress(rt, labelled_batches(loader), total=len(loader), desc=f"stage 1: {name} features")
         feats.append(importance.block_cls_features(tower, bar, rt.device))
     xc, xv = feats
-    return importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance)
+    degraded = {}
+    if cfg.layer_rule == "robust":  # the same validation images after each deployment degradation
+        for cond in map(parse_condition, cfg.layer_degrade):
+            loader = eval_loader(val, spec, cfg, condition=cond)
+            bar = progress(
+                rt, labelled_batches(loader), total=len(loader), desc=f"stage 1: validation, {cond.name}"
+            )
+            degraded[cond.name] = importance.block_cls_features(tower, bar, rt.device)
+    return importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance, degraded, cfg.layer_rule)
 
 
 def profile_layers(cfg: TrainConfig) -> importance.ImportanceProfile:
@@ -62,12 +71,20 @@ def build(
         profile, probe = perceive(cfg, tower, spec, splits, rt)
         layer = profile.layer
     model = I2PModel(tower, layer, baseline=cfg.baseline).to(rt.device)
-    base = dict(model.tower.state_dict()) if (cfg.embed_base or info.pretrained == "none") else {}
+    embed = (
+        cfg.embed_base or info.pretrained == "none"
+    )  # a copy: full fine-tuning changes the blocks in place
+    base = {k: v.detach().clone() for k, v in model.tower.state_dict().items()} if embed else {}
     if probe is not None:  # warm start: the head begins as the layer-L* linear probe
         with torch.no_grad():
             model.head.fc.weight.copy_(probe.weight)
             model.head.fc.bias.copy_(probe.bias)
-    if cfg.rank:
+    if cfg.adapter == "full" and not cfg.baseline:
+        model.tune_blocks()
+    elif cfg.adapter == "lora" and cfg.rank:
+        model.deltas = adapters.attach_lora(model.blocks, cfg.rank, cfg.seed)
+        model.to(rt.device)
+    elif cfg.rank:
         grad_sq = fisher_statistics(model, splits, spec, cfg, rt) if cfg.sensitivity == "fisher" else None
         model.add_deltas(subspace.choose_bases(model.blocks, cfg.rank, grad_sq))
         model.to(rt.device)

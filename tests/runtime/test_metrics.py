@@ -231,6 +231,7 @@ def test_ece_known_values():
 @pytest.mark.parametrize("target", [0.0, 0.01, 0.05, 0.2])
 def test_target_fpr_threshold_catches_the_most_fakes_within_the_fpr(seed, target):
     y, p = random_case(seed)
+    p = np.minimum(p, 0.99)  # below 1: every operating point is reachable by a probability threshold
     t = calibrate_threshold(y, p, target_fpr=target)
     fake = p >= t
     assert fake[y == 0].mean() <= target + 1e-12
@@ -248,6 +249,8 @@ def test_target_fpr_threshold_sits_between_reals_and_the_next_fake():
         np.array([0.1, 0.2, 0.9]),
     )  # every fake caught at 0 FPR: 50% allowed adds no real
     assert calibrate_threshold(y, p, target_fpr=0.5) == pytest.approx(0.55)
+    saturated = np.array([0.3, 1.0, 1.0, 0.9])  # a real at exactly 1.0: the threshold stays a probability
+    assert calibrate_threshold(np.array([0, 0, 1, 1]), saturated, target_fpr=0.0) == 1.0
     with pytest.raises(ValueError, match="target FPR"):
         calibrate_threshold(y, p, target_fpr=1.0)
 

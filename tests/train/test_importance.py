@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 
@@ -50,3 +51,31 @@ def test_block_features_are_the_cls_token_after_each_block():
         torch.testing.assert_close(feats[k - 1], cls, atol=1e-5, rtol=0)
     table = importance.importance_table(importance.profile((feats, labels), (feats, labels), "last")[0])
     assert table.splitlines()[-1].endswith("<- L*")
+
+
+def test_robust_rule_prefers_the_layer_that_keeps_its_separation_under_degradation(tmp_path):
+    """Block 2 separates clean images best but loses it on the degraded copies; block 3 keeps most of it."""
+    g = torch.Generator().manual_seed(0)
+    n, width = 300, 16
+    y = (torch.arange(n) % 2).float()
+
+    def feats(block2: float, block3: float) -> torch.Tensor:
+        x = torch.randn(4, n, width, generator=g)
+        x[1, :, :4] += block2 * y[:, None]
+        x[2, :, :4] += block3 * y[:, None]
+        return x
+
+    calib, val = (feats(3.0, 2.5), y), (feats(3.0, 2.5), y)
+    degraded = {"jpeg:75": (feats(0.0, 2.0), y), "blur:1": (feats(0.2, 2.0), y)}
+    clean, _ = importance.profile(calib, val, "auto", 0.05, degraded, rule="clean")
+    robust, probe = importance.profile(calib, val, "auto", 0.05, degraded, rule="robust")
+    assert clean.layer == 2 and clean.criterion == "clean"
+    assert robust.layer == 3 and robust.criterion == "robust"
+    assert robust.scores[1].degraded_auc["jpeg:75"] < 0.65 < robust.scores[2].degraded_auc["jpeg:75"]
+    assert clean.scores[1].degraded_auc == robust.scores[1].degraded_auc  # measured either way
+    assert importance.profile(calib, val, "auto", 0.05, None, rule="robust")[0].criterion == "clean"
+    back = importance.ImportanceProfile.from_dict(json.loads(json.dumps(robust.to_dict())))
+    assert back == robust
+    json_path, png_path = robust.save(tmp_path)
+    assert png_path.stat().st_size > 1000
+    assert "auc jpeg:75" in importance.importance_table(robust).splitlines()[0]
