@@ -23,6 +23,8 @@ from .cpu_optimize import CPU_ONNX, add_cpu_model
 from .network import ExportError
 from .ort_run import RunnerError, RunResult, run_onnx
 from .parity import Comparison, ParityReport, Tolerances
+from .probes import CALIB
+from .quantize import INT8_ONNX, add_int8_model
 
 # ONNX Runtime 1.32's CPU NchwcTransformer segfaults on FP16 graphs (onnxruntime#28392): parity tries the
 # default session first and, if the runner dies, once more with that optimizer off (noted in parity.json).
@@ -69,6 +71,41 @@ def cpu_model(build: Build, staging: Path, parity: ParityReport, progress: Progr
     if kept:
         build.models[CPU_ONNX] = "fp32"
     return ParityReport(parity.reference, (*parity.comparisons, *kept))
+
+
+def int8_model(build: Build, staging: Path, parity: ParityReport, progress: Progress) -> ParityReport:
+    """model.int8.onnx from the CPU FP32 model, kept only if its decisions on --calib-images pass the gate.
+
+    The gate runs on real images only: uniform-noise probes say nothing about the decisions a detector
+    makes. Without --calib-images no INT8 file is written (the note says so).
+    """
+    images = build.probes.images.get(CALIB)
+    if images is None:
+        build.notes.append(f"{INT8_ONNX}: not built (its decision check needs real images: --calib-images)")
+        return parity
+    src = CPU_ONNX if CPU_ONNX in build.models else FP32_ONNX
+
+    def check(path: Path) -> Comparison:
+        result, note = run_ort(path, images, build.opts.max_batch)
+        return Comparison.measure(
+            model=INT8_ONNX,
+            precision="int8",
+            inputs=CALIB,
+            runner=result.runner,
+            reference=build.reference[CALIB],
+            candidate=(result.logits, result.probabilities),
+            threshold=build.threshold,
+            tolerances=Tolerances(build.opts.atol["int8"]),
+            note=note,
+        )
+
+    with progress.step(f"{INT8_ONNX}: dynamic INT8 of {src}, decisions on {len(images)} calibration images"):
+        decision = add_int8_model(staging / src, check)
+    build.notes.append(decision.note)
+    if not decision.kept:
+        return ParityReport(parity.reference, parity.comparisons, (*parity.rejected, *decision.comparisons))
+    build.models[INT8_ONNX] = "int8"
+    return ParityReport(parity.reference, (*parity.comparisons, *decision.comparisons), parity.rejected)
 
 
 def compare(build: Build, file: str, precision: str, result: RunResult, note: str) -> Iterator[Comparison]:

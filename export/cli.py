@@ -45,10 +45,19 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
     "--fp16", is_flag=True, help="Also write model.fp16.onnx (FP16 compute, float32 inputs/outputs)."
 )
 @click.option(
-    "--cpu",
-    is_flag=True,
-    help="Also write model.cpu.onnx: FP32 fused for ONNX Runtime's CPU kernels, kept if parity passes "
+    "--cpu/--no-cpu",
+    default=DEFAULTS.cpu,
+    show_default=True,
+    help="Write model.cpu.onnx: FP32 fused for ONNX Runtime's CPU kernels, kept if parity passes "
     "(the Detector prefers it on the CPU).",
+)
+@click.option(
+    "--int8/--no-int8",
+    default=DEFAULTS.int8,
+    show_default=True,
+    help="Write model.int8.onnx (dynamic INT8, CPU only) when --calib-images is given, kept only if its "
+    "decisions on those images agree with PyTorch FP32 (>= 99%, no flip beyond the int8 tolerance); "
+    "the Detector prefers it on the CPU unless asked for precision fp32.",
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Artifact directory [default: CKPT with suffix .i2p]."

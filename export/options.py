@@ -16,7 +16,8 @@ class ExportOptions:
     ckpt: Path
     out: Path | None = None  # default: the checkpoint's path with suffix .i2p
     fp16: bool = False
-    cpu: bool = False  # also model.cpu.onnx: ONNX Runtime's fused CPU kernels (see cpu_optimize)
+    cpu: bool = True  # model.cpu.onnx: ONNX Runtime's fused CPU kernels (see cpu_optimize); --no-cpu skips it
+    int8: bool = True  # model.int8.onnx, kept if its decisions on --calib-images pass (see quantize)
     backbone: Path | None = None  # where the base weights moved to (checked by sha256)
     opset: int = 17
     max_batch: int = 32

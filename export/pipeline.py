@@ -66,7 +66,7 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
                 build, hashes, parity
             )  # the engine step loads the staged artifact
             engine = tuple(checks.engine(build, staging, staged, progress))
-            parity = ParityReport(parity.reference, (*parity.comparisons, *engine))
+            parity = ParityReport(parity.reference, (*parity.comparisons, *engine), parity.rejected)
             checks.require_parity(parity, engine, echo)
         else:
             build.notes.append(
@@ -91,13 +91,15 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
 def _models_and_parity(
     build: Build, staging: Path, progress: Progress, echo: Callable[[str], None]
 ) -> ParityReport:
-    """The ONNX files, each checked against PyTorch; with --cpu the fused CPU model if it passes too."""
+    """The ONNX files, each checked against PyTorch; the fused CPU model and its INT8 copy if they pass too."""
     write_models(build, staging, progress)
     with progress.step("parity against PyTorch (ONNX Runtime CPU)"):
         parity = ParityReport(checks.reference_name(), tuple(checks.onnx_parity(build, staging)))
     checks.require_parity(parity, parity.comparisons, echo)
     if build.opts.cpu:
         parity = checks.cpu_model(build, staging, parity, progress)
+    if build.opts.int8:
+        parity = checks.int8_model(build, staging, parity, progress)
     return parity
 
 

@@ -18,6 +18,8 @@ from i2p.train.model import I2PModel
 
 from .network import ExportError
 
+CALIB = "calib-images"  # the probe set of real images (what the INT8 decision gate runs on)
+
 
 @dataclass(frozen=True)
 class ProbeSet:
@@ -50,7 +52,7 @@ def probe_set(
     pixels = rng.integers(0, 256, size=(random_samples, spec.size, spec.size, 3), dtype=np.uint8)
     images = {"random": np.stack([normalize(p, spec) for p in pixels])}
     if calib is not None:
-        images["calib-images"] = calib_images(calib, calib_limit, spec, notes)
+        images[CALIB] = calib_images(calib, calib_limit, spec, notes)
     return ProbeSet(images)
 
 

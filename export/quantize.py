@@ -82,7 +82,9 @@ def quantize_int8(src: Path, dst: Path, nodes: Sequence[str]) -> None:
             op_types_to_quantize=list(QUANTIZED_OPS),
             nodes_to_quantize=list(nodes),
             weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True},
+            # Shape inference cannot type the outputs of contrib ops (Attention, SkipLayerNormalization):
+            # everything this graph computes between them is float32.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         logging.disable(logging.NOTSET)

@@ -48,13 +48,22 @@ def exported(tmp_path_factory):
 def test_artifact_files_and_manifest(exported):
     root, ckpt, out, _ = exported
     m = read_manifest(out)
+    # the default export adds the CPU models: fused FP32, and INT8 (its gate passed on --calib-images)
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
+        "model.cpu.onnx",
         "model.fp16.onnx",
+        "model.int8.onnx",
         "model.onnx",
         "parity.json",
     ]
-    assert set(m.files) == {"model.onnx", "model.fp16.onnx", "parity.json"}
+    assert set(m.files) == {
+        "model.onnx",
+        "model.fp16.onnx",
+        "model.cpu.onnx",
+        "model.int8.onnx",
+        "parity.json",
+    }
     for rel in m.files:
         verify_file(out, m, rel)
     assert (m.layer, m.num_layers, m.threshold, m.backbone) == (3, 4, 0.5, "i2p-tiny-vit")
@@ -64,7 +73,12 @@ def test_artifact_files_and_manifest(exported):
         ("logit", "float32", ("batch",)),
         ("probability", "float32", ("batch",)),
     ]
-    assert [(f.path, f.precision) for f in m.models] == [("model.onnx", "fp32"), ("model.fp16.onnx", "fp16")]
+    assert [(f.path, f.precision) for f in m.models] == [
+        ("model.onnx", "fp32"),
+        ("model.fp16.onnx", "fp16"),
+        ("model.cpu.onnx", "fp32"),
+        ("model.int8.onnx", "int8"),
+    ]
     assert m.extra["checkpoint"]["sha256"] == sha256_file(ckpt)
     assert m.extra["fp16"]["io_dtype"] == "float32"
     assert m.extra["compute_kept"] == "3/4 transformer blocks"
@@ -90,8 +104,10 @@ def test_parity_json_covers_every_model_and_input_set(exported):
     assert parity["passed"] is True
     seen = {(c["model"], c["inputs"]): c for c in parity["comparisons"]}
     assert set(seen) == {
-        (f, s) for f in ("model.onnx", "model.fp16.onnx") for s in ("random", "calib-images")
-    }
+        (f, s)
+        for f in ("model.onnx", "model.fp16.onnx", "model.cpu.onnx")
+        for s in ("random", "calib-images")
+    } | {("model.int8.onnx", "calib-images")}  # the INT8 gate runs on real images only
     assert (
         seen[("model.onnx", "calib-images")]["samples"] == 8
     )  # 2 generators x 2 classes x 2, broken skipped
@@ -108,7 +124,9 @@ def test_parity_json_covers_every_model_and_input_set(exported):
 
 def test_triton_config_parses_with_tritons_protobuf(exported):
     root, _, out, _ = exported
-    model_dir = root / "triton" / "i2p_network"  # the ensemble's network (tests/export/test_triton.py: the rest)
+    model_dir = (
+        root / "triton" / "i2p_network"
+    )  # the ensemble's network (tests/export/test_triton.py: the rest)
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
     assert (config.name, config.platform, config.max_batch_size) == ("i2p_network", "onnxruntime_onnx", 8)
     assert config.HasField("dynamic_batching")
@@ -128,7 +146,7 @@ def test_json_output(tmp_path):
     data = json.loads(result.stdout)
     assert data["layer"] == 1 and data["num_layers"] == 4
     assert data["artifact"] == str(tmp_path / "checkpoint.i2p")
-    assert set(data["files"]) == {"manifest.json", "model.onnx", "parity.json"}
+    assert set(data["files"]) == {"manifest.json", "model.onnx", "model.cpu.onnx", "parity.json"}
     assert data["parity"]["passed"] is True
     assert "loading" in result.stderr  # progress lines go to stderr
 
@@ -248,7 +266,8 @@ def test_engine_step_glue_with_a_fake_backend(tmp_path, monkeypatch):
     engine = "engines/fake-gpu_sm87_trt10.3_fp16_0123456789ab.engine"
     assert (out / engine).is_file()
     m = read_manifest(out)
-    assert engine not in m.files and set(m.files) == {"model.onnx", "model.fp16.onnx", "parity.json"}
+    assert engine not in m.files
+    assert set(m.files) == {"model.onnx", "model.fp16.onnx", "model.cpu.onnx", "parity.json"}
     verify_file(out, m, "parity.json")  # rewritten after the engine's comparison, hash updated
     parity = json.loads((out / "parity.json").read_text())
     (row,) = [c for c in parity["comparisons"] if c["model"] == engine]
