@@ -206,7 +206,7 @@ def render(result: dict[str, Any], command: str, threads: int) -> str:
         "",
         f"Measured {m['date']} with `{command}` (git {m['git_commit']}) on {m['cpu']}, "
         f"{m['physical_cores']} cores, ONNX Runtime with {threads} thread(s) on both sides; load average "
-        f"{load_avg} at the end. Artifact: {Path(result['artifact']).name}; images: {result['images']}.",
+        f"{load_avg} at the end. Artifact: {_describe(Path(result['artifact']))}; images: {result['images']}.",
         "",
         "Every client sends one JPEG per request and waits for the answer. In-process = threads sharing one "
         "`Detector`; Triton = tritonserver 2.51 (nvidia-pytriton wheel) running the `i2p` ensemble with the "
@@ -225,6 +225,15 @@ def render(result: dict[str, Any], command: str, threads: int) -> str:
         ]
         lines += [_markdown(result["sweep"])]
     return "\n".join(lines) + "\n"
+
+
+def _describe(artifact: Path) -> str:
+    from i2p.runtime.manifest import read_manifest
+
+    m = read_manifest(artifact)
+    return (
+        f"{artifact.name} ({m.backbone}, L*={m.layer}/{m.num_layers}, {', '.join(x.path for x in m.models)})"
+    )
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:

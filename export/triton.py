@@ -39,9 +39,10 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
 PLAN, ONNX = "model.plan", "model.onnx"
 ARTIFACT_DIR = "artifact"  # inside i2p_network/1/ for the Python backend: manifest + FP32 ONNX files
 # How long the dynamic batcher may hold a request for more (µs). Measured with benchmarks/serve.py on the
-# CPU server (docs/performance.md, "Serving"): 0 had the best throughput and latency at 16 clients, as
-# requests queue anyway while the one network instance is busy (batches of ~8 formed without waiting).
-# On a GPU, where a batch costs little more than one image, measure again (docs/serving.md).
+# 2-core CPU server (docs/performance.md, "Serving"; docs/serving.md): 0, 2 ms and 10 ms were within noise
+# of each other at 16 clients (two runs ranked them differently), as requests queue anyway while the one
+# network instance is busy (batches of ~7-8 formed either way); 0 never delays a request on an idle
+# server. On a GPU, where a batch costs little more than one image, measure again (docs/serving.md).
 QUEUE_DELAY_US = 0
 
 
