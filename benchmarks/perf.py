@@ -1,23 +1,26 @@
-"""Performance suite: the exported detector against the usual way of running a CLIP detector.
+"""Performance suite (CPU): the exported detector against the usual way of running a CLIP detector.
 
-    .venv/bin/python benchmarks/perf.py             # CPU suite; rewrites docs/performance.md and .json
-    .venv/bin/python benchmarks/perf.py --quick     # fewer repetitions and images, no full-depth reference
-    .venv/bin/python benchmarks/perf.py --threads 1 # one core (when other jobs share the machine)
-    .venv/bin/python benchmarks/perf.py --device cuda   # adds the FP16 GPU comparison
+    .venv/bin/python -m benchmarks.perf                      # every CPU section; rewrites docs/performance.*
+    .venv/bin/python -m benchmarks.perf --quick              # fewer repetitions and files
+    .venv/bin/python -m benchmarks.perf --sections speed,training --out /tmp/perf   # a subset elsewhere
+    .venv/bin/python -m benchmarks.perf --int8-ckpt runs/sid-mini/c_i2p/checkpoint.safetensors  # + real INT8
 
-Sections (random weights throughout: speed and memory do not depend on the values):
+Sections (random weights unless said otherwise: speed and memory do not depend on the values):
 
-- model speed: baseline = full open_clip ViT-L/14 image tower + linear head, PyTorch eager FP32 (what
-  UnivFD-style inference code runs) vs the i2p-export artifact at L*=12 on ONNX Runtime CPU, fused
-  (model.cpu.onnx) and plain (model.onnx), and at L*=24 for reference; batch 1 and 8;
-- end to end: the i2p-detect code path over >= 500 JPEGs vs model-only throughput (benchmarks/perf_detect.py);
-- export: wall time and peak RSS of ``i2p-export --fp16 --cpu`` for ViT-L/14 at L*=12;
-- training cost: subspace tuning vs full fine-tuning of the same blocks vs a linear probe
-  (benchmarks/perf_train.py);
-- GPU (``--device cuda``): PyTorch eager FP16 vs the Detector's fastest GPU backend.
+- speed: baseline = full open_clip ViT-L/14 image tower + linear head, PyTorch eager FP32 (what
+  UnivFD-style inference code runs) vs every CPU model of the default ``i2p-export`` artifact at L*=12
+  (model.int8.onnx when its gate passes, the fused FP32 model.cpu.onnx, the portable model.onnx);
+  batch 1 and 8. The export's wall time and peak RSS are recorded too;
+- int8 (``--int8-ckpt``): a real trained detector, FP32 vs INT8 accuracy per generator on sid-mini/test
+  and i2p-detect images/s (benchmarks/perf_int8.py);
+- training: one step of subspace tuning vs full fine-tuning of the same blocks vs a linear probe, and a
+  frozen-tower (UnivFD baseline) epoch before/after (benchmarks/perf_train.py);
+- scan: i2p-detect over 100,000 small files: throughput and RSS over the run (benchmarks/scan.py);
+- e2e: the i2p-detect code path over >= 500 JPEGs vs model-only throughput (benchmarks/perf_detect.py).
 
 Ratios are measured side by side: repetitions interleave (baseline, candidate, baseline, ...) in one
-process, so machine noise hits every contender alike; figures are medians.
+process, so machine noise hits every contender alike; figures are medians. docs/performance.md is
+written by benchmarks/perf_report.py; other sections of that file (GPU, serving) are kept.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -47,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 BACKBONE, LAYER = "ViT-L-14-quickgelu", 12  # OpenAI CLIP ViT-L/14 (QuickGELU), UnivFD's backbone
 SMALL, SMALL_LAYER = "ViT-B-16-quickgelu", 8  # training cost (--small, --small-layer)
 E2E, E2E_LAYER = "ViT-B-32-quickgelu", 8  # end to end: 2,000 images must stay minutes on 2 cores
+SECTIONS = ("speed", "training", "scan", "e2e", "int8")  # run in this order
 PACKAGES = ("torch", "open_clip_torch", "onnxruntime", "onnx", "numpy", "pillow")
 SID_MINI = REPO.parent / "shared" / "data" / "sid-mini"
 
@@ -142,26 +145,24 @@ def write_checkpoint(model_name: str, layer: int, path: Path) -> Path:
     """An i2p-train checkpoint with random weights (base embedded) and a random head; no training."""
     import torch
 
-    from i2p.train.backbone import load_backbone
+    from i2p.train.backbone import load_backbone, preprocess_spec
     from i2p.train.checkpoint import save_checkpoint
+    from i2p.train.metadata import CheckpointMeta
     from i2p.train.model import I2PModel
 
     tower, info = load_backbone(model_name, "none")
     model = I2PModel(tower, layer)
     with torch.no_grad():
         model.head.fc.weight.normal_(0, model.head.fc.weight.shape[1] ** -0.5)
-    meta = {
-        "config": {"rank": 0, "seed": 0},
-        "backbone": asdict(info),
-        "layer": layer,
-        "num_layers": model.num_layers,
-        "baseline": False,
-        "importance": None,
-        "preprocess": info.preprocess.to_dict(),
-        "threshold": 0.5,
-        "metrics": {},
-        "complete": True,
-    }
+    meta = CheckpointMeta(
+        backbone=info,
+        layer=layer,
+        num_layers=model.num_layers,
+        preprocess=preprocess_spec(model_name),
+        threshold=0.5,
+        config={"rank": 0, "seed": 0},
+        complete=True,
+    )
     save_checkpoint(path, model, meta, base=dict(model.tower.state_dict()))
     return path
 
@@ -171,11 +172,13 @@ def export_artifact(ckpt: Path, out: Path, flags: list[str], env: dict[str, str]
     cmd = [str(Path(sys.executable).with_name("i2p-export")), "--ckpt", str(ckpt), "--out", str(out), *flags]
     result = run_measured(cmd, env)
     steps = re.findall(r"^(\S.*?) \.\.\.\n  done in ([\d.]+) s$", result["output"], re.M)
+    notes = [line for line in result["output"].splitlines() if line.startswith("model.")]
     return {
-        "command": " ".join(["i2p-export", *cmd[1:]]),
+        "command": " ".join(["i2p-export", *cmd[1:]]).replace(" --force", ""),
         "wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"],
         "steps": [{"step": s, "seconds": float(t)} for s, t in steps],
+        "notes": notes,
     }
 
 
@@ -209,27 +212,27 @@ def jpeg_folder(work: Path, count: int) -> tuple[Path, str]:
 
 
 def model_speed(
-    backbone: str, artifacts: dict[str, Path], batches: list[int], reps: dict[int, int], threads: int
+    backbone: str, artifact: Path, layer: int, batches: list[int], reps: dict[int, int], threads: int
 ) -> list[dict]:
-    """Baseline (eager FP32 full tower + head) vs each artifact file on ONNX Runtime CPU, interleaved."""
+    """Baseline (eager FP32 full tower + head) vs each CPU model of the artifact on ONNX Runtime, interleaved.
+
+    The ``default`` flag marks the file the Detector picks on a CPU (``cpu_models``' first).
+    """
     import torch
 
     from i2p.runtime.backends.onnxruntime import CPU_EP, OnnxRuntimeBackend
+    from i2p.runtime.detector import cpu_models
+    from i2p.runtime.manifest import read_manifest
     from i2p.train.backbone import load_backbone
 
     torch.set_num_threads(threads)
-    tower, info = load_backbone(backbone, "none")
+    tower, _ = load_backbone(backbone, "none")
     head = torch.nn.Linear(tower.output_dim, 1).eval()
-    candidates = {
-        f"{name} {file}": OnnxRuntimeBackend(path / file, [CPU_EP], threads=threads)
-        for name, path in artifacts.items()
-        for file in ("model.cpu.onnx", "model.onnx")
-    }
-    blocks = {"baseline": len(tower.transformer.resblocks)}
-    blocks |= {name: int(name.split()[0].removeprefix("L*=")) for name in candidates}
+    files = [m.path for m in cpu_models(read_manifest(artifact))]
+    candidates = {f: OnnxRuntimeBackend(artifact / f, [CPU_EP], threads=threads) for f in files}
+    size = tower.image_size if isinstance(tower.image_size, int) else tower.image_size[0]
     rows = []
     for batch in batches:
-        size = info.preprocess.size
         x = np.random.default_rng(batch).standard_normal((batch, 3, size, size), dtype=np.float32)
         xt = torch.from_numpy(x)
 
@@ -238,19 +241,20 @@ def model_speed(
             head(tower(xt))
 
         runners: dict[str, Callable[[], object]] = {"baseline": baseline}
-        runners |= {name: (lambda b=b, x=x: b.infer(x)) for name, b in candidates.items()}
-        outputs = {name: b.infer(x) for name, b in candidates.items()}
+        runners |= {f: (lambda b=b, x=x: b.infer(x)) for f, b in candidates.items()}
+        outputs = {f: b.infer(x) for f, b in candidates.items()}
         times = interleaved(runners, reps[batch])
         base = np.median(times["baseline"])
         for name, t in times.items():
-            fused = name.endswith("model.cpu.onnx")
             row = {"batch": batch, "threads": threads, "model": name, **summary(t)}
+            row["blocks"] = len(tower.transformer.resblocks) if name == "baseline" else layer
+            row["default"] = name == files[0]
             row["images_per_s"] = batch / float(np.median(t))
             row["speedup"] = float(base / np.median(t))
-            row["ms_per_block"] = row["median_ms"] / blocks[name]
-            if fused:  # the fused file computes the same logits as model.onnx
-                plain = outputs[name.replace("model.cpu.onnx", "model.onnx")]
-                row["max_abs_logit_diff_vs_model_onnx"] = float(np.abs(outputs[name] - plain).max())
+            if name != "baseline" and name != "model.onnx":
+                row["max_abs_logit_diff_vs_model_onnx"] = float(
+                    np.abs(outputs[name] - outputs["model.onnx"]).max()
+                )
             rows.append(row)
         print(table(rows[-len(runners) :], ["batch", "model", "median_ms", "speedup"]), flush=True)
     return rows
@@ -259,7 +263,7 @@ def model_speed(
 def end_to_end(
     artifact: Path, images: Path, quick: bool, threads: int, env: dict[str, str]
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "benchmarks/perf_detect.py", "--model", str(artifact)]
+    cmd = [sys.executable, "-m", "benchmarks.perf_detect", "--model", str(artifact)]
     cmd += ["--images", str(images), "--threads", str(threads)]
     cmd += ["--count", "256", "--rss-images", "500"] if quick else ["--count", "512", "--rss-images", "2000"]
     result = child_json(cmd, env)
@@ -275,32 +279,17 @@ def training_cost(
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
         for mode in ("subspace", "full", "probe"):
-            cmd = [sys.executable, "benchmarks/perf_train.py", "--mode", mode]
-            cmd += [
-                "--model",
-                model,
-                "--layer",
-                str(layer),
-                "--steps",
-                steps,
-                "--threads",
-                str(threads),
-            ]
+            cmd = [sys.executable, "-m", "benchmarks.perf_train", "--mode", mode, "--model", model]
+            cmd += ["--layer", str(layer), "--steps", steps, "--threads", str(threads)]
             runs.setdefault(mode, []).append(child_json(cmd, env))
             print(f"  training {mode}: {np.median(runs[mode][-1]['step_s']):.2f} s/step", flush=True)
     rows = []
-    for mode, results in runs.items():
+    for results in runs.values():
         first = results[0]
         rows.append(
             {
-                "mode": mode,
-                "model": first["model"],
-                "layer": first["layer"],
-                "rank": first["rank"],
-                "batch": first["batch"],
-                "threads": first["threads"],
-                "trainable_parameters": first["trainable_parameters"],
-                "total_parameters": first["total_parameters"],
+                **{k: first[k] for k in ("mode", "model", "layer", "rank", "batch", "threads")},
+                **{k: first[k] for k in ("trainable_parameters", "total_parameters")},
                 "step_median_s": float(np.median([t for r in results for t in r["step_s"]])),
                 "steps": sum(len(r["step_s"]) for r in results),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
@@ -308,6 +297,25 @@ def training_cost(
             }
         )
     return rows
+
+
+def scan(files: int, threads: int, env: dict[str, str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.scan", "--files", str(files), "--threads", str(threads)]
+    result = child_json(cmd, env)
+    result["benchmark"] = " ".join(["python", *cmd[1:]])
+    return result
+
+
+def int8_real(ckpt: Path, work: Path, threads: int, env: dict[str, str], wait_s: float) -> dict[str, Any]:
+    """benchmarks/perf_int8.py on ``ckpt``; waits up to ``wait_s`` for a checkpoint still being trained."""
+    deadline = time.time() + wait_s
+    while not ckpt.is_file() and time.time() < deadline:
+        time.sleep(15)
+    cmd = [sys.executable, "-m", "benchmarks.perf_int8", "--ckpt", str(ckpt), "--work", str(work)]
+    cmd += ["--calib", str(SID_MINI / "val"), "--test", str(SID_MINI / "test"), "--threads", str(threads)]
+    result = child_json(cmd, env)
+    result["benchmark"] = " ".join(["python", *cmd[1:]])
+    return result
 
 
 def gpu_speed(backbone: str, artifact: Path, reps: int) -> dict[str, Any]:
@@ -319,13 +327,13 @@ def gpu_speed(backbone: str, artifact: Path, reps: int) -> dict[str, Any]:
     from i2p.runtime import Detector
     from i2p.train.backbone import load_backbone
 
-    tower, info = load_backbone(backbone, "none")
+    tower, _ = load_backbone(backbone, "none")
     tower = tower.half().cuda().eval()
     head = torch.nn.Linear(tower.output_dim, 1).half().cuda().eval()
     det = Detector(artifact, backend="auto", batch_size=32)
+    size = tower.image_size if isinstance(tower.image_size, int) else tower.image_size[0]
     rows = []
     for batch in (1, 8, 32):
-        size = info.preprocess.size
         x = np.random.default_rng(batch).standard_normal((batch, 3, size, size), dtype=np.float32)
         xt = torch.from_numpy(x).half().cuda()
 
@@ -347,9 +355,6 @@ def gpu_speed(backbone: str, artifact: Path, reps: int) -> dict[str, Any]:
     }
 
 
-# -- report -------------------------------------------------------------------------------------------------
-
-
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A Markdown table (also readable as plain text)."""
 
@@ -363,247 +368,61 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def md(text: str) -> str:
-    """Escape the asterisk of "L*" outside tables."""
-    return text.replace("*", "\\*")
+# -- main ---------------------------------------------------------------------------------------------------
 
 
-def render(r: dict[str, Any]) -> str:
-    """docs/performance.md from the results (the JSON holds every raw timing)."""
-    m, speed = r["machine"], r["model_speed"]
-    head = {(row["batch"], row["model"]): row for row in speed}
-    main = f"L*={r['layer']}"
-    fused1, plain1 = head[(1, f"{main} model.cpu.onnx")], head[(1, f"{main} model.onnx")]
-    fused8, plain8 = head[(8, f"{main} model.cpu.onnx")], head[(8, f"{main} model.onnx")]
-    e2e, exp, train = r["end_to_end"], r["export"], r["training"]
-    load = r["load_average"]
-    lines = [
-        "# Performance",
-        "",
-        f"Measured {m['date']} with `{r['command']}` (git {m['git_commit']}); every figure below comes from",
-        "that run, and `docs/performance.json` holds the raw timings. Rerun the command to regenerate both.",
-        *(["", r["note"]] if r.get("note") else []),
-        "",
-        "## Summary",
-        "",
-        f"- **Model speed** ({r['backbone']}, batch 1, {r['threads']} thread(s)): the exported detector at "
-        f"L\\*={r['layer']} on "
-        f"ONNX Runtime CPU runs at **{fused1['speedup']:.2f}x** the speed of the baseline (full open_clip "
-        f"tower + linear head, PyTorch eager FP32) with the fused `model.cpu.onnx` (goal >= 2.5x: "
-        f"{'met' if fused1['speedup'] >= 2.5 else 'not met'}), {plain1['speedup']:.2f}x with the plain "
-        f"`model.onnx`; at batch 8, {fused8['speedup']:.2f}x and {plain8['speedup']:.2f}x.",
-        f"- **End to end** ({md(e2e['model'])}): `i2p-detect`'s code path reaches **{e2e['ratio']:.2f}** of "
-        f"model-only throughput ({e2e['end_to_end_images_per_s']:.1f} vs {e2e['model_only_images_per_s']:.1f} "
-        f"images/s; goal >= 0.8); RSS grew **{e2e['rss_growth_after_200_mb']:.1f} MB** from image 200 to "
-        f"image {e2e['rss_images']:,} (goal < 50 MB).",
-        f"- **Export** (`i2p-export --fp16 --cpu`, {r['backbone']} at L\\*={r['layer']}): {exp['wall_s']:.0f} s wall, "
-        f"peak RSS {exp['peak_rss_mb'] / 1024:.1f} GB (process tree)."
-        if exp
-        else "- **Export**: not measured in this run.",
-        "- **Training cost** ("
-        + ", ".join(
-            f"{t['mode']}: {t['step_median_s']:.2f} s/step, {t['trainable_parameters']:,} trainable parameters, "
-            f"+{t['training_memory_mb']:.0f} MB"
-            for t in train
-        )
-        + ").",
-        "- **GPU**: "
-        + (
-            f"measured on {r['gpu']['card']}, see below."
-            if r["gpu"].get("measured")
-            else f"not measured ({r['gpu']['reason']})."
-        ),
-        "",
-        "## Machine",
-        "",
-        table(
-            [
-                {
-                    "": "CPU",
-                    "value": f"{m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores",
-                },
-                {"": "memory", "value": f"{m['memory_gb']} GB"},
-                {"": "OS", "value": m["os"]},
-                {"": "versions", "value": ", ".join(f"{k} {v}" for k, v in m["versions"].items())},
-                {
-                    "": "threads",
-                    "value": f"{r['threads']} (PyTorch, ONNX Runtime intra-op, export subprocess)",
-                },
-                {"": "load average", "value": f"{load['start']} at the start, {load['end']} at the end"},
-            ],
-            ["", "value"],
-        ),
-        "",
-        "A load average above the core count means other processes shared the cores during the run: absolute",
-        "times are then inflated, while the ratios (contenders interleaved repetition by repetition) still",
-        "compare like with like.",
-        "",
-        "## Model speed",
-        "",
-        "The CPU fast path is `model.cpu.onnx`, written by `i2p-export --cpu` (export/cpu_optimize.py) and",
-        "kept only when it passes the same parity check against PyTorch as `model.onnx`; the Detector prefers",
-        "it on the CPU. It is the FP32 model rewritten into ONNX Runtime's fused CPU kernels: each block's",
-        "attention (exported by `nn.MultiheadAttention` as ~80 small nodes that neither ONNX Runtime nor",
-        "`onnxruntime.transformers` recognizes) becomes one `Attention` op; the last block runs its query,",
-        "output projection and MLP for the CLS token only (`MultiHeadAttention` with a one-token query: the",
-        "head reads nothing else, so this is exact); then `onnxruntime.transformers` fuses residual adds with",
-        "LayerNorm (`SkipLayerNormalization`) and QuickGELU.",
-        "",
-        f"Baseline: `{r['backbone']}` image tower (all {r['num_layers']} blocks, ln_post, projection) + a linear"
-        " head, PyTorch",
-        "eager FP32 under `torch.no_grad()`. Ours: the `i2p-export` artifact of the same backbone truncated at",
-        "L\\*, through the runtime's `OnnxRuntimeBackend` (ONNX Runtime CPU EP, `ORT_ENABLE_ALL`). Random",
-        "weights. `speedup` = baseline median / median.",
-        "",
-        table(speed, ["batch", "model", "median_ms", "min_ms", "images_per_s", "ms_per_block", "speedup"]),
-        "",
-        "`ms_per_block` = median / transformer blocks run (the fused model's last block does less: CLS only).",
-        f"Truncation alone would give {r['num_layers'] / r['layer']:.1f}x at equal per-block cost; the rest comes",
-        "from ONNX Runtime's kernels and the fused graph. FP32 matrix multiplications make up nearly all of the",
-        "remaining work, so further gains at batch 1 need fewer multiply-adds or lower precision (which the",
-        "FP32 fast path does not use).",
-        "",
-        f"Fused ops in L\\*={r['layer']}'s `model.cpu.onnx`: {r['fusions']}.",
-        "Its logits differ from `model.onnx`'s by at most "
-        + f"{max(row.get('max_abs_logit_diff_vs_model_onnx', 0) for row in speed):.1e} here.",
-        "",
-        "## End to end",
-        "",
-        f"`{e2e['command']}`",
-        "",
-        f"Images: {r['images']}. Artifact: {md(e2e['model'])} (`{e2e['model_file']}`), smaller than the speed",
-        "section's model: it keeps the 2,000-image run short, and makes decoding a larger share of the work, so",
-        "the ratio is harder to reach than with ViT-L/14. Model-only = `Detector.predict_batch` on tensors decoded beforehand;",
-        "end to end = `runtime.sources.predict_stream` (what `i2p-detect` runs: threaded decoding",
-        f"overlapped with inference), batch {e2e['batch_size']}, {e2e['workers']} decode workers; the two",
-        f"alternate in chunks of {e2e['chunk']} images on one Detector.",
-        "",
-        table(
-            [
-                {"measure": "model-only images/s", "value": e2e["model_only_images_per_s"]},
-                {"measure": "end-to-end images/s", "value": e2e["end_to_end_images_per_s"]},
-                {"measure": "ratio (goal >= 0.8)", "value": e2e["ratio"]},
-                {
-                    "measure": f"RSS growth, image 200 -> {e2e['rss_images']:,} (MB, goal < 50)",
-                    "value": e2e["rss_growth_after_200_mb"],
-                },
-                {"measure": "RSS at the end (MB)", "value": e2e["rss_mb"][-1][1]},
-                {"measure": "unreadable images", "value": e2e["errors"]},
-            ],
-            ["measure", "value"],
-        ),
-        "",
-        "## Export",
-        "",
-    ]
-    if exp:
-        lines += [
-            f"`{exp['command']}` (checkpoint with random weights, base embedded).",
-            "",
-            table(
-                [{"step": s["step"], "seconds": s["seconds"]} for s in exp["steps"]]
-                + [{"step": "**total wall time**", "seconds": exp["wall_s"]}],
-                ["step", "seconds"],
-            ),
-            "",
-            f"Peak RSS of the process tree (export + its ONNX Runtime parity runner), sampled every 50 ms: "
-            f"**{exp['peak_rss_mb']:,.0f} MB**.",
-        ]
-    else:
-        lines.append("Not measured in this run (`--reuse`).")
-    lines += [
-        "",
-        "## Training cost",
-        "",
-        f"One training step (forward, BCE, backward, AdamW) of `{train[0]['model']}` at L\\*={train[0]['layer']}, batch "
-        f"{train[0]['batch']}, random images, CPU; each configuration in its own process. `training memory` ="
-        " peak RSS during the steps minus RSS before the first step (activations kept for backward, gradients,"
-        " optimizer state).",
-        "",
-        table(
-            train,
-            [
-                "mode",
-                "trainable_parameters",
-                "total_parameters",
-                "step_median_s",
-                "steps",
-                "training_memory_mb",
-                "peak_rss_mb",
-            ],
-        ),
-        "",
-        "subspace = I2P's rank-16 low-sensitivity deltas on every linear map of blocks 1..L\\* + head; full ="
-        " every parameter of the same blocks + head; probe = head only.",
-        "",
-        "## GPU",
-        "",
-    ]
-    gpu = r["gpu"]
-    if gpu.get("measured"):
-        lines += [
-            f"{gpu['card']}: PyTorch eager FP16 (full tower + head, input already on the GPU) vs the Detector "
-            f"({gpu['backend']}, {gpu['precision']}, float32 input from host memory).",
-            "",
-            table(gpu["rows"], ["batch", "model", "median_ms", "speedup"]),
-        ]
-    else:
-        lines.append(
-            f"Not measured: {gpu['reason']}. `python benchmarks/perf.py --device cuda` runs the comparison "
-            "(PyTorch eager FP16 vs the Detector's fastest GPU backend) where a GPU is present."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--quick", action="store_true", help="fewer repetitions and images, no full-depth reference"
-    )
-    ap.add_argument("--backbone", default=BACKBONE, help="open_clip model of the speed and export sections")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and files")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--backbone", default=BACKBONE, help="open_clip model of the speed section")
     ap.add_argument("--layer", type=int, default=LAYER, help="L* of the exported detector")
-    ap.add_argument("--small", default=SMALL, help="open_clip model of the training-cost section")
+    ap.add_argument("--small", default=SMALL, help="open_clip model of the training section")
     ap.add_argument("--small-layer", type=int, default=SMALL_LAYER)
     ap.add_argument("--e2e", default=E2E, help="open_clip model of the end-to-end section")
     ap.add_argument("--e2e-layer", type=int, default=E2E_LAYER)
+    ap.add_argument("--int8-ckpt", type=Path, help="a trained checkpoint (sid-mini) for the int8 section")
+    ap.add_argument("--int8-wait", type=float, default=0, help="seconds to wait for --int8-ckpt to appear")
+    ap.add_argument("--scan-files", type=int, default=100_000)
+    ap.add_argument("--calib-limit", type=int, default=64, help="--calib-images used by the speed export")
     ap.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda adds the GPU comparison")
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where performance.md/.json go")
     ap.add_argument("--work", type=Path, help="keep checkpoints and artifacts here (default: a temp dir)")
-    ap.add_argument(
-        "--reuse", action="store_true", help="reuse artifacts already in --work (no export timing)"
-    )
+    ap.add_argument("--reuse", action="store_true", help="reuse artifacts in --work (no export timing)")
     ap.add_argument("--note", help="a sentence for the report, e.g. what else ran on the machine")
-    ap.add_argument(
-        "--render", action="store_true", help="only rewrite performance.md from --out's performance.json"
-    )
+    ap.add_argument("--render", action="store_true", help="only rewrite performance.md from performance.json")
     args = ap.parse_args()
-    if args.render:
-        results = json.loads((args.out / "performance.json").read_text())
-        if args.note:
-            results["note"] = args.note
-            (args.out / "performance.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "performance.md").write_text(render(results))
-        return
+    args.sections = [s for s in args.sections.split(",") if s]
+    if unknown := set(args.sections) - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    if "int8" in args.sections and args.int8_ckpt is None:
+        args.sections.remove("int8")
     if args.reuse and not args.work:
         ap.error("--reuse needs --work")
-    command = "python benchmarks/perf.py" + "".join(f" {a}" for a in sys.argv[1:])
+    return args
+
+
+def main() -> None:
+    from benchmarks.perf_report import write_report
+
+    args = parse_args()
+    if args.render:
+        results = json.loads((args.out / "performance.json").read_text())["cpu"]
+        results["note"] = args.note or results.get("note")
+        write_report(args.out, results)
+        return
+    command = "python -m benchmarks.perf" + "".join(f" {a}" for a in sys.argv[1:])
     work = args.work or Path(tempfile.mkdtemp(prefix="i2p-perf-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    import open_clip
-
-    import i2p.train.backbone  # noqa: F401  (registers the package's own configs, e.g. i2p-tiny-vit)
-
-    num_layers = open_clip.get_model_config(args.backbone)["vision_cfg"]["layers"]
     results: dict[str, Any] = {"command": command, "quick": args.quick, "threads": args.threads}
-    results["note"] = args.note
-    results |= {"backbone": args.backbone, "layer": args.layer, "num_layers": num_layers}
-    results["machine"] = machine()
-    load_start = [round(x, 1) for x in os.getloadavg()]
-    print(f"work dir {work}; load average {load_start}", flush=True)
+    results |= {"note": args.note, "sections": args.sections, "machine": machine()}
+    results |= {"backbone": args.backbone, "layer": args.layer}
+    load: dict[str, list[float]] = {"start": [round(x, 1) for x in os.getloadavg()]}
+    print(f"work dir {work}; load average {load['start']}", flush=True)
 
-    def artifact(model: str, layer: int, flags: list[str], measure: bool = False) -> tuple[Path, dict | None]:
+    def artifact(model: str, layer: int, flags: list[str]) -> tuple[Path, dict | None]:
         out = work / f"{model}_L{layer}.i2p"
         if args.reuse and (out / "manifest.json").is_file():
             return out, None
@@ -612,37 +431,48 @@ def main() -> None:
             print(f"checkpoint {ckpt.name} ...", flush=True)
             write_checkpoint(model, layer, ckpt)
         print(f"i2p-export {ckpt.name} {' '.join(flags)} ...", flush=True)
-        result = export_artifact(ckpt, out, [*flags, "--force"], env)
-        return out, result if measure else None
+        return out, export_artifact(ckpt, out, [*flags, "--engine", "no", "--force"], env)
 
-    main_artifact, results["export"] = artifact(args.backbone, args.layer, ["--fp16", "--cpu"], measure=True)
-    if results["export"]:
-        results["export"]["command"] = results["export"]["command"].replace(" --force", "")
-    artifacts = {f"L*={args.layer}": main_artifact}
-    if not args.quick and num_layers != args.layer:
-        artifacts[f"L*={num_layers}"], _ = artifact(args.backbone, num_layers, ["--cpu", "--samples", "4"])
-    small, _ = artifact(args.e2e, args.e2e_layer, ["--cpu", "--samples", "4"])
-
-    print("model speed ...", flush=True)
-    reps = {1: 3, 8: 2} if args.quick else {1: 10, 8: 4}
-    results["fusions"] = fused_ops(main_artifact)
-    results["model_speed"] = model_speed(args.backbone, artifacts, [1, 8], reps, args.threads)
-    images, results["images"] = jpeg_folder(work, 512)
-    print("end to end ...", flush=True)
-    results["end_to_end"] = end_to_end(small, images, args.quick, args.threads, env)
-    results["end_to_end"]["model"] = f"{args.e2e} at L*={args.e2e_layer}"
-    print(f"  ratio {results['end_to_end']['ratio']:.2f}", flush=True)
-    print("training cost ...", flush=True)
-    results["training"] = training_cost(args.small, args.small_layer, args.quick, args.threads, env)
-    results["gpu"] = (
-        gpu_speed(args.backbone, main_artifact, 5 if args.quick else 20)
-        if args.device == "cuda"
-        else {"measured": False, "reason": "this run used --device cpu (no GPU in this session)"}
-    )
-    results["load_average"] = {"start": load_start, "end": [round(x, 1) for x in os.getloadavg()]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "performance.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "performance.md").write_text(render(results))
+    if "speed" in args.sections:
+        calib = ["--calib-images", str(SID_MINI / "val"), "--calib-limit", str(args.calib_limit)]
+        main_artifact, results["export"] = artifact(
+            args.backbone, args.layer, calib if SID_MINI.is_dir() else []
+        )
+        print("model speed ...", flush=True)
+        reps = {1: 3, 8: 2} if args.quick else {1: 8, 8: 3}
+        results["fusions"] = fused_ops(main_artifact)
+        results["model_speed"] = model_speed(
+            args.backbone, main_artifact, args.layer, [1, 8], reps, args.threads
+        )
+        load["after_speed"] = [round(x, 1) for x in os.getloadavg()]
+    if "training" in args.sections:
+        print("training cost ...", flush=True)
+        results["training"] = training_cost(args.small, args.small_layer, args.quick, args.threads, env)
+    if "scan" in args.sections:
+        print(f"scan of {args.scan_files:,} files ...", flush=True)
+        results["scan"] = scan(args.scan_files // (10 if args.quick else 1), args.threads, env)
+        print(
+            f"  flatness {results['scan']['flatness']:.2f}, RSS +{results['scan']['rss_growth_mb']:.1f} MB",
+            flush=True,
+        )
+    if "e2e" in args.sections:
+        small, _ = artifact(args.e2e, args.e2e_layer, ["--samples", "4"])
+        images, results["images"] = jpeg_folder(work, 512)
+        print("end to end ...", flush=True)
+        results["end_to_end"] = end_to_end(small, images, args.quick, args.threads, env)
+        results["end_to_end"]["model"] = f"{args.e2e} at L*={args.e2e_layer}"
+    if "int8" in args.sections:
+        print("int8 on the real detector ...", flush=True)
+        results["int8"] = int8_real(args.int8_ckpt, work / "int8", args.threads, env, args.int8_wait)
+        print(
+            f"  speedup {results['int8']['speedup']:.2f}, AUC deltas {results['int8']['auc_delta']}",
+            flush=True,
+        )
+    if args.device == "cuda" and "speed" in args.sections:
+        results["gpu"] = gpu_speed(args.backbone, main_artifact, 5 if args.quick else 20)
+    load["end"] = [round(x, 1) for x in os.getloadavg()]
+    results["load_average"] = load
+    write_report(args.out, results)
     print(f"wrote {args.out / 'performance.md'} and performance.json", flush=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
