@@ -41,8 +41,8 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path_json, path_md = out / "performance.json", out / "performance.md"
     data = json.loads(path_json.read_text()) if path_json.is_file() else {}
-    if "machine" in data and "cpu" not in data:  # the old layout: the whole file was the CPU suite
-        data = {}
+    if "machine" in data and "cpu" not in data:  # the old layout: the top level was the CPU suite
+        data = {k: v for k, v in data.items() if k.startswith(("serving", "gpu_"))}
     data["cpu"] = results
     path_json.write_text(json.dumps(data, indent=2) + "\n")
     cpu = f"{BEGIN}\n{render(results)}{END}\n"
