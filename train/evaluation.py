@@ -11,6 +11,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from i2p.runtime.metrics import (
+    DEFAULT_TARGETS,
+    Metrics,
+    OperatingPoint,
+    calibrate_threshold,
+    evaluate,
+    operating_points,
+    point_name,
+)
 from i2p.runtime.perturb import CLEAN, Condition
 from i2p.runtime.preprocess import PreprocessSpec, preprocess
 from i2p.runtime.robustness import Scorer, SweepResult, sweep
@@ -20,15 +29,6 @@ from .checkpoint import load_model
 from .config import TrainConfig
 from .distributed import Runtime, progress, say, setup
 from .metadata import CheckpointMeta
-from .metrics import (
-    DEFAULT_TARGETS,
-    Metrics,
-    OperatingPoint,
-    calibrate_threshold,
-    evaluate,
-    operating_points,
-    point_name,
-)
 from .model import I2PModel
 
 

@@ -30,8 +30,7 @@ from open_clip.transformer import VisionTransformer
 
 from i2p.base.files import write_json_atomic
 from i2p.base.tables import format_table
-
-from .metrics import roc_auc
+from i2p.runtime.metrics import roc_auc
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from i2p.base.files import write_json_atomic
+from i2p.runtime.metrics import Metrics, metrics_table
 from i2p.runtime.preprocess import PreprocessSpec
 
 from . import data as data_mod
@@ -31,7 +32,6 @@ from .distributed import Runtime, batch_is_empty, progress, say, setup
 from .evaluation import Splits, load_splits, validate
 from .importance import ImportanceProfile, importance_table
 from .metadata import BackboneInfo, CheckpointMeta
-from .metrics import Metrics, metrics_table
 from .model import I2PModel
 from .resume import check_resumable, restore_state, resume_state
 from .stages import build
