@@ -1,6 +1,6 @@
 """Longer fuzz run of decode + preprocess than CI affords: mutated valid images and random bytes.
 
-    .venv/bin/python benchmarks/fuzz_decode.py --seconds 600
+    .venv/bin/python -m benchmarks.fuzz_decode --seconds 600
 
 Any exception other than ImageError, a non-finite output or a decode slower than --slow-s is a
 finding: the input is saved under --out for a regression test, and the run exits 1.

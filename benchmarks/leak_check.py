@@ -1,7 +1,7 @@
 """10,000 predictions through one Detector, printing RSS and open descriptors as they go.
 
-    .venv/bin/python benchmarks/leak_check.py                       # the small test artifact
-    .venv/bin/python benchmarks/leak_check.py --model model.i2p --threads 8
+    .venv/bin/python -m benchmarks.leak_check                       # the small test artifact
+    .venv/bin/python -m benchmarks.leak_check --model model.i2p --threads 8
 
 Inputs cycle through good files, bad files (the generated corpus) and in-memory arrays, so the error
 paths are exercised as much as the happy one. Exits 1 if growth after warm-up exceeds the bounds.
