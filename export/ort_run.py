@@ -55,7 +55,7 @@ def run_onnx(
             raise RunnerError(_failure(proc.returncode, proc.stderr))
         with np.load(outputs) as out:
             meta = json.loads(str(out["meta"]))
-            return RunResult(out["logit"], out["probability"], meta["runner"])
+            return RunResult(out["logits"], out["probabilities"], meta["runner"])
 
 
 def _failure(code: int, stderr: str) -> str:
@@ -85,17 +85,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.model, opts, providers=[PROVIDER], disabled_optimizers=args.disable or None
     )
     images = np.load(args.inputs)
+    image = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]  # (logit, probability): the order export_onnx writes
     parts = [
-        session.run(["logit", "probability"], {"image": images[i : i + args.batch]})
-        for i in range(0, len(images), args.batch)
+        session.run(outputs, {image: images[i : i + args.batch]}) for i in range(0, len(images), args.batch)
     ]
     runner = f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
     if args.disable:
         runner += f" ({', '.join(args.disable)} disabled)"
     np.savez(
         args.outputs,
-        logit=np.concatenate([p[0] for p in parts]).astype(np.float32),
-        probability=np.concatenate([p[1] for p in parts]).astype(np.float32),
+        logits=np.concatenate([p[0] for p in parts]).astype(np.float32),
+        probabilities=np.concatenate([p[1] for p in parts]).astype(np.float32),
         meta=json.dumps({"runner": runner}),
     )
 
