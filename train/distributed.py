@@ -6,6 +6,7 @@ prints, shows progress bars and writes files.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -63,3 +64,25 @@ def batch_is_empty(n: int, rt: Runtime) -> bool:
     flag = torch.tensor([float(n == 0)], device=rt.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def broadcast_json(rt: Runtime, value: Any) -> Any:
+    """Rank 0's JSON-serializable ``value`` on every rank (UTF-8 bytes in a tensor: no pickle)."""
+    if rt.world == 1:
+        return value
+    data = json.dumps(value).encode() if rt.main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=rt.device)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=rt.device)
+    if rt.main:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
+
+
+def broadcast_tensors(rt: Runtime, tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite every rank's ``tensors`` (same shapes everywhere, on ``rt.device``) with rank 0's."""
+    if rt.world == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=0)

@@ -16,7 +16,7 @@ from i2p.runtime.preprocess import PreprocessSpec
 from . import adapters, importance, subspace
 from .backbone import load_backbone, preprocess_spec
 from .config import TrainConfig
-from .distributed import Runtime, progress, say, setup
+from .distributed import Runtime, broadcast_json, broadcast_tensors, progress, say, setup
 from .evaluation import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
 from .metadata import BackboneInfo
 from .model import I2PModel
@@ -49,6 +49,27 @@ def perceive(
     return importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance, degraded, cfg.layer_rule)
 
 
+def perceive_once(
+    cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Runtime
+) -> tuple[importance.ImportanceProfile, torch.nn.Linear]:
+    """Stage 1 under DDP: computed on rank 0 only, its profile and probe broadcast to the other ranks.
+
+    Every rank would compute the same result from the same calibration subset; doing it once saves
+    (world - 1) passes of the full tower over it. The other ranks wait in the broadcast meanwhile.
+    """
+    if rt.world == 1:
+        return perceive(cfg, tower, spec, splits, rt)
+    profile, probe = perceive(cfg, tower, spec, splits, rt) if rt.main else (None, None)
+    profile = importance.ImportanceProfile.from_dict(
+        broadcast_json(rt, profile.to_dict() if rt.main else None)
+    )
+    if probe is None:
+        probe = torch.nn.Linear(tower.transformer.width, 1).requires_grad_(False)
+    probe.to(rt.device)
+    broadcast_tensors(rt, [probe.weight.data, probe.bias.data])
+    return profile, probe
+
+
 def profile_layers(cfg: TrainConfig) -> importance.ImportanceProfile:
     """``i2p layers``: stage 1 alone."""
     rt = setup(cfg.device)
@@ -68,7 +89,7 @@ def build(
     if cfg.baseline:
         layer = len(tower.transformer.resblocks)
     else:
-        profile, probe = perceive(cfg, tower, spec, splits, rt)
+        profile, probe = perceive_once(cfg, tower, spec, splits, rt)
         layer = profile.layer
     model = I2PModel(tower, layer, baseline=cfg.baseline).to(rt.device)
     embed = (
