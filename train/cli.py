@@ -43,14 +43,20 @@ def data_options(f):
             help="Images per split to score layers.",
         ),
         click.option("--layer", default="auto", show_default=True, help="auto | last | block number."),
-        click.option("--layer-tolerance", default=DEFAULTS.layer_tolerance, show_default=True),
+        click.option(
+            "--layer-tolerance",
+            type=float,
+            help="L* = shallowest layer within this of the best normalized importance "
+            "[default: 0 for --layer-rule robust, 0.05 for clean].",
+        ),
         click.option(
             "--layer-rule",
             type=click.Choice(["robust", "clean"]),
             default=DEFAULTS.layer_rule,
             show_default=True,
-            help="robust: score layers on validation copies degraded by JPEG 75, half size and blur 1 too "
-            "(measured in docs/evaluation.md); clean: clean copies only.",
+            help="robust: the layer with the best worst-case probe AUC over clean validation images and "
+            "copies degraded by JPEG 75, half size and blur 1 (measured best in docs/evaluation.md); "
+            "clean: Fisher ratio + clean AUC, preferring middle layers.",
         ),
         click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True),
         click.option("--workers", default=DEFAULTS.workers, show_default=True, help="DataLoader processes."),

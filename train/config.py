@@ -17,7 +17,7 @@ class TrainConfig:
     model: str = "ViT-L-14"  # open_clip model name
     pretrained: str = "none"  # weights file, open_clip tag (downloads), or "none" (random init)
     layer: str = "auto"  # "auto" | "last" | block number 1..N
-    layer_tolerance: float = 0.05  # L* = shallowest layer within this of the best importance
+    layer_tolerance: float | None = None  # L* = shallowest layer within this of the best; None: the rule's
     calib_size: int = 512  # images per split used to score layers
     rank: int = 16  # directions per linear map; 0 = head only (critical-layer linear probe)
     sensitivity: str = "singular"  # "singular" | "fisher": how directions are ranked

@@ -9,13 +9,12 @@ Scores per block, on CLS features of a calibration subset (fit) and the validati
   degradations a deployment sees (by default JPEG q75, half size, Gaussian blur σ 1; see
   ``i2p.runtime.perturb``): a layer whose separation one JPEG re-encode destroys scores low here.
 
-Rule for L* (``--layer auto``): min-max normalize each score across layers, average them into an
-importance (``robust``: Fisher, clean AUC and mean degraded AUC; ``clean``: Fisher and clean AUC), and
-take the *shallowest* layer whose importance is within ``tolerance`` of the best. Validation AUC alone
-saturates by the middle layers on real data; the Fisher ratio keeps ranking layers there, the degraded
-AUC penalizes layers whose signal is fragile, and preferring the shallowest near-best layer also buys
-speed at deployment (the exported network runs only L* of N blocks). docs/evaluation.md measures the
-rules on sid-mini.
+Rule for L* (``--layer auto``): min-max normalize the scores across layers into an importance and take
+the *shallowest* layer whose importance is within ``tolerance`` of the best. ``robust`` (the default):
+the importance is each layer's worst-case probe AUC over the clean and degraded validation copies,
+tolerance 0 (the most robust layer; ties to the shallowest). ``clean``: the mean of Fisher ratio and
+clean AUC, tolerance 0.05 (the rule before robustness was measured; it prefers middle layers, whose
+separation one JPEG re-encode erodes). docs/evaluation.md measures the rules on sid-mini.
 """
 
 from __future__ import annotations
@@ -131,29 +130,31 @@ def _minmax(values: list[float]) -> list[float]:
     return [0.0 if hi - lo < 1e-12 else (v - lo) / (hi - lo) for v in values]
 
 
+DEFAULT_TOLERANCE = {"robust": 0.0, "clean": 0.05}  # in units of the normalized importance
+
+
 def combine(
     criterion: str, fisher: list[float], aucs: list[float], degraded: dict[str, list[float]]
 ) -> list[float]:
-    """Per-layer importance: the mean of the min-max normalized scores the criterion reads."""
-    parts = [_minmax(aucs), _minmax(fisher)]
+    """Per-layer importance in [0, 1]: see the module docstring for what each criterion reads."""
     if criterion == "robust" and degraded:
-        mean_degraded = [sum(v[i] for v in degraded.values()) / len(degraded) for i in range(len(aucs))]
-        parts.append(_minmax(mean_degraded))
-    return [sum(p[i] for p in parts) / len(parts) for i in range(len(aucs))]
+        return _minmax([min(a, *(v[i] for v in degraded.values())) for i, a in enumerate(aucs)])
+    return [(a + f) / 2 for a, f in zip(_minmax(aucs), _minmax(fisher), strict=True)]
 
 
 def profile(
     calib: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     layer: str | int = "auto",
-    tolerance: float = 0.05,
+    tolerance: float | None = None,
     degraded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     rule: str = "robust",
 ) -> tuple[ImportanceProfile, torch.nn.Linear]:
     """Score every block and pick L*; also returns the probe at L* (the head's warm start).
 
     ``degraded`` maps a condition name to the validation features after that degradation; without
-    any, the robust rule reduces to the clean one (and the profile says so).
+    any, the robust rule reduces to the clean one (and the profile says so). ``tolerance`` None: the
+    rule's own default (``DEFAULT_TOLERANCE``).
     """
     (xc, yc), (xv, yv) = calib, val
     if len(torch.unique(yc)) < 2 or len(torch.unique(yv)) < 2:
@@ -173,6 +174,7 @@ def profile(
     }
     criterion = "robust" if rule == "robust" and degraded_aucs else "clean"
     importance = combine(criterion, fisher, aucs, degraded_aucs)
+    tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else tolerance
     n = len(probes)
     if layer == "auto":
         chosen, mode = choose_layer(importance, tolerance), "auto"
@@ -210,8 +212,8 @@ def plot(p: ImportanceProfile, path: Path) -> None:
     ax.plot(layers, _minmax([s.probe_auc for s in p.scores]), "o-", label="probe AUC, clean (normalized)")
     ax.plot(layers, _minmax([s.fisher for s in p.scores]), "s-", label="Fisher ratio (normalized)")
     if p.scores[0].degraded_auc:
-        mean_deg = [sum(s.degraded_auc.values()) / len(s.degraded_auc) for s in p.scores]
-        ax.plot(layers, _minmax(mean_deg), "^-", label="probe AUC, degraded mean (normalized)")
+        worst = [min(s.probe_auc, *s.degraded_auc.values()) for s in p.scores]
+        ax.plot(layers, _minmax(worst), "^-", label="probe AUC, worst of clean + degraded (normalized)")
     ax.plot(layers, [s.importance for s in p.scores], "k-", lw=2, label=f"importance ({p.criterion})")
     ax.axvline(p.layer, color="tab:red", ls="--", label=f"L* = {p.layer} ({p.mode})")
     best = max(p.scores, key=lambda s: s.probe_auc)
