@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from i2p.train import subspace
+from i2p.train.backbone import load_backbone
 from i2p.train.model import I2PModel
 from tests.support.checkpoints import tiny_model
 
@@ -175,3 +176,16 @@ def test_fisher_weighting_changes_the_chosen_directions():
     u_fisher, _ = subspace.low_sensitivity_bases(w, 4, grad_sq)
     overlap = (u_plain.T @ u_fisher).abs().max()
     assert overlap < 1e-3
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_head_only_runs_build_no_graph_through_the_frozen_tower(baseline):
+    """rank 0 and the UnivFD baseline: the tower's output carries no autograd history, so backward
+    stops at the head and costs nothing in the tower."""
+    tower, _ = load_backbone("i2p-tiny-vit", "none", 0)
+    model = I2PModel(tower, 4 if baseline else 2, baseline=baseline).train()
+    features = model.forward_features(torch.randn(2, 3, 64, 64))
+    assert features.grad_fn is None and not features.requires_grad
+    model.forward_head(features).sum().backward()
+    assert all(p.grad is None for p in model.tower.parameters())
+    assert model.head.fc.weight.grad is not None
