@@ -129,6 +129,9 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             continue
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    snapshot = (
+        REPO / "GIT_COMMIT"
+    )  # a `git archive` snapshot (benchmarks run on frozen code) names its commit
     return {
         "cpu": cpu,
         "physical_cores": psutil.cpu_count(logical=False),
@@ -136,7 +139,7 @@ def machine() -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}",
         "versions": versions,
-        "git_commit": commit.stdout.strip() or None,
+        "git_commit": commit.stdout.strip() or (snapshot.read_text().strip() if snapshot.is_file() else None),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
