@@ -278,7 +278,7 @@ def training_cost(
     model: str, layer: int, quick: bool, threads: int, env: dict[str, str]
 ) -> list[dict[str, Any]]:
     """Each mode in its own process (its own peak RSS); rounds rotate the modes so noise hits all."""
-    steps, rounds = ("2", 1) if quick else ("3", 2)
+    steps, rounds = ("2", 1) if quick else ("3", 1)
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
         for mode in ("subspace", "full", "probe"):
@@ -442,7 +442,7 @@ def main() -> None:
             args.backbone, args.layer, calib if SID_MINI.is_dir() else []
         )
         print("model speed ...", flush=True)
-        reps = {1: 3, 8: 2} if args.quick else {1: 8, 8: 3}
+        reps = {1: 3, 8: 2} if args.quick else {1: 6, 8: 2}
         results["fusions"] = fused_ops(main_artifact)
         results["model_speed"] = model_speed(
             args.backbone, main_artifact, args.layer, [1, 8], reps, args.threads

@@ -5,11 +5,10 @@
 
 1. ``i2p-export --ckpt CKPT --calib-images CALIB`` (the default export: model.cpu.onnx, and
    model.int8.onnx if its decisions on CALIB pass the gate); the gate's verdict is read from parity.json.
-2. The Detector with ``precision="fp32"`` (the fused FP32 CPU model) and with the default choice
-   (INT8 when the artifact has it) scores every test image; AUC, AP and accuracy at the artifact's
-   threshold per generator and mean (i2p.runtime.metrics).
-3. ``i2p-detect TEST -r --csv ... --json`` with ``--precision fp32`` and with the default, alternating
-   ``--rounds`` times: images/s from its own summary (median), and the ratio.
+2. ``i2p-detect TEST -r --csv ... --json`` with ``--precision fp32`` (the fused FP32 CPU model) and with
+   the default choice (INT8 when the artifact has it), alternating ``--rounds`` times: images/s from its
+   own summary (median) and their ratio; from the rows, AUC, AP and accuracy at the artifact's threshold
+   per generator and mean (i2p.runtime.metrics).
 
 Prints one JSON object (the last line); benchmarks/perf.py puts it into docs/performance.md.
 """
@@ -17,6 +16,7 @@ Prints one JSON object (the last line); benchmarks/perf.py puts it into docs/per
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -47,33 +47,34 @@ def labelled(test: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return files, np.array(labels), gens
 
 
-def accuracy(artifact: Path, precision: str | None, test: Path, threads: int) -> dict[str, Any]:
-    files, y, gens = labelled(test)
-    with Detector(artifact, backend="onnxruntime", precision=precision, threads=threads) as det:
-        preds = det.predict(files)
-        model = det.backend.model_path.name
-        threshold = det.threshold
-    bad = [p.error for p in preds if not p.ok]
-    if bad:
-        raise RuntimeError(f"{len(bad)} test images failed, e.g. {bad[0]}")
-    p = np.array([r.probability for r in preds])
-    metrics = evaluate(y, p, gens, threshold)
-    return {
-        "model": model,
-        "images": len(files),
-        "metrics": {g: {"auc": m.auc, "ap": m.ap, "acc": m.acc} for g, m in metrics.items()},
-        "probabilities": p.tolist(),
-    }
-
-
-def detect_speed(artifact: Path, test: Path, precision: str | None, threads: int, work: Path) -> float:
+def detect(artifact: Path, test: Path, precision: str | None, threads: int, work: Path) -> tuple[float, dict]:
+    """One ``i2p-detect`` run over ``test``: its images/s and the probability of every path."""
     exe = str(Path(sys.executable).with_name("i2p-detect"))
+    rows = work / f"rows-{precision or 'default'}.csv"
     cmd = [exe, str(test), "-r", "--model", str(artifact), "--threads", str(threads)]
-    cmd += ["--csv", str(work / "rows.csv"), "--json"]
+    cmd += ["--csv", str(rows), "--json"]
     cmd += ["--precision", precision] if precision else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["images_per_s"])
+    summary = json.loads(out.strip().splitlines()[-1])
+    with open(rows, newline="") as f:
+        table = list(csv.DictReader(f))
+    bad = [r for r in table if r["error"]]
+    if bad:
+        raise RuntimeError(f"{len(bad)} test images failed, e.g. {bad[0]}")
+    return float(summary["images_per_s"]), {r["path"]: float(r["probability"]) for r in table}
+
+
+def accuracy(probs: dict[str, float], test: Path, threshold: float) -> dict[str, Any]:
+    """AUC, AP and accuracy at ``threshold`` per generator and mean (i2p.runtime.metrics)."""
+    files, y, gens = labelled(test)
+    p = np.array([probs[f] for f in files])
+    metrics = evaluate(y, p, gens, threshold)
+    return {
+        "images": len(files),
+        "metrics": {g: {"auc": m.auc, "ap": m.ap, "acc": m.acc} for g, m in metrics.items()},
+        "probabilities": p,
+    }
 
 
 def main() -> None:
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--test", required=True, type=Path, help="<generator>/{0_real,1_fake}/ test folder")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="reuse the artifact already in --work")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="i2p-int8-"))
@@ -98,16 +99,21 @@ def main() -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     kept = any(m["precision"] == "int8" for m in manifest["models"])
 
-    fp32 = accuracy(artifact, "fp32", args.test, args.threads)
-    default = accuracy(artifact, None, args.test, args.threads)
+    threshold = manifest["threshold"]
     speed: dict[str, list[float]] = {"fp32": [], "default": []}
+    probs: dict[str, dict] = {}
     for _ in range(args.rounds):  # alternate, so load on the machine hits both alike
-        speed["fp32"].append(detect_speed(artifact, args.test, "fp32", args.threads, work))
-        speed["default"].append(detect_speed(artifact, args.test, None, args.threads, work))
+        for name, precision in (("fp32", "fp32"), ("default", None)):
+            ips, probs[name] = detect(artifact, args.test, precision, args.threads, work)
+            speed[name].append(ips)
+    with Detector(artifact, backend="onnxruntime", precision="fp32") as a, Detector(artifact) as b:
+        models = {"fp32": a.backend.model_path.name, "default": b.backend.model_path.name}
+    fp32, default = (
+        accuracy(probs[k], args.test, threshold) | {"model": models[k]} for k in ("fp32", "default")
+    )
     f, d = fp32["metrics"], default["metrics"]
     deltas = {g: d[g]["auc"] - f[g]["auc"] for g in f}
-    p32, p8 = np.array(fp32.pop("probabilities")), np.array(default.pop("probabilities"))
-    threshold = manifest["threshold"]
+    p32, p8 = fp32.pop("probabilities"), default.pop("probabilities")
     result = {
         "export_command": " ".join(["i2p-export", *export[1:]]).replace(" --force", ""),
         "int8_kept": kept,
