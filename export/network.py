@@ -1,7 +1,7 @@
 """The deployed network: the trained detector with its deltas merged, truncated at L*, head folded in.
 
 ``DeployedDetector`` is the model that gets exported: plain open_clip ViT blocks (no adapter ops, no
-parametrizations), float32 NCHW image in, ``(logit [N], probability [N])`` out. Like timm's
+low-rank branches), float32 NCHW image in, ``(logit [N], probability [N])`` out. Like timm's
 ``exportable`` layers it reuses the training modules as they are rather than forking the ViT code; it
 only drops what deployment does not need and fixes the output signature.
 """

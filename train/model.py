@@ -90,9 +90,8 @@ class I2PModel(nn.Module):
     def merge(self) -> None:
         """Fold the deltas into the base weights: afterwards the tower holds plain ViT blocks.
 
-        Merge the model itself, not a ``copy.deepcopy`` of it: parametrized modules share a generated
-        class, and removing the parametrization from a copy breaks the original. Reload from the
-        checkpoint (``checkpoint.load_model``) when both are needed.
+        The low-rank branches are ordinary submodules, so a ``copy.deepcopy`` merges independently of
+        the original (handy to keep the unmerged model for comparison).
         """
         subspace.merge(self.blocks)
         self.deltas = {}
