@@ -14,16 +14,12 @@ from i2p.runtime.manifest import ArtifactError, read_manifest
 from i2p.train.checkpoint import read_checkpoint
 from i2p.train.cli import evaluate as eval_cmd
 from i2p.train.cli import train as train_cmd
-from tests.support.images import make_image_folder
-
-TINY = ["--model", "i2p-tiny-vit", "--pretrained", "none", "--workers", "0", "--batch-size", "16"]
+from tests.support.training import TINY, training_folder
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root, n_per_class=12, size=(72, 64))
-    return root
+    return training_folder(tmp_path_factory)
 
 
 def train(data_dir: Path, out: Path, *extra: str) -> Path:

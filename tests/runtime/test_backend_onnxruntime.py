@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from i2p.runtime.backends.onnxruntime import (
     auto_providers,
     model_input_shape,
 )
+from tests.support.concurrency import run_in_threads
 from tests.support.fake_artifact import build_model, make_artifact
 
 
@@ -96,17 +96,6 @@ def test_concurrent_run_is_thread_safe(artifact: Path) -> None:
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((int(rng.integers(1, 9)), 3, 32, 32), dtype=np.float32) for _ in range(64)]
     serial = [backend.infer(b) for b in batches]
-    out: list[np.ndarray | None] = [None] * len(batches)
-
-    def worker(t: int) -> None:
-        for _ in range(5):
-            for i in range(t, len(batches), 8):
-                out[i] = backend.infer(batches[i])
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    out = run_in_threads(lambda i: backend.infer(batches[i]), len(batches), threads=8, rounds=5)
     for a, b in zip(out, serial, strict=True):
         np.testing.assert_array_equal(a, b)

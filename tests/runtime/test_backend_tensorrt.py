@@ -40,6 +40,7 @@ from i2p.runtime.tensorrt.cache import (
 )
 from i2p.runtime.tensorrt.graph import CudaGraph
 from i2p.runtime.tensorrt.layernorm import decompose_layernorm
+from tests.support.fake_artifact import detector_graph
 
 SHA = "ab" * 32
 KEY = EngineKey(
@@ -359,17 +360,7 @@ def _tiny_artifact(root: Path, size: int = 32) -> Manifest:
         helper.make_node("Squeeze", ["l2", "one"], ["logit"], "/squeeze"),
         helper.make_node("Sigmoid", ["logit"], ["probability"], "/sigmoid"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch"]),
-            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch"]),
-        ],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = detector_graph("tiny", nodes, inits, size)
     onnx.save(model, root / "model.onnx")
     onnx.save(convert_float_to_float16(model, keep_io_types=True), root / "model.fp16.onnx")
     files = {f: sha256_file(root / f) for f in ("model.onnx", "model.fp16.onnx")}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +17,7 @@ from i2p.runtime import ArtifactError, BackendUnavailableError, Detector, ImageE
 from i2p.runtime import detector as detector_module
 from i2p.runtime.manifest import FORMAT_VERSION
 from i2p.runtime.preprocess import ResizePlan, preprocess, resize_plan
+from tests.support.concurrency import run_in_threads
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import build_model, make_artifact
 
@@ -247,20 +247,7 @@ def test_concurrent_predict_matches_serial(det: Detector) -> None:
     inputs = images(16, seed=3)
     calls = [inputs[(t * 7 + i * 3) % 16] for t in range(8) for i in range(500)]
     serial = [det.predict(c) for c in calls]
-    results: list[list[Prediction] | None] = [None] * len(calls)
-    barrier = threading.Barrier(8)
-
-    def worker(t: int) -> None:
-        barrier.wait()
-        for i in range(t, len(calls), 8):
-            results[i] = det.predict(calls[i])
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert results == serial
+    assert run_in_threads(lambda i: det.predict(calls[i]), len(calls), threads=8) == serial
 
 
 def test_logs_the_backend_and_precision(artifact: Path, caplog: pytest.LogCaptureFixture) -> None:

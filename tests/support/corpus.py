@@ -163,7 +163,7 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
     cases["dangling.jpg"] = Case(error="cannot read file")
     os.mkfifo(root / "fifo.jpg")  # reading it would block forever: refused before it is opened
     cases["fifo.jpg"] = Case(error="not a regular file")
-    if os.geteuid() != 0:  # root reads a chmod-000 file anyway; tests/test_runtime_corpus.py says so
+    if os.geteuid() != 0:  # root reads a chmod-000 file anyway; tests/runtime/test_corpus.py skips that case
         (root / "unreadable.jpg").write_bytes(jpeg)
         (root / "unreadable.jpg").chmod(0)
         cases["unreadable.jpg"] = Case(error="Permission denied")

@@ -30,6 +30,23 @@ PATCH = 4
 CHANNELS = 4
 
 
+def detector_graph(
+    name: str, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], size: int
+) -> onnx.ModelProto:
+    """An opset-17 model with an exported detector's I/O: image [batch, 3, size, size] -> logit, probability."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [
+            helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch"]),
+        ],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def build_model(size: int, seed: int = 0) -> onnx.ModelProto:
     """FP32 graph: image [batch, 3, size, size] -> logit [batch], probability [batch] (opset 17)."""
     if size % PATCH:
@@ -58,17 +75,7 @@ def build_model(size: int, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Sigmoid", ["logit2d"], ["prob2d"]),
         helper.make_node("Squeeze", ["prob2d", "squeeze_axes"], ["probability"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "fake_i2p",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch"]),
-            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch"]),
-        ],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = detector_graph("fake_i2p", nodes, inits, size)
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -14,9 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.train.cli import train as train_cmd
-from tests.support.images import make_image_folder
-
-TINY = ["--model", "i2p-tiny-vit", "--pretrained", "none", "--workers", "0", "--batch-size", "16"]
+from tests.support.training import TINY, training_folder
 
 # torch cannot load in this interpreter: an option error that needs torch to be found fails the test
 NO_TORCH = textwrap.dedent(
@@ -57,9 +55,7 @@ def test_options_are_refused_before_torch_loads(tmp_path: Path, args: list[str],
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root, n_per_class=8, size=(72, 64))
-    return root
+    return training_folder(tmp_path_factory, n_per_class=8)
 
 
 def test_a_failed_run_leaves_no_empty_out(tmp_path: Path) -> None:

@@ -16,16 +16,12 @@ from safetensors.torch import load_file
 
 from i2p.train.checkpoint import load_model, read_checkpoint
 from i2p.train.cli import train as train_cmd
-from tests.support.images import make_image_folder
-
-TINY = ["--model", "i2p-tiny-vit", "--pretrained", "none", "--workers", "0", "--batch-size", "16"]
+from tests.support.training import TINY, training_folder
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root, n_per_class=12, size=(72, 64))
-    return root
+    return training_folder(tmp_path_factory)
 
 
 def run_cli(args: list[str]):
