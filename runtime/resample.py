@@ -10,7 +10,7 @@ whose size does not change is skipped (its fixed-point table would be the identi
 This module reproduces that arithmetic operation for operation. The fixed-point tables it builds
 (:func:`crop_coefficients`) are also what the CUDA kernel in ``i2p.kernels`` consumes, so the GPU
 path does only integer arithmetic on exactly these weights, and agrees with this reference bit for
-bit; this reference in turn agrees with Pillow bit for bit (``tests/test_resample.py``).
+bit; this reference in turn agrees with Pillow bit for bit (``tests/runtime/test_resample.py``).
 
 Which pass Pillow runs first depends on its version (see :func:`vertical_first`); the order matters
 because the intermediate image is rounded to uint8.

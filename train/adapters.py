@@ -19,7 +19,6 @@ from torch import nn
 
 from . import subspace
 
-ADAPTERS = ("subspace", "lora", "full")
 BLOCK_PREFIX = "block."
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .augment import AugmentConfig
-from .config import TrainConfig
+from .config import ADAPTERS, TrainConfig
 
 DEFAULTS = TrainConfig(data="")
 
@@ -107,7 +107,7 @@ def _run(fn, *args):
 )
 @click.option(
     "--adapter",
-    type=click.Choice(["subspace", "lora", "full"]),
+    type=click.Choice(ADAPTERS),
     default=DEFAULTS.adapter,
     show_default=True,
     help="subspace: I2P low-sensitivity subspace; lora: LoRA of --rank on the same maps; full: every "

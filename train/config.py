@@ -7,6 +7,8 @@ from typing import Any
 
 from .augment import AugmentConfig
 
+ADAPTERS = ("subspace", "lora", "full")  # --adapter: what trains in blocks 1..L* (train/adapters.py)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -46,7 +48,7 @@ class TrainConfig:
             raise ValueError(f"--sensitivity must be singular or fisher, got {self.sensitivity!r}")
         if self.rank < 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("rank must be >= 0, epochs and batch size >= 1")
-        if self.adapter not in ("subspace", "lora", "full"):
+        if self.adapter not in ADAPTERS:
             raise ValueError(f"--adapter must be subspace, lora or full, got {self.adapter!r}")
         if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")

@@ -15,7 +15,6 @@ from i2p.runtime.metrics import (
     DEFAULT_TARGETS,
     Metrics,
     OperatingPoint,
-    calibrate_threshold,
     evaluate,
     operating_points,
     point_name,
@@ -93,22 +92,6 @@ def predict(
             probs.append(torch.sigmoid(model(batch.images.to(rt.device)).float()).cpu())
             indices.append(batch.indices)
     return torch.cat(probs).numpy(), torch.cat(indices).numpy()
-
-
-def evaluate_samples(
-    model: I2PModel,
-    samples: list[data_mod.Sample],
-    spec: PreprocessSpec,
-    cfg: TrainConfig,
-    rt: Runtime,
-    threshold: float | None,
-) -> tuple[dict[str, Metrics], float]:
-    """Metrics per generator and mean; the threshold is calibrated on these samples when None."""
-    probs, idx = predict(model, eval_loader(samples, spec, cfg), rt)
-    y = np.array([samples[i].label for i in idx])
-    if threshold is None:
-        threshold = calibrate_threshold(y, probs)
-    return evaluate(y, probs, [samples[i].generator for i in idx], threshold), threshold
 
 
 def validate(
