@@ -50,12 +50,15 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "--model",
                 "-m",
                 type=click.Path(exists=True),  # a file gets the Detector's message (e.g. "a checkpoint")
-                help="Artifact directory written by i2p-export (i2p-detect: or --server).",
+                help="Artifact directory written by i2p-export.",
             ),
             click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True),
             click.option("--device", type=click.IntRange(0), default=0, show_default=True, help="GPU index."),
             click.option(
-                "--precision", type=click.Choice(PRECISIONS), default=None, help="Default: fp16 on GPU."
+                "--precision",
+                type=click.Choice(PRECISIONS),
+                default=None,
+                help="Default: fp16 on a GPU; on the CPU int8 if the artifact has it, else fp32.",
             ),
             click.option(
                 "--threads", type=click.IntRange(1), default=None, help="CPU threads for ONNX Runtime."
