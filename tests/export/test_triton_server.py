@@ -8,7 +8,6 @@ with the install command, where the wheel is not installed (tests/support/triton
 from __future__ import annotations
 
 import csv
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from i2p.runtime import Detector
 from i2p.runtime.cli import detect
 from i2p.runtime.manifest import read_manifest
 from i2p.runtime.remote import RemoteDetector, ServerError
+from tests.support.concurrency import run_in_threads
 from tests.support.corpus import base_image, encode, make_bad_corpus
 from tests.support.fake_artifact import make_artifact
 from tests.support.triton_server import TritonServer, free_port, missing_reason
@@ -102,26 +102,17 @@ def test_eight_concurrent_clients_lose_and_duplicate_nothing(served, tmp_path):
     blobs = [encode(base_image(24 + i % 17, 24 + i % 13, seed=i), "PNG") for i in range(total)]
     expected = [p.probability for p in Detector(artifact).predict(blobs)]
     assert len(set(expected)) == total  # a swapped answer cannot go unnoticed
-    answers: dict[int, list[float]] = {k: [] for k in range(CLIENTS)}
-    failures: list[BaseException] = []
 
-    def client(k: int) -> None:
+    def client(k: int) -> list[float | str | None]:
         url = server.grpc_url if k % 2 else server.http_url
-        try:
-            with RemoteDetector(url, batch_size=1, concurrency=1) as remote:
-                for j in range(REQUESTS):
-                    (p,) = remote.predict([blobs[k * REQUESTS + j]])
-                    answers[k].append(p.probability if p.ok else p.error)
-        except BaseException as e:  # reported below: a thread's exception would otherwise vanish
-            failures.append(e)
+        with RemoteDetector(url, batch_size=1, concurrency=1) as remote:
+            answers = []
+            for j in range(REQUESTS):
+                (p,) = remote.predict([blobs[k * REQUESTS + j]])
+                answers.append(p.probability if p.ok else p.error)
+            return answers
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures
-    got = [p for k in range(CLIENTS) for p in answers[k]]
+    got = [p for answers in run_in_threads(client, CLIENTS, threads=CLIENTS) for p in answers]
     assert len(got) == total
     np.testing.assert_allclose(np.array(got, dtype=np.float64), expected, rtol=0, atol=1e-6)
 
