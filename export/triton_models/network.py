@@ -2,7 +2,7 @@
 
 For CPU-only servers and Triton builds without an ONNX Runtime backend. ``1/artifact/`` holds the
 manifest and the FP32 ONNX files; ``Detector`` verifies their sha256 and picks the model it would pick
-in-process on this CPU (the fused ``model.cpu.onnx`` when exported with ``--cpu``), so the logits match.
+in-process on this CPU (the fused ``model.cpu.onnx`` unless exported with ``--no-cpu``), so the logits match.
 """
 
 from __future__ import annotations

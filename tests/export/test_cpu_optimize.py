@@ -120,7 +120,7 @@ def test_a_graph_without_attention_is_left_as_it_computes(tmp_path: Path) -> Non
     assert np.abs(run(tmp_path / "plain.cpu.onnx", x)[0] - run(src, x)[0]).max() <= ATOL
 
 
-# -- i2p-export --cpu and the Detector --------------------------------------------------------------------
+# -- i2p-export's model.cpu.onnx and the Detector ---------------------------------------------------------
 
 
 def export_artifact(ckpt: Path, out: Path):
@@ -135,7 +135,7 @@ def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def without_cpu_model(artifact: Path, dst: Path) -> Path:
-    """A copy of ``artifact`` as exported without --cpu: no model.cpu.onnx, no manifest entry."""
+    """A copy of ``artifact`` as exported with --no-cpu: no model.cpu.onnx, no manifest entry."""
     shutil.copytree(artifact, dst)
     (dst / CPU_ONNX).unlink()
     m = read_manifest(dst)
