@@ -80,14 +80,16 @@ def _config(**kw) -> TrainConfig:
 
 
 def _run(fn, *args):
-    """Turn the package's own errors into clean CLI errors; keep tracebacks for real bugs."""
-    from .backbone import BackboneError
-    from .checkpoint import CheckpointError
-    from .data import DataError
+    """Turn the package's own errors into clean CLI errors; keep tracebacks for real bugs.
+
+    Backbone, checkpoint and data errors are ValueErrors; nothing here imports torch, so ``i2p eval
+    --model`` runs on the lean runtime alone.
+    """
+    from i2p.runtime import ArtifactError, BackendUnavailableError
 
     try:
         return fn(*args)
-    except (BackboneError, CheckpointError, DataError, FileExistsError, ValueError) as e:
+    except (ArtifactError, BackendUnavailableError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
 

@@ -1,5 +1,6 @@
 """i2p-train as a command: options refused before torch loads, no empty --out left by a failed run,
---json (progress on stderr, the final metadata alone on stdout), checkpoints readable by others (0644)."""
+--json (progress on stderr, the final metadata alone on stdout), checkpoints readable by others (0644);
+``i2p eval --model`` without torch."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.train.cli import train as train_cmd
+from tests.support.fake_artifact import make_artifact
 from tests.support.training import TINY, training_folder
 
-# torch cannot load in this interpreter: an option error that needs torch to be found fails the test
+# torch cannot load in this interpreter: argv[1] names the command of i2p.train.cli, the rest its arguments
 NO_TORCH = textwrap.dedent(
     """
     import importlib.abc, sys
@@ -27,8 +29,8 @@ NO_TORCH = textwrap.dedent(
                 raise ImportError(f"{name} is blocked in this test")
 
     sys.meta_path.insert(0, Block())
-    from i2p.train.cli import train
-    train(sys.argv[1:])
+    from i2p.train import cli
+    getattr(cli, sys.argv[1])(sys.argv[2:])
     """
 )
 
@@ -44,7 +46,18 @@ NO_TORCH = textwrap.dedent(
 )
 def test_options_are_refused_before_torch_loads(tmp_path: Path, args: list[str], message: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", NO_TORCH, "--data", str(tmp_path), "--out", str(tmp_path / "o"), *TINY, *args],
+        [
+            sys.executable,
+            "-c",
+            NO_TORCH,
+            "train",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            *TINY,
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -90,3 +103,19 @@ def test_stage_1_shows_progress_on_a_terminal(
     res = CliRunner().invoke(layers, ["--data", str(data_dir), "--out", str(tmp_path / "l"), *TINY])
     assert res.exit_code == 0, res.output
     assert "stage 1: calibration features" in res.stderr and "stage 1: validation features" in res.stderr
+
+
+def test_eval_of_an_artifact_runs_without_torch(tmp_path: Path, data_dir: Path) -> None:
+    """``i2p eval --model`` is the lean runtime's: it runs, and refuses a non-artifact cleanly, with torch blocked."""
+    artifact = make_artifact(tmp_path / "fake.i2p")
+
+    def run(model: Path) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-c", NO_TORCH, "evaluate", "--model", str(model), "--data", str(data_dir)]
+        return subprocess.run([*args, "--perturb", "jpeg:75"], capture_output=True, text=True, timeout=120)
+
+    proc = run(artifact)
+    assert proc.returncode == 0, proc.stderr
+    assert "jpeg:75" in proc.stdout and "mean" in proc.stdout and "threshold" in proc.stdout
+    proc = run(data_dir)  # a folder of images, not an artifact: one message, no traceback
+    assert proc.returncode == 1 and "manifest.json" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "blocked" not in proc.stderr
