@@ -8,11 +8,13 @@ printed next to its goal and whether this run met it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from benchmarks.perf import table
 
+OUTCOME = re.compile(r"model\.[\w.]+\.onnx: ")  # an export note on what became of one model file
 BEGIN, END = "<!-- cpu-suite:begin (benchmarks/perf.py) -->", "<!-- cpu-suite:end -->"
 GOALS = {
     "speed": 4.0,  # default export vs full-tower eager, ViT-L/14 L*=12, batch 1
@@ -197,7 +199,8 @@ def speed_section(r: dict[str, Any]) -> list[str]:
         "Detector picks on a CPU. Random weights. `speedup` = baseline median / median.",
         "",
         table(
-            r["model_speed"], ["batch", "model", "default", "median_ms", "min_ms", "images_per_s", "speedup"]
+            [row | {"default": "yes" if row["default"] else ""} for row in r["model_speed"]],
+            ["batch", "model", "default", "median_ms", "min_ms", "images_per_s", "speedup"],
         ),
         "",
         f"Fused ops in `model.cpu.onnx`: {r['fusions']}.",
@@ -208,7 +211,7 @@ def speed_section(r: dict[str, Any]) -> list[str]:
             f"Export: `{exp['command']}` (checkpoint with random weights, base embedded): "
             f"{exp['wall_s']:.0f} s wall, peak RSS {exp['peak_rss_mb']:,.0f} MB (process tree).",
             "",
-            *[f"- {md(n)}" for n in exp["notes"]],
+            *[f"- {md(n)}" for n in exp["notes"] if OUTCOME.match(n) and not n.endswith("...")],
         ]
     return [*lines, ""]
 
