@@ -25,6 +25,9 @@ import torch
 
 from benchmarks.ablation_features import GOAL, SWEEP, load_cached
 from i2p.runtime.metrics import MEAN, calibrate_threshold, evaluate, operating_points, roc_auc
+from i2p.runtime.perturb import parse_condition
+from i2p.runtime.robustness import SweepResult, plot_sweep
+from i2p.train import importance
 from i2p.train.importance import choose_layer, combine, fisher_ratio, fit_probe, probe_logits
 
 FINAL = 13  # index used for CLIP's final embedding (the UnivFD feature) next to blocks 1..12
@@ -153,6 +156,44 @@ def augmentation_study(f: Features, layer: int, conditions: list[str]) -> dict[s
     return out
 
 
+def stage1_profile(f: Features) -> importance.ImportanceProfile:
+    """Stage 1's own profile (default robust rule) on all of train (calibration) and val, from the cache."""
+
+    def xy(split: str, cond: str) -> tuple[torch.Tensor, torch.Tensor]:
+        d = f.get(split, cond)
+        return torch.from_numpy(d["features"]), torch.from_numpy(d["labels"]).float()
+
+    degraded = {c: xy("val", c) for c in VAL_DEGRADE if f.has("val", c)}
+    return importance.profile(xy("train", "clean"), xy("val", "clean"), "auto", None, degraded, "robust")[0]
+
+
+def recipe_sweeps(f: Features, layers: dict[str, int], conditions: list[str], out: Path) -> dict[str, dict]:
+    """Per-generator sweep (table rows + plot) of the probe recipes, through the runtime's sweep code."""
+    results = {}
+    for name, layer in layers.items():
+        score = fit([f.x("train", "clean", layer)], [f.y("train", "clean")], layer)
+        points = operating_points(f.y("val", "clean"), score(f.x("val", "clean", layer)))
+        t = points["balanced"].threshold
+        metrics = {
+            c: evaluate(f.y("test", c), score(f.x("test", c, layer)), f.get("test", c)["generators"], t)
+            for c in conditions
+        }
+        result = SweepResult(t, metrics, {c: parse_condition(c).strength for c in conditions}, [])
+        plot_sweep(result, out / f"sweep_{name}.png", "auc", title=f"{name}: test AUC under each degradation")
+        fpr5 = points["fpr_5pct"].threshold
+        at5 = {}
+        for c in conditions:
+            p, y = score(f.x("test", c, layer)), f.y("test", c)
+            at5[c] = {"tpr": float(np.mean(p[y == 1] >= fpr5)), "fpr": float(np.mean(p[y == 0] >= fpr5))}
+        results[name] = {
+            "layer": layer,
+            **result.to_dict(),
+            "at_val_fpr5": at5,
+            "operating_points": {k: v.to_dict() for k, v in points.items()},
+        }
+    return results  # fmt: skip
+
+
 def plot_layers(rows: list[dict], conditions: list[str], path: Path) -> None:
     import matplotlib
 
@@ -214,10 +255,31 @@ def markdown(rows: list[dict], picks: dict[str, int], aug: dict, conditions: lis
             + " | ".join(_cell(r["test"], c) for c in conditions)
             + f" | {tpr} |"
         )
-    lines += ["", f"| probe training set | {head} |", "|" + "---|" * (1 + len(conditions))]
-    for variant, ms in aug.items():
-        lines.append(f"| {variant} | " + " | ".join(_cell(ms, c) for c in conditions) + " |")
+    lines += ["", f"| L* | probe training set | {head} |", "|" + "---|" * (2 + len(conditions))]
+    for at, variants in aug.items():
+        for variant, ms in variants.items():
+            lines.append(f"| {at} | {variant} | " + " | ".join(_cell(ms, c) for c in conditions) + " |")
     return "\n".join(lines)  # fmt: skip
+
+
+def recipes_markdown(sweeps: dict[str, dict]) -> str:
+    """One row per (recipe, condition): AUC per generator and mean, AP, TPR@1%/5% FPR, and the val-5% point."""
+    lines = [
+        "| recipe | L* | condition | n | AUC dalle_mini / glide / mean | AP | TPR@1%FPR | TPR@5%FPR | ECE "
+        "| val 5%-FPR threshold: TPR / FPR on test |",
+        "|" + "---|" * 10,
+    ]
+    for name, r in sweeps.items():
+        for cond, c in r["conditions"].items():
+            m = c["metrics"]
+            auc = " / ".join(f"{m[g]['auc']:.3f}" for g in (*[g for g in m if g != MEAN], MEAN))
+            at5 = r["at_val_fpr5"][cond]
+            lines.append(
+                f"| {name} | {r['layer'] if r['layer'] != FINAL else 'final'} | {cond} | {m[MEAN]['n']} | {auc} "
+                f"| {m[MEAN]['ap']:.3f} | {m[MEAN]['tpr_1pct_fpr']:.3f} | {m[MEAN]['tpr_5pct_fpr']:.3f} "
+                f"| {m[MEAN]['ece']:.3f} | {at5['tpr']:.3f} / {at5['fpr']:.3f} |"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -233,11 +295,16 @@ def main() -> None:
     rows = layer_study(f, conditions)
     picks = rules(rows)
     layer = a.layer or next(v for k, v in picks.items() if k.startswith("robust"))
-    aug = augmentation_study(f, layer, conditions)
+    aug = {f"L{n}": augmentation_study(f, n, conditions) for n in dict.fromkeys((7, layer))}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "probes.json").write_text(json.dumps({"layers": rows, "rules": picks, "augmentation": {"layer": layer, "results": aug}}, indent=1))  # fmt: skip
+    stage1_profile(f).save(a.out)  # what `i2p layers` writes, from the cached features
+    recipes = {"a_univfd_final": FINAL, "b_head_L7": 7, f"b_head_L{layer}_robust_default": layer}
+    sweeps = recipe_sweeps(f, recipes, conditions, a.out)
+    (a.out / "probes.json").write_text(json.dumps({"layers": rows, "rules": picks, "augmentation": aug, "recipes": sweeps}, indent=1))  # fmt: skip
     plot_layers(rows, conditions, a.out / "layers_clean_vs_degraded.png")
     print(markdown(rows, picks, aug, conditions))
+    print()
+    print(recipes_markdown(sweeps))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from i2p.train.augment import AugmentConfig, augment
 from tests.runtime.test_perturb import photo
 
 SPEC = PreprocessSpec(size=32)
-OFF = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip=False, scale_jitter=1.0)
+OFF = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, resize_prob=0.0, flip=False, scale_jitter=1.0)
 
 
 def evaluated(img) -> np.ndarray:

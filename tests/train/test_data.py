@@ -315,7 +315,7 @@ def test_dataset_rejects_negative_seed(folder):
 
 # ---------------------------------------------------------------------------------------------- augment
 
-NO_PIXEL_CHANGES = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip=True, scale_jitter=1.0)
+NO_PIXEL_CHANGES = AugmentConfig(resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0, flip=True, scale_jitter=1.0)
 
 
 def square_image(seed: int = 0) -> Image.Image:
@@ -339,7 +339,7 @@ def test_augment_geometry_matches_evaluation_and_flips_half_the_time():
 def test_augment_crop_jitter_stays_at_evaluation_scale():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8))  # 50 wide, 30 high
-    cfg = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip=False)
+    cfg = AugmentConfig(resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0, flip=False)
     outs = [augment(img, cfg, np.random.default_rng(s), SPEC) for s in range(30)]
     assert all(x.shape == (3, 24, 24) and x.dtype == np.float32 for x in outs)
     assert len({x.tobytes() for x in outs}) > 20  # crop position and scale vary
@@ -365,10 +365,14 @@ def test_augment_blur_and_jpeg_change_pixels_as_configured():
     def high_freq(x: np.ndarray) -> float:
         return float(np.abs(np.diff(x, axis=2)).mean())
 
-    blur = AugmentConfig(blur_prob=1.0, blur_sigma=(2.0, 2.0), jpeg_prob=0.0, flip=False, scale_jitter=1.0)
+    blur = AugmentConfig(
+        resize_prob=0.0, blur_prob=1.0, blur_sigma=(2.0, 2.0), jpeg_prob=0.0, flip=False, scale_jitter=1.0
+    )
     blurred = augment(img, blur, np.random.default_rng(0), SPEC)
     assert high_freq(blurred) < 0.3 * high_freq(plain)
-    jpeg = AugmentConfig(blur_prob=0.0, jpeg_prob=1.0, jpeg_quality=(30, 30), flip=False, scale_jitter=1.0)
+    jpeg = AugmentConfig(
+        resize_prob=0.0, blur_prob=0.0, jpeg_prob=1.0, jpeg_quality=(30, 30), flip=False, scale_jitter=1.0
+    )
     recoded = augment(img, jpeg, np.random.default_rng(0), SPEC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=30)
@@ -378,7 +382,9 @@ def test_augment_blur_and_jpeg_change_pixels_as_configured():
 
 def test_augment_probabilities_follow_the_config():
     img = square_image(3)
-    cfg = AugmentConfig(blur_prob=0.5, blur_sigma=(1.0, 3.0), jpeg_prob=0.0, flip=False, scale_jitter=1.0)
+    cfg = AugmentConfig(
+        resize_prob=0.0, blur_prob=0.5, blur_sigma=(1.0, 3.0), jpeg_prob=0.0, flip=False, scale_jitter=1.0
+    )
     evaluated = preprocess(img, SPEC)
     changed = sum(
         not np.array_equal(augment(img, cfg, np.random.default_rng(s), SPEC), evaluated) for s in range(60)
