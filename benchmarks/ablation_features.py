@@ -87,7 +87,9 @@ def extract(tower, spec, samples, condition: Condition, batch: int = 16) -> tupl
             finals.append((tower.ln_post(h[:, 0]) @ tower.proj).numpy())
             done = min(start + batch, len(samples))
             rate = done / (time.time() - t0)
-            print(f"  {condition.name}: {done}/{len(samples)} ({rate:.1f} img/s)", file=sys.stderr, flush=True)
+            print(
+                f"  {condition.name}: {done}/{len(samples)} ({rate:.1f} img/s)", file=sys.stderr, flush=True
+            )
     return np.concatenate(feats, axis=1), np.concatenate(finals)
 
 
