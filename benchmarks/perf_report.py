@@ -121,7 +121,7 @@ def goal_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "goal": "INT8 on the real ViT-B/16 detector (AUC within 0.005/0.01, i2p-detect >= 1.8x)",
                 "measured": f"model.int8.onnx dropped by the export gate: agreement {first['agreement']:.4f}, "
-                f"{first['decisive_flips']} decisive flips, max |Δlogit| {first['max_abs_logit']:.2f} on "
+                f"{first['decisive_flips']} decisive flips, max abs Δlogit {first['max_abs_logit']:.2f} on "
                 f"{first['samples']} calibration images (all blocks INT8)",
                 "target": ">= 0.99, 0 flips",
                 "verdict": verdict(False),
