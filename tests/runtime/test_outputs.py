@@ -197,12 +197,16 @@ def test_an_interrupted_run_keeps_the_old_output_and_resumes(
     assert code == 0 and "starting over" in err and json.loads(stdout)["files"] == 7 and not partial.exists()
 
 
+FILES = 20_000
+
+
 @pytest.mark.timeout(120)
 def test_a_real_sigint_leaves_whole_rows_marked_partial(artifact: Path, tmp_path: Path) -> None:
     folder = tmp_path / "many"
     folder.mkdir()
-    for i in range(400):
-        png(folder / f"{i:03}.png", seed=i % 7)
+    seeds = [png(tmp_path / f"seed{i}.png", seed=i) for i in range(7)]
+    for i in range(FILES):  # hard links: a run long enough to interrupt, without writing 20,000 images
+        os.link(seeds[i % 7], folder / f"{i:05}.png")
     out = tmp_path / "rows.csv"
     args = [str(folder), "--model", str(artifact), "--csv", str(out), "--batch-size", "1", "--workers", "1"]
     proc = subprocess.Popen([*DETECT, *args], stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -216,7 +220,7 @@ def test_a_real_sigint_leaves_whole_rows_marked_partial(artifact: Path, tmp_path
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err
     rows = csv_rows(partial)
-    assert 4 <= len(rows) < 400 and all(r["probability"] and r["label"] for r in rows)
+    assert 4 <= len(rows) < FILES and all(r["probability"] and r["label"] for r in rows)
     assert not out.exists()
 
 
