@@ -209,7 +209,12 @@ def test_a_real_sigint_leaves_whole_rows_marked_partial(artifact: Path, tmp_path
         os.link(seeds[i % 7], folder / f"{i:05}.png")
     out = tmp_path / "rows.csv"
     args = [str(folder), "--model", str(artifact), "--csv", str(out), "--batch-size", "1", "--workers", "1"]
-    proc = subprocess.Popen([*DETECT, *args], stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+    # A shell's background job inherits SIGINT ignored (so would this child): give it the default back.
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen([*DETECT, *args], stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=restore)
     partial = Path(f"{out}.partial")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not partial.exists() or partial.read_text().count("\n") < 5):
