@@ -11,20 +11,18 @@ import pytest
 
 from i2p.export.ort_run import RunnerError, _failure, run_onnx
 from i2p.export.parity import FAIL, NOT_RUN, PASS, Comparison, ParityReport, Tolerances
+from tests.support.parity import compare_logits
 
 
 def compare(ref_logit, logit, threshold=0.5, atol=0.1):
-    ref_logit, logit = np.asarray(ref_logit, np.float32), np.asarray(logit, np.float32)
-    sig = lambda x: (1 / (1 + np.exp(-x.astype(np.float64)))).astype(np.float32)  # noqa: E731
-    return Comparison.measure(
+    return compare_logits(
+        ref_logit,
+        logit,
         model="model.fp16.onnx",
         precision="fp16",
         inputs="random",
-        runner="test",
-        reference=(ref_logit, sig(ref_logit)),
-        candidate=(logit, sig(logit)),
         threshold=threshold,
-        tolerances=Tolerances(atol),
+        atol=atol,
     )
 
 

@@ -14,12 +14,13 @@ from PIL import Image
 
 from i2p.export import quantize
 from i2p.export.cpu_optimize import CPU_ONNX
-from i2p.export.parity import DEFAULT_ATOL, FAIL, PASS, Comparison, Tolerances
+from i2p.export.parity import DEFAULT_ATOL, FAIL, PASS, Comparison
 from i2p.export.pipeline import ExportOptions, ExportResult, run_export
 from i2p.export.probes import CALIB
 from i2p.runtime import ArtifactError, Detector
 from i2p.runtime.manifest import read_manifest
 from tests.support.checkpoints import make_checkpoint
+from tests.support.parity import compare_logits
 
 V0_MODEL = Path(__file__).parents[1] / "fixtures" / "v0" / "artifact" / "model.onnx"
 
@@ -36,16 +37,14 @@ def logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def comparison(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.5, atol: float = 0.2):
-    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-    return Comparison.measure(
+    return compare_logits(
+        reference,
+        candidate,
         model=quantize.INT8_ONNX,
         precision="int8",
         inputs="calib-images",
-        runner="test",
-        reference=(reference, sig(reference)),
-        candidate=(candidate, sig(candidate)),
         threshold=threshold,
-        tolerances=Tolerances(atol),
+        atol=atol,
     )
 
 
