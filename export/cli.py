@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from i2p.base.tables import format_table
-from i2p.train.backbone import BackboneError
-from i2p.train.checkpoint import CheckpointError
 
-from .network import ExportError
-from .options import DEFAULTS, ENGINE_CHOICES, ExportOptions
-from .pipeline import ExportResult, run_export
+from .options import DEFAULTS, ENGINE_CHOICES, ExportOptions  # light: --help needs no torch or onnx
+
+if TYPE_CHECKING:
+    from .pipeline import ExportResult
 
 
 def _atol(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
@@ -143,6 +142,12 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
 def export(samples: int, as_json: bool, **options: Any) -> None:
     """Merge the trained deltas, truncate at L*, export ONNX (FP32, --fp16), check parity, write NAME.i2p/."""
     opts = ExportOptions(random_samples=samples, **options)
+    from i2p.train.backbone import BackboneError  # torch loads here, after click has checked the options
+    from i2p.train.metadata import CheckpointError
+
+    from .network import ExportError
+    from .pipeline import run_export
+
     try:
         result = run_export(opts, echo=lambda line: click.echo(line, err=as_json))
     except (ExportError, CheckpointError, BackboneError) as e:

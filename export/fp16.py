@@ -19,14 +19,10 @@ from pathlib import Path
 import onnx
 
 from .network import ExportError
+from .options import DEFAULT_KEEP_FP32
 
 FP16_MAX = 65504.0  # largest finite float16
 FP16_WARN = 0.99 * FP16_MAX
-# Ops kept in float32 by default, chosen by measured parity: CLIP ViT-B/16 (real weights) at L*=8 with a
-# head fit on sid-mini/train, 64 sid-mini/test images, ONNX Runtime CPU, max (mean) |Δlogit| vs PyTorch
-# FP32 with logits of std 4.8: nothing kept 0.0152 (0.0059); LayerNormalization 0.0081 (0.0028);
-# LayerNormalization + Softmax 0.0070 (0.0028). LayerNorm halves the error, Softmax adds little.
-DEFAULT_KEEP_FP32: tuple[str, ...] = ("LayerNormalization",)
 
 
 def check_fp16_range(name: str, value: float) -> str | None:
