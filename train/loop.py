@@ -77,7 +77,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> CheckpointMeta:
     rt = setup(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    previous = _previous_run(out / CHECKPOINT, cfg, rt) if resume else None
+    previous = read_checkpoint(out / CHECKPOINT) if resume else None
+    if previous is not None:
+        check_resumable(previous, cfg)
     if previous is not None and previous.meta.complete:
         epochs = previous.meta.resume.epoch + 1 if previous.meta.resume else cfg.epochs
         say(rt, f"{previous.path}: training already complete ({epochs} epochs); nothing to resume")
@@ -95,12 +97,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> CheckpointMeta:
     if rt.world > 1:
         dist.destroy_process_group()
     return meta
-
-
-def _previous_run(path: Path, cfg: TrainConfig, rt: Runtime) -> Checkpoint:
-    ckpt = read_checkpoint(path)
-    check_resumable(ckpt, cfg, path)
-    return ckpt
 
 
 def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | None) -> Run:

@@ -6,8 +6,6 @@ The moments are tensors (stored under ``resume.`` in the checkpoint); the rest i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .checkpoint import RESUME, Checkpoint
@@ -55,12 +53,14 @@ def restore_state(
     return info.epoch + 1
 
 
-def check_resumable(ckpt: Checkpoint, cfg: TrainConfig, path: Path) -> None:
+def check_resumable(ckpt: Checkpoint, cfg: TrainConfig) -> None:
     """A resumed run must use the settings that define the model and the data."""
     try:
         stored = TrainConfig.from_dict(ckpt.meta.config)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its stored training settings are malformed ({e})") from e
+        raise CheckpointError(f"{ckpt.path}: its stored training settings are malformed ({e})") from e
     changed = [k for k in TrainConfig.IDENTITY if getattr(stored, k) != getattr(cfg, k)]
     if changed:
-        raise CheckpointError(f"{path}: --resume with different settings {changed}; use the original ones")
+        raise CheckpointError(
+            f"{ckpt.path}: --resume with different settings {changed}; use the original ones"
+        )

@@ -92,9 +92,7 @@ def build(
         profile, probe = perceive_once(cfg, tower, spec, splits, rt)
         layer = profile.layer
     model = I2PModel(tower, layer, baseline=cfg.baseline).to(rt.device)
-    embed = (
-        cfg.embed_base or info.pretrained == "none"
-    )  # a copy: full fine-tuning changes the blocks in place
+    embed = cfg.embed_base or info.pretrained == "none"  # a copy: full fine-tuning changes blocks in place
     base = {k: v.detach().clone() for k, v in model.tower.state_dict().items()} if embed else {}
     if probe is not None:  # warm start: the head begins as the layer-L* linear probe
         with torch.no_grad():
