@@ -37,8 +37,6 @@ class Build:
 
     opts: ExportOptions
     meta: CheckpointMeta
-    spec: PreprocessSpec
-    threshold: float
     probes: ProbeSet
     reference: dict[str, tuple[np.ndarray, np.ndarray]]  # PyTorch outputs per probe set
     net: DeployedDetector | None = None
@@ -46,6 +44,15 @@ class Build:
     models: dict[str, str] = field(default_factory=dict)  # ONNX file -> precision
     notes: list[str] = field(default_factory=list)
     checkpoint_sha256: str = ""
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.meta.preprocess
+
+    @property
+    def threshold(self) -> float:
+        """The calibrated threshold (``load`` refuses a checkpoint without one)."""
+        return self.meta.threshold
 
 
 class Progress:
@@ -80,12 +87,11 @@ def load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
             f"warning: {opts.ckpt.name} is from an unfinished training run (its last completed epoch)"
         )
     probes = probe_set(spec, opts.random_samples, opts.seed, opts.calib_images, opts.calib_limit, notes)
-    with progress.step(f"PyTorch FP32 reference on {len(probes.stacked())} inputs (unmerged model)"):
-        reference = probes.split(*torch_outputs(model, probes.stacked(), opts.max_batch))
+    inputs = probes.stacked()
+    with progress.step(f"PyTorch FP32 reference on {len(inputs)} inputs (unmerged model)"):
+        reference = probes.split(*torch_outputs(model, inputs, opts.max_batch))
     digest = sha256_file(opts.ckpt)
-    return model, Build(
-        opts, meta, spec, meta.threshold, probes, reference, notes=notes, checkpoint_sha256=digest
-    )
+    return model, Build(opts, meta, probes, reference, notes=notes, checkpoint_sha256=digest)
 
 
 def merge(build: Build, model: I2PModel, echo: Callable[[str], None]) -> None:

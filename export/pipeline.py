@@ -62,9 +62,8 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
         parity = _models_and_parity(build, staging, progress, echo)
         hashes = file_hashes(staging)  # the network files are final from here on
         if opts.engine != "no" and engine_step.available():
-            staged = manifest_step.describe(
-                build, hashes, parity
-            )  # the engine step loads the staged artifact
+            # the engine step loads the staged artifact, so it gets the manifest in memory
+            staged = manifest_step.describe(build, hashes, parity)
             engine = tuple(checks.engine(build, staging, staged, progress))
             parity = ParityReport(parity.reference, (*parity.comparisons, *engine), parity.rejected)
             checks.require_parity(parity, engine, echo)
