@@ -5,7 +5,6 @@ No fast-math anywhere: the normalization must round exactly like numpy.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from i2p.base.files import cache_root
+from i2p.base.files import cache_root, sha256_file
 
 log = logging.getLogger("i2p")
 
@@ -109,7 +108,7 @@ def parse_ptxas_report(report: str) -> list[KernelResources]:
 
 
 def source_sha256() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    return sha256_file(SOURCE)
 
 
 def cache_dir() -> Path:
