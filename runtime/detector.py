@@ -30,6 +30,7 @@ log = logging.getLogger("i2p")
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "int8")
 _SINGLE = (str, os.PathLike, bytes, Image.Image, np.ndarray)
+NON_FINITE = "the network returned a non-finite output"  # the error of a NaN or infinite logit
 
 
 class BackendUnavailableError(RuntimeError):
@@ -301,7 +302,7 @@ class Detector:
 
     def _result(self, source: str, probability: np.float32) -> Prediction:
         if not np.isfinite(probability):
-            return Prediction(source, None, None, f"{source}: the network returned a non-finite output")
+            return Prediction(source, None, None, f"{source}: {NON_FINITE}")
         p = float(probability)
         return Prediction(source, p, p >= self.threshold)
 

@@ -17,14 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .detector import sigmoid
+from .detector import NON_FINITE, sigmoid
 from .preprocess import ImageError, PreprocessSpec, describe, preprocess
 
 ENSEMBLE = "i2p"  # default ensemble name; the composing models are named f"{ENSEMBLE}_{step}"
 STEPS = ("preprocess", "network", "postprocess")
 IMAGE, PIXELS, LOGIT, DECODE_ERROR = "image", "pixels", "logit", "decode_error"
 VERDICT = ("probability", "label", "error")  # the ensemble's outputs, in this order
-NON_FINITE = "the network returned a non-finite output"
 
 
 def text_tensor(texts: Sequence[str]) -> np.ndarray:
