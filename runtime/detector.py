@@ -105,8 +105,7 @@ class Detector:
             threshold = self.manifest.point_threshold(operating_point)
         self.threshold = self.manifest.threshold if threshold is None else float(threshold)
         self.batch_size = batch_size
-        self._want_gpu_preprocessing = gpu_preprocessing  # TensorRT: resize on the GPU (False: on the CPU)
-        self.backend: Backend = self._open_backend(backend, device, precision, threads)
+        self.backend: Backend = self._open_backend(backend, device, precision, threads, gpu_preprocessing)
         check_session_io(self.path, self.manifest, getattr(self.backend, "session", None))
         self._gpu_preprocess = self.backend.accepts_images
         self._step = min(batch_size, self.backend.max_batch or batch_size)  # images per backend call
@@ -133,7 +132,10 @@ class Detector:
                 f"{outputs}; this runtime needs one [batch, 3, {size}, {size}] input and a 'logit' output"
             )
 
-    def _open_backend(self, backend: str, device: int, precision: str | None, threads: int | None) -> Backend:
+    def _open_backend(
+        self, backend: str, device: int, precision: str | None, threads: int | None, gpu_preprocessing: bool
+    ) -> Backend:
+        """TensorRT when asked for or present (``gpu_preprocessing``: resize on the GPU), else ONNX Runtime."""
         if backend == "tensorrt" and precision in ("fp32", "int8"):
             raise ValueError(
                 "the TensorRT backend runs FP16 engines; use backend='onnxruntime' for fp32 or int8"
@@ -153,7 +155,7 @@ class Detector:
                         self.manifest,
                         device,
                         self.batch_size,
-                        gpu_preprocessing=self._want_gpu_preprocessing,
+                        gpu_preprocessing=gpu_preprocessing,
                     )
                 except ArtifactError:
                     raise
