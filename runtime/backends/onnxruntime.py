@@ -53,14 +53,13 @@ def auto_providers(
         if engine_cache is not None:
             engine_cache.mkdir(parents=True, exist_ok=True)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache))
-        if input_shape is not None:
-            name, max_batch, *chw = input_shape
-            dims = "x".join(str(d) for d in chw)
-            opts.update(
-                trt_profile_min_shapes=f"{name}:1x{dims}",
-                trt_profile_opt_shapes=f"{name}:{max_batch}x{dims}",
-                trt_profile_max_shapes=f"{name}:{max_batch}x{dims}",
-            )
+        name, max_batch, *chw = input_shape
+        dims = "x".join(str(d) for d in chw)
+        opts.update(
+            trt_profile_min_shapes=f"{name}:1x{dims}",
+            trt_profile_opt_shapes=f"{name}:{max_batch}x{dims}",
+            trt_profile_max_shapes=f"{name}:{max_batch}x{dims}",
+        )
         providers.append((TENSORRT_EP, opts))
     if CUDA_EP in available:
         providers.append((CUDA_EP, {"device_id": device}))
