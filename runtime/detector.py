@@ -22,13 +22,20 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend, tensor_names
-from .manifest import ArtifactError, Manifest, ModelFile, check_session_io, read_manifest, verify_file
+from .manifest import (
+    PRECISIONS,
+    ArtifactError,
+    Manifest,
+    ModelFile,
+    check_session_io,
+    read_manifest,
+    verify_file,
+)
 from .preprocess import ImageError, ImageInput, ResizePlan, decode, describe, preprocess, resize_plan
 
 log = logging.getLogger("i2p")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "int8")
 _SINGLE = (str, os.PathLike, bytes, Image.Image, np.ndarray)
 NON_FINITE = "the network returned a non-finite output"  # the error of a NaN or infinite logit
 
