@@ -73,26 +73,25 @@ def score_condition(
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """(probabilities, indices of the scored samples, skipped (path, reason)) under one condition."""
     probs, kept, skipped = [], [], []
-    pool = ThreadPoolExecutor(max(1, workers))
-    for offset, batch in enumerate(_batches(samples, batch_size)):
-        images, idx = [], []
-        for j, (s, img) in enumerate(
-            zip(batch, pool.map(_load, batch, [condition] * len(batch)), strict=True)
-        ):
-            if isinstance(img, str):
-                skipped.append((str(s.path), img))
-            else:
-                images.append(img)
-                idx.append(offset * batch_size + j)
-        if images:
-            scores = np.asarray(scorer(images), dtype=np.float64)
-            for i in np.flatnonzero(~np.isfinite(scores)):  # the scorer's way of saying "could not score"
-                skipped.append((str(samples[idx[i]].path), "the model returned no score"))
-            probs.append(scores[np.isfinite(scores)])
-            kept += [j for j, ok in zip(idx, np.isfinite(scores), strict=True) if ok]
-        if progress is not None:
-            progress(len(batch))
-    pool.shutdown()
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # closed even if the scorer raises
+        for offset, batch in enumerate(_batches(samples, batch_size)):
+            images, idx = [], []
+            for j, (s, img) in enumerate(
+                zip(batch, pool.map(_load, batch, [condition] * len(batch)), strict=True)
+            ):
+                if isinstance(img, str):
+                    skipped.append((str(s.path), img))
+                else:
+                    images.append(img)
+                    idx.append(offset * batch_size + j)
+            if images:
+                scores = np.asarray(scorer(images), dtype=np.float64)
+                for i in np.flatnonzero(~np.isfinite(scores)):  # the scorer's way of saying "could not score"
+                    skipped.append((str(samples[idx[i]].path), "the model returned no score"))
+                probs.append(scores[np.isfinite(scores)])
+                kept += [j for j, ok in zip(idx, np.isfinite(scores), strict=True) if ok]
+            if progress is not None:
+                progress(len(batch))
     return (np.concatenate(probs) if probs else np.empty(0)), np.asarray(kept, dtype=np.int64), skipped
 
 
@@ -207,6 +206,7 @@ def evaluate_artifact(
     threshold: float | None = None,
     batch_size: int = 32,
     progress=None,
+    workers: int = 2,
     **detector_options: Any,
 ) -> SweepResult:
     """Metrics of an exported artifact on a labelled folder/CSV under each condition, without torch.
@@ -219,4 +219,4 @@ def evaluate_artifact(
 
     samples = discover(data)
     with Detector(model, batch_size=batch_size, threshold=threshold, **detector_options) as det:
-        return sweep(samples, conditions, detector_scorer(det), det.threshold, batch_size, progress)
+        return sweep(samples, conditions, detector_scorer(det), det.threshold, batch_size, progress, workers)

@@ -236,7 +236,7 @@ def evaluate(
     conditions = _run(parse_sweeps, perturb)
     if artifact is not None:
         run = functools.partial(evaluate_artifact, backend=backend, operating_point=operating_point)
-        result = _run(run, artifact, data, conditions, threshold, kw["batch_size"], None)
+        result = _run(run, artifact, data, conditions, threshold, kw["batch_size"], None, kw["workers"])
     else:
         from .evaluation import evaluate_checkpoint
 
