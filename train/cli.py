@@ -126,6 +126,15 @@ def _run(fn, *args):
 @click.option("--weight-decay", default=DEFAULTS.weight_decay, show_default=True)
 @click.option("--warmup-fraction", default=DEFAULTS.warmup_fraction, show_default=True)
 @click.option("--max-steps-per-epoch", default=0, help="Cap steps per epoch (0 = all).")
+@click.option(
+    "--feature-views",
+    default=DEFAULTS.feature_views,
+    show_default=True,
+    help="Head-only runs (--baseline, --rank 0): the frozen tower runs once per image per view and the "
+    "head trains on the cached features; epoch e uses augmented view e mod N. N >= --epochs reproduces "
+    "fresh augmentation every epoch at its cost; 1 reuses one augmented view every epoch (cheapest, "
+    "less augmentation diversity). Ignored when the tower trains.",
+)
 @click.option("--no-augment", is_flag=True, help="Train without blur/JPEG/crop/flip augmentation.")
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--embed-base", is_flag=True, help="Copy the frozen base weights into the checkpoint.")

@@ -35,6 +35,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     embed_base: bool = False  # copy the frozen base into the checkpoint
     max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for demos and tests
+    feature_views: int = 1  # head-only runs: epoch e trains on cached augmented view e mod this (features.py)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     adapter: str = "subspace"  # "subspace" (I2P) | "lora" (same maps and rank) | "full" (blocks 1..L*)
     target_fpr: float | None = None  # threshold: None = balanced accuracy, else max TPR at this val FPR
@@ -48,6 +49,8 @@ class TrainConfig:
             raise ValueError(f"--sensitivity must be singular or fisher, got {self.sensitivity!r}")
         if self.rank < 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("rank must be >= 0, epochs and batch size >= 1")
+        if self.feature_views < 1:
+            raise ValueError(f"--feature-views must be >= 1, got {self.feature_views}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"--adapter must be subspace, lora or full, got {self.adapter!r}")
         if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:

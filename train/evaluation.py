@@ -95,15 +95,21 @@ def predict(
 
 
 def validate(
-    model: I2PModel, samples: list[data_mod.Sample], spec: PreprocessSpec, cfg: TrainConfig, rt: Runtime
+    model: I2PModel,
+    samples: list[data_mod.Sample],
+    spec: PreprocessSpec,
+    cfg: TrainConfig,
+    rt: Runtime,
+    scores: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, Metrics], dict[str, OperatingPoint], str]:
     """Validation metrics at the chosen operating point, every named point, and the chosen name.
 
     Points: "balanced" (max balanced accuracy), "fpr_1pct", "fpr_5pct" (most fakes caught with at
     most 1% / 5% of validation reals called fake) and the ``--target-fpr`` one; the threshold in use
-    is ``--target-fpr``'s when given, else "balanced".
+    is ``--target-fpr``'s when given, else "balanced". ``scores``: (probabilities, indices) already
+    computed (a head-only run's cached validation features); else the model runs on the images.
     """
-    probs, idx = predict(model, eval_loader(samples, spec, cfg), rt)
+    probs, idx = scores if scores is not None else predict(model, eval_loader(samples, spec, cfg), rt)
     y = np.array([samples[i].label for i in idx])
     targets = sorted({*DEFAULT_TARGETS, *([cfg.target_fpr] if cfg.target_fpr is not None else [])})
     points = operating_points(y, probs, targets)

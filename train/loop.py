@@ -2,14 +2,17 @@
 
 Every epoch ends with an atomic checkpoint that holds everything a resumed run needs (optimizer,
 schedule, epoch), and augmentation/shuffling depend only on (seed, epoch, index), so ``--resume``
-after a kill reaches the same final metrics as an uninterrupted run. Runs in one process or under
-``torchrun`` (see ``distributed``).
+after a kill reaches the same final metrics as an uninterrupted run (a head-only run re-extracts its
+cached features on resume). When only the head trains, the frozen tower runs once per image per view
+and the head trains on cached features (see ``features``). Runs in one process or under ``torchrun``
+(see ``distributed``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from i2p.runtime.metrics import Metrics, metrics_table
 from i2p.runtime.preprocess import PreprocessSpec
 
 from . import data as data_mod
+from . import features as features_mod
 from .backbone import preprocess_spec
 from .checkpoint import BASE, Checkpoint, build_model, read_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -54,6 +58,7 @@ class Run:
     base: dict[str, torch.Tensor]
     previous: Checkpoint | None
     started: float = field(default_factory=time.time)
+    val_scores: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # cached validation features
     last_metrics: dict[str, Metrics] | None = None  # validation, of the last epoch run
 
     @property
@@ -130,14 +135,20 @@ def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | No
 def _fit(run: Run) -> CheckpointMeta:
     """The epochs: train, then (rank 0) validate, calibrate and write the checkpoint."""
     cfg, rt, model = run.cfg, run.rt, run.model
-    train_ds = data_mod.ImageDataset(run.splits.train, run.spec, cfg.augment, cfg.seed)
+    images = data_mod.ImageDataset(run.splits.train, run.spec, cfg.augment, cfg.seed)
+    cached = features_mod.frozen_tower(model)  # only the head trains: it trains on cached features
+    train_ds = features_mod.FeatureDataset(model, images, cfg, rt) if cached else images
+    if cached:
+        say(rt, f"frozen tower: the head trains on cached features ({cfg.feature_views} view(s))")
+        val_images = data_mod.ImageDataset(run.splits.val, run.spec)
+        run.val_scores = features_mod.validation_scores(model, val_images, cfg, rt.device)
     sampler = DistributedSampler(train_ds, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.seed)
     per_rank = max(1, cfg.batch_size // rt.world)
     loader = DataLoader(
         train_ds,
         batch_size=per_rank,
         sampler=sampler,
-        num_workers=cfg.workers,
+        num_workers=0 if cached else cfg.workers,  # cached features are in memory already
         collate_fn=data_mod.collate_skip_bad,
         drop_last=len(sampler) > per_rank,
     )
@@ -148,7 +159,7 @@ def _fit(run: Run) -> CheckpointMeta:
         cosine_with_warmup(steps * cfg.epochs, max(1, int(cfg.warmup_fraction * steps * cfg.epochs))),
     )
     start = 0 if run.previous is None else restore_state(optimizer, scheduler, run.previous)
-    step = _Stepper(run, optimizer, scheduler)
+    step = _Stepper(run, optimizer, scheduler, model.head if cached else model)
     meta = run.previous.meta if run.previous is not None else None
     for epoch in range(start, cfg.epochs):
         model.train()
@@ -171,14 +182,17 @@ def _fit(run: Run) -> CheckpointMeta:
 
 
 class _Stepper:
-    """One optimization step (mixed precision on CUDA), skipped on every rank when a batch is all bad."""
+    """One optimization step (mixed precision on CUDA), skipped on every rank when a batch is all bad.
 
-    def __init__(self, run: Run, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    ``net`` is the model on images, or its head on cached features (``features.FeatureDataset``).
+    """
+
+    def __init__(self, run: Run, optimizer: torch.optim.Optimizer, scheduler, net: torch.nn.Module) -> None:
         self.run, self.optimizer, self.scheduler = run, optimizer, scheduler
         rt = run.rt
-        self.net = DistributedDataParallel(run.model) if rt.world > 1 else run.model
-        self.amp = run.cfg.amp and rt.device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.net = DistributedDataParallel(net) if rt.world > 1 else net
+        dtype = features_mod.amp_dtype(run.cfg, rt)
+        self.amp, self.dtype = dtype is not None, dtype or torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.dtype == torch.float16)
 
     def __call__(self, batch: data_mod.Batch) -> float | None:
@@ -202,7 +216,8 @@ class _Stepper:
 def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) -> CheckpointMeta:
     """Validate, calibrate the threshold, and write the checkpoint (with resume state) atomically."""
     cfg, model = run.cfg, run.model
-    metrics, points, chosen = validate(model, run.splits.val, run.spec, cfg, run.rt)
+    scores = run.val_scores() if run.val_scores is not None else None
+    metrics, points, chosen = validate(model, run.splits.val, run.spec, cfg, run.rt, scores)
     threshold = points[chosen].threshold
     trainable, total = model.parameter_counts()
     tensors, resume = resume_state(optimizer, scheduler, epoch)
