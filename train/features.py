@@ -145,7 +145,7 @@ class FeatureDataset(Dataset):
             desc = f"features: view {view + 1}/{n_views}"
             dtype = amp_dtype(self.cfg, self.rt)
             self.views[view] = extract(self.model, self.images, self.cfg, self.rt, desc, dtype)
-            say(self.rt, f"{desc}: {len(self.images)} training images in {time.time() - started:.0f} s")
+            say(self.rt, f"{desc}: {len(self.images)} training images in {time.time() - started:.1f} s")
         self.current = self.views[view]
         if epoch + n_views >= self.cfg.epochs:  # the next epoch reading this view would be epoch + n_views
             del self.views[view]
@@ -174,7 +174,7 @@ def validation_scores(
             started = time.time()
             rt = Runtime(device)
             cache.append(extract(model, images, cfg, rt, "features: validation"))
-            say(rt, f"features: validation: {len(images)} images in {time.time() - started:.0f} s")
+            say(rt, f"features: validation: {len(images)} images in {time.time() - started:.1f} s")
         features = cache[0]
         idx = np.array([i for i in range(len(images)) if i not in features.bad], dtype=np.int64)
         model.head.eval()
