@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,18 @@ def test_ddp_ranks_extract_their_share_and_all_receive_every_feature(tmp_path):
         r0["max_diff"] < 1e-5 and r1["max_diff"] < 1e-5
     )  # every rank holds every row, as one process computes it
     assert r0["bad"] and r0["bad"] == r1["bad"]  # and every rank knows the bad file
+
+
+def test_ddp_baseline_run_trains_the_same_head_as_one_process(tmp_path, data_dir):
+    """Two gloo ranks, each half of every global batch, on all-gathered features: one process's head."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--data", str(data_dir), "--epochs", "2", "--baseline", "--feature-views", "2", "--lr", "0.05"]
+    args += [*TINY, "--out", str(tmp_path / "ddp")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    res = subprocess.run([*cmd, "-m", "i2p.cli", "train", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = _run(tmp_path / "one", data_dir, batch_size=16, feature_views=2)
+    ddp = load_file(tmp_path / "ddp" / "checkpoint.safetensors")
+    _assert_same_run(one, (ddp, json.loads((tmp_path / "ddp" / "metrics.json").read_text())))
