@@ -13,8 +13,9 @@ Sections (random weights unless said otherwise: speed and memory do not depend o
   batch 1 and 8. The export's wall time and peak RSS are recorded too;
 - int8 (``--int8-ckpt``): a real trained detector, FP32 vs INT8 accuracy per generator on sid-mini/test
   and i2p-detect images/s (benchmarks/perf_int8.py);
-- training: one step of subspace tuning vs full fine-tuning of the same blocks vs a linear probe, and a
-  frozen-tower (UnivFD baseline) epoch before/after (benchmarks/perf_train.py);
+- training: one step of subspace tuning vs full fine-tuning of the same blocks vs a linear probe
+  (benchmarks/perf_train.py), and with sid-mini present, ``i2p-train --baseline`` epochs with every
+  epoch's own augmented view vs one cached view (benchmarks/perf_baseline.py, real CLIP ViT-B/16);
 - scan: i2p-detect over 100,000 small files: throughput and RSS over the run (benchmarks/scan.py);
 - e2e: the i2p-detect code path over >= 500 JPEGs vs model-only throughput (benchmarks/perf_detect.py).
 
@@ -302,6 +303,14 @@ def training_cost(
     return rows
 
 
+def baseline_epochs(work: Path, threads: int, env: dict[str, str]) -> dict[str, Any]:
+    """benchmarks/perf_baseline.py: i2p-train --baseline, one augmented view per epoch vs one cached view."""
+    cmd = [sys.executable, "-m", "benchmarks.perf_baseline", "--threads", str(threads), "--work", str(work)]
+    result = child_json(cmd, env)
+    result["benchmark"] = " ".join(["python", *cmd[1:]])
+    return result
+
+
 def scan(files: int, threads: int, env: dict[str, str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.scan", "--files", str(files), "--threads", str(threads)]
     result = child_json(cmd, env)
@@ -451,6 +460,9 @@ def main() -> None:
     if "training" in args.sections:
         print("training cost ...", flush=True)
         results["training"] = training_cost(args.small, args.small_layer, args.quick, args.threads, env)
+        if SID_MINI.is_dir():
+            print("frozen-tower training epochs ...", flush=True)
+            results["baseline_epochs"] = baseline_epochs(work / "baseline", args.threads, env)
     if "scan" in args.sections:
         print(f"scan of {args.scan_files:,} files ...", flush=True)
         results["scan"] = scan(args.scan_files // (10 if args.quick else 1), args.threads, env)
