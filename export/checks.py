@@ -24,7 +24,7 @@ from .network import ExportError
 from .ort_run import RunnerError, RunResult, run_onnx
 from .parity import Comparison, ParityReport, Tolerances
 from .probes import CALIB
-from .quantize import INT8_ONNX, add_int8_model
+from .quantize import INT8_ONNX, Calibration, add_int8_model
 
 # ONNX Runtime 1.32's CPU NchwcTransformer segfaults on FP16 graphs (onnxruntime#28392): parity tries the
 # default session first and, if the runner dies, once more with that optimizer off (noted in parity.json).
@@ -99,8 +99,11 @@ def int8_model(build: Build, staging: Path, parity: ParityReport, progress: Prog
             note=note,
         )
 
-    with progress.step(f"{INT8_ONNX}: dynamic INT8 of {src}, decisions on {len(images)} calibration images"):
-        decision = add_int8_model(staging / src, check)
+    calib = Calibration(images, build.reference[CALIB][0])
+    with progress.step(
+        f"{INT8_ONNX}: smoothed dynamic INT8 of {src}, decisions on {len(images)} calibration images"
+    ):
+        decision = add_int8_model(staging / src, check, calib)
     build.notes.append(decision.note)
     if not decision.kept:
         return ParityReport(parity.reference, parity.comparisons, (*parity.rejected, *decision.comparisons))

@@ -73,19 +73,71 @@ def test_gate_fails_below_the_agreement_floor_even_within_tolerance():
     near = ref.copy()
     near[[99, 100]] = -near[[99, 100]]  # two flips right at the threshold: within the band
     c = comparison(ref, near)
-    assert c.status == PASS and c.decisive_flips == 0 and c.flips == 2
-    gated = quantize.gate(c, min_agreement=0.995)
-    assert gated.status == FAIL and "agreement" in gated.note
-    assert quantize.gate(c, min_agreement=0.99).status == PASS
+    assert c.decisive_flips == 0 and c.flips == 2
+    gated = quantize.gate(c, max_mean_error=0.1, min_agreement=0.995)
+    assert gated.status == FAIL and "agreement 0.9900 < 0.995" in gated.note
+    assert quantize.gate(c, max_mean_error=0.1, min_agreement=0.99).status == PASS
+
+
+def test_gate_passes_large_single_errors_without_flips_and_says_which_conditions_applied():
+    ref = np.concatenate([np.linspace(-8, -2, 50), np.linspace(2, 8, 50)]).astype(np.float32)
+    noisy = ref + np.where(np.arange(100) % 10 == 0, 1.2, 0.0).astype(np.float32)  # 10 images off by 1.2
+    c = comparison(ref, noisy, atol=0.25)
+    assert c.status == FAIL and c.logit.max_abs > 0.25  # the plain parity check rejects it
+    gated = quantize.gate(c, max_mean_error=0.1 * float(ref.std()))
+    assert gated.status == PASS and "max |Δlogit| not gated" in gated.note and gated.note.endswith("passed")
+    assert "agreement >= 0.99" in gated.note and "0 decisive flips" in gated.note
+
+
+@pytest.mark.parametrize(
+    ("shift", "failed"),
+    [
+        (np.r_[np.zeros(99), 6.0], "1 decisive flips"),  # one confident real image becomes fake
+        (np.full(100, 0.9), "mean |Δlogit| 0.9 > 0.5"),  # no flip, but the scores drifted: broken
+        (np.r_[np.zeros(99), np.nan], "1 non-finite outputs"),
+    ],
+)
+def test_gate_drops_decisive_flips_drift_and_non_finite_outputs(shift, failed):
+    ref = np.concatenate([np.linspace(-8, -3, 50), np.linspace(3, 8, 50)]).astype(np.float32)
+    ref[-1] = -5.0  # a confident "real" image for the decisive flip
+    gated = quantize.gate(comparison(ref, ref + shift.astype(np.float32), atol=0.25), max_mean_error=0.5)
+    assert gated.status == FAIL and failed in gated.note
+
+
+def calibration(x: np.ndarray, ref: np.ndarray) -> quantize.Calibration:
+    return quantize.Calibration(images=x, reference_logits=ref)
 
 
 def test_add_int8_model_keeps_a_passing_file(fp32):
     x = np.random.default_rng(1).standard_normal((8, 3, 64, 64), dtype=np.float32)
     ref = logits(fp32, x)
-    decision = quantize.add_int8_model(fp32, lambda p: comparison(ref, logits(p, x), atol=0.5))
+    decision = quantize.add_int8_model(
+        fp32, lambda p: comparison(ref, logits(p, x), atol=0.5), calibration(x, ref)
+    )
     assert decision.kept and decision.fp32_blocks == ()
-    assert (fp32.parent / quantize.INT8_ONNX).is_file()
-    assert "agreement 1.0000" in decision.note
+    assert (fp32.parent / quantize.INT8_ONNX).is_file() and not list(fp32.parent.glob(".*"))
+    assert "agreement 1.0000" in decision.note and "SmoothQuant alpha 0.5 on 3 inputs" in decision.note
+
+
+def test_a_model_with_corrupted_weights_is_dropped(fp32, tmp_path):
+    x = np.random.default_rng(1).standard_normal((16, 3, 64, 64), dtype=np.float32)
+    ref = logits(fp32, x)
+    model = onnx.load(str(fp32))
+    rng = np.random.default_rng(2)
+    weights = {n.input[1] for n in model.graph.node if n.name in quantize.quantizable_nodes(model)}
+    for t in model.graph.initializer:  # what a bad conversion could do: block weights of the wrong scale
+        if t.name in weights:
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(rng.standard_normal(w.shape).astype(w.dtype) * 3, t.name))
+    broken = tmp_path / "broken" / CPU_ONNX
+    broken.parent.mkdir()
+    onnx.save(model, str(broken))
+    assert np.abs(logits(broken, x) - ref).mean() > 1  # the corruption matters
+    decision = quantize.add_int8_model(
+        broken, lambda p: comparison(ref, logits(p, x), atol=0.25), calibration(x, ref)
+    )
+    assert not decision.kept and not (broken.parent / quantize.INT8_ONNX).exists()
+    assert all(c.status == FAIL for c in decision.comparisons)
 
 
 def test_a_failing_candidate_tries_fp32_blocks_then_is_dropped_and_recorded(fp32):
@@ -96,7 +148,8 @@ def test_a_failing_candidate_tries_fp32_blocks_then_is_dropped_and_recorded(fp32
         ref = np.zeros(4, np.float32)
         return comparison(ref, ref + 5.0)  # every decision flips, far from the threshold
 
-    decision = quantize.add_int8_model(fp32, never)
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    decision = quantize.add_int8_model(fp32, never, calibration(x, np.zeros(2, np.float32)))
     assert not decision.kept and not (fp32.parent / quantize.INT8_ONNX).exists()
     assert "dropped" in decision.note and decision.fp32_blocks
     blocks = {b for b in quantize.quantizable_nodes(onnx.load(str(fp32))).values()}
@@ -110,7 +163,8 @@ def test_errors_drop_the_file_with_a_note(fp32):
     def broken(path: Path) -> Comparison:
         raise RuntimeError("runner died")
 
-    decision = quantize.add_int8_model(fp32, broken)
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    decision = quantize.add_int8_model(fp32, broken, calibration(x, np.zeros(2, np.float32)))
     assert not decision.kept and "runner died" in decision.note
     assert not (fp32.parent / quantize.INT8_ONNX).exists()
 
@@ -144,6 +198,9 @@ def test_default_export_writes_the_cpu_and_int8_models_and_records_the_gate(expo
     (gate,) = [c for c in parity["comparisons"] if c["model"] == quantize.INT8_ONNX]
     assert gate["inputs"] == CALIB and gate["samples"] == 24 and gate["status"] == "pass"
     assert gate["agreement"] >= quantize.MIN_AGREEMENT and gate["tolerances"]["logit_atol"] == 0.25
+    assert "INT8 gate: agreement >= 0.99, 0 decisive flips" in gate["note"] and gate["note"].endswith(
+        "passed"
+    )
     assert parity["rejected"] == [] and any(n.startswith(quantize.INT8_ONNX) for n in result.notes)
 
 
@@ -180,9 +237,10 @@ def test_no_cpu_and_no_calibration_images_mean_no_int8(exported, tmp_path: Path)
 
 
 def test_a_dropped_int8_model_is_recorded_but_does_not_fail_the_export(
-    exported, calib, tmp_path: Path
+    exported, calib, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt, _ = exported
+    monkeypatch.setattr(quantize, "MAX_MEAN_ERROR", 0.0)
     atol = {**DEFAULT_ATOL, "int8": 0.0}  # no error allowed: any INT8 rounding fails the gate
     result = run_export(
         ExportOptions(
@@ -199,4 +257,5 @@ def test_a_dropped_int8_model_is_recorded_but_does_not_fail_the_export(
     assert not (result.artifact / quantize.INT8_ONNX).exists() and result.parity.passed
     parity = json.loads((result.artifact / "parity.json").read_text())
     assert parity["passed"] and parity["rejected"] and all(c["status"] == "fail" for c in parity["rejected"])
+    assert all("mean |Δlogit|" in c["note"] and "failed:" in c["note"] for c in parity["rejected"])
     assert any("dropped" in n for n in result.notes)
