@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 NORMS = ("LayerNormalization", "SkipLayerNormalization")
 WEIGHTED = ("MatMul", "Attention")  # input 0 the activation, input 1 a [E, N] weight initializer
@@ -41,12 +41,11 @@ class Site:
     norm: onnx.NodeProto | None = None  # a norm whose gamma and beta absorb ``1/s`` exactly
 
     @property
-    def norm_params(self) -> list[str]:
+    def norm_inputs(self) -> tuple[int, ...]:
+        """Positions of the norm's gamma and beta among its inputs (none for a Mul site)."""
         if self.norm is None:
-            return []
-        return list(
-            self.norm.input[1:3] if self.norm.op_type == "LayerNormalization" else self.norm.input[2:4]
-        )
+            return ()
+        return (1, 2) if self.norm.op_type == "LayerNormalization" else (2, 3)
 
 
 def smoothing_sites(model: onnx.ModelProto) -> list[Site]:
@@ -62,14 +61,15 @@ def smoothing_sites(model: onnx.ModelProto) -> list[Site]:
             readers[i].append(n)
     uses = Counter(i for n in g.node for i in n.input)
     outputs = {o.name for o in g.output}
+    consts = _constants(g)
     sites, covered = [], set()
     for n in g.node:
         if n.op_type not in NORMS:
             continue
         site = Site(n.output[0], (), n)
-        if any(p not in inits or uses[p] != 1 for p in site.norm_params) or len(site.norm_params) < 2:
+        if any(i >= len(n.input) or n.input[i] not in inits for i in site.norm_inputs):
             continue
-        consumers = _weight_consumers(n.output[0], readers, inits, uses, outputs)
+        consumers = _weight_consumers(n.output[0], readers, inits, uses, outputs, consts)
         if consumers:
             sites.append(Site(n.output[0], tuple(consumers), n))
             covered.update(c.name for c in consumers)
@@ -98,14 +98,15 @@ def _weight_consumers(
     inits: dict[str, onnx.TensorProto],
     uses: Counter[str],
     outputs: set[str],
+    consts: dict[str, np.ndarray],
 ) -> list[onnx.NodeProto] | None:
     """The weight ops reading ``tensor`` (through token slices), or None if anything else reads it."""
     if tensor in outputs or not readers[tensor]:
         return None
     found: list[onnx.NodeProto] = []
     for r in readers[tensor]:
-        if r.op_type == "Slice" and r.input[0] == tensor and _keeps_channels(r, inits):
-            below = _weight_consumers(r.output[0], readers, inits, uses, outputs)
+        if r.op_type == "Slice" and r.input[0] == tensor and _keeps_channels(r, consts):
+            below = _weight_consumers(r.output[0], readers, inits, uses, outputs, consts)
             if below is None:
                 return None
             found += below
@@ -116,12 +117,25 @@ def _weight_consumers(
     return found
 
 
-def _keeps_channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
-    """A Slice over the token axis of a [B, T, E] tensor only (its axes are a constant without -1 or 2)."""
-    if len(node.input) < 4 or node.input[3] not in inits:
+def _keeps_channels(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> bool:
+    """A Slice over the token or batch axis of a rank-3 activation only (constant axes, none of them 2/-1)."""
+    if node.input[1] not in consts or (len(node.input) > 3 and node.input[3] not in consts):
         return False
-    axes = numpy_helper.to_array(inits[node.input[3]]).ravel()
-    return bool(len(axes)) and all(a in (0, 1, -2, -3) for a in axes.tolist())
+    axes = consts[node.input[3]] if len(node.input) > 3 else np.arange(consts[node.input[1]].size)
+    return bool(axes.size) and all(a in (0, 1, -2, -3) for a in axes.ravel().tolist())
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Small integer constants (Slice starts/axes) from initializers and Constant nodes."""
+    out = {
+        t.name: numpy_helper.to_array(t)
+        for t in graph.initializer
+        if len(t.dims) <= 1 and t.data_type == TensorProto.INT64
+    }
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
 
 
 def channel_maxima(model: onnx.ModelProto, tensors: Iterable[str], images: np.ndarray, batch: int = 16):
@@ -152,17 +166,33 @@ def smooth(model: onnx.ModelProto, images: np.ndarray, alpha: float = DEFAULT_AL
         return 0
     maxima = channel_maxima(model, (s.activation for s in sites), images)
     inits = {t.name: t for t in model.graph.initializer}
+    uses = Counter(i for n in model.graph.node for i in n.input)
     for site in sites:
         weights = {c.input[1]: numpy_helper.to_array(inits[c.input[1]]) for c in site.consumers}
         w_max = np.max([np.abs(w).max(axis=1) for w in weights.values()], axis=0)
         s = factors(maxima[site.activation], w_max, alpha)
         for name, w in weights.items():
             _replace(inits[name], w * s[:, None])
-        for p in site.norm_params:
-            _replace(inits[p], numpy_helper.to_array(inits[p]) / s)
+        for i in site.norm_inputs:
+            own = (
+                _own_copy(model.graph, inits, site.norm, i)
+                if uses[site.norm.input[i]] > 1
+                else inits[site.norm.input[i]]
+            )
+            _replace(own, numpy_helper.to_array(own) / s)
         if site.norm is None:
             _divide_before(model.graph, site, s)
     return len(sites)
+
+
+def _own_copy(
+    graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], norm: onnx.NodeProto, index: int
+) -> onnx.TensorProto:
+    """A private copy of ``norm``'s input ``index`` (ONNX Runtime merges identical initializers, e.g. fresh LNs)."""
+    name = f"{norm.input[index]}/smooth/{norm.name or norm.output[0]}"
+    graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[norm.input[index]]), name))
+    norm.input[index] = name
+    return graph.initializer[-1]
 
 
 def _divide_before(graph: onnx.GraphProto, site: Site, s: np.ndarray) -> None:
