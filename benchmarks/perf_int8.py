@@ -122,7 +122,7 @@ def main() -> None:
                 k: c.get(k)
                 for k in ("inputs", "samples", "status", "agreement", "flips", "decisive_flips", "note")
             }
-            | {"max_abs_logit": (c.get("logit") or {}).get("max_abs")}
+            | {f"{k}_abs_logit": (c.get("logit") or {}).get(f"{k}_abs") for k in ("max", "mean")}
             for c in int8
         ],
         "fp32": fp32,

@@ -1,4 +1,4 @@
-"""``model.int8.onnx``: the CPU model with INT8 weight matrices, kept only where the detector's decisions survive.
+"""``model.int8.onnx``: the CPU model with INT8 weight matrices, kept where the detector's decisions survive.
 
 ONNX Runtime's dynamic quantization stores each weight MatMul (and each fused ``Attention`` op's packed
 QKV weight) as INT8, one scale per output column, and quantizes that op's input on the fly per call
@@ -224,9 +224,10 @@ def _kept(c: Comparison, fp32_blocks: tuple[int, ...]) -> Int8Decision:
     kept = f", blocks {list(fp32_blocks)} kept in FP32 (most sensitive)" if fp32_blocks else ""
     return Int8Decision(
         True,
-        f"{INT8_ONNX}: dynamic INT8 weight MatMuls/Attention{kept}; on {c.samples} calibration images "
-        f"agreement {c.agreement:.4f} with PyTorch FP32, {c.decisive_flips} decisive flips, mean |Δlogit| "
-        f"{c.logit.mean_abs:.3g} (max {c.logit.max_abs:.3g}, not gated)",
+        f"{INT8_ONNX}: dynamic INT8 weight MatMuls/Attention (per-column weights){kept}; "
+        f"on {c.samples} calibration images agreement {c.agreement:.4f} with PyTorch FP32, "
+        f"{c.decisive_flips} decisive flips, mean |Δlogit| {c.logit.mean_abs:.3g} "
+        f"(max {c.logit.max_abs:.3g}, not gated)",
         (c,),
         fp32_blocks,
     )

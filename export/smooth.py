@@ -188,7 +188,7 @@ def smooth(model: onnx.ModelProto, images: np.ndarray, alpha: float = DEFAULT_AL
 def _own_copy(
     graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], norm: onnx.NodeProto, index: int
 ) -> onnx.TensorProto:
-    """A private copy of ``norm``'s input ``index`` (ONNX Runtime merges identical initializers, e.g. fresh LNs)."""
+    """A private copy of ``norm``'s input ``index`` (ONNX Runtime merges identical initializers)."""
     name = f"{norm.input[index]}/smooth/{norm.name or norm.output[0]}"
     graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[norm.input[index]]), name))
     norm.input[index] = name

@@ -1,4 +1,4 @@
-"""SmoothQuant scaling of the CPU graph: exact in FP32, and it moves the activations' range into the weights."""
+"""SmoothQuant scaling of the CPU graph: exact in FP32, the activations' range moved into the weights."""
 
 from __future__ import annotations
 
