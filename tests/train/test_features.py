@@ -29,7 +29,14 @@ from tests.support.images import make_image_folder
 from tests.support.training import TINY, training_folder
 
 TINY_CFG = dict(
-    model="i2p-tiny-vit", pretrained="none", workers=0, batch_size=8, epochs=2, baseline=True, lr=0.05
+    model="i2p-tiny-vit",
+    pretrained="none",
+    device="cpu",
+    workers=0,
+    batch_size=8,
+    epochs=2,
+    baseline=True,
+    lr=0.05,
 )
 
 
@@ -221,7 +228,7 @@ def test_ddp_baseline_run_trains_the_same_head_as_one_process(tmp_path, data_dir
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["--data", str(data_dir), "--epochs", "2", "--baseline", "--feature-views", "2", "--lr", "0.05"]
-    args += [*TINY, "--out", str(tmp_path / "ddp")]
+    args += [*TINY, "--device", "cpu", "--out", str(tmp_path / "ddp")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     res = subprocess.run([*cmd, "-m", "i2p.cli", "train", *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
