@@ -138,6 +138,9 @@ def test_a_model_with_corrupted_weights_is_dropped(fp32, tmp_path):
     )
     assert not decision.kept and not (broken.parent / quantize.INT8_ONNX).exists()
     assert all(c.status == FAIL for c in decision.comparisons)
+    assert all(
+        "failed:" in c.note and "mean |Δlogit|" in c.note.split("failed:")[1] for c in decision.comparisons
+    )
 
 
 def test_a_failing_candidate_tries_fp32_blocks_then_is_dropped_and_recorded(fp32):
