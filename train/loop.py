@@ -120,7 +120,8 @@ def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | No
             say(rt, importance_table(profile))
     else:
         model = build_model(previous)  # the checkpoint is read once
-        model.resume_adapter(cfg.adapter)
+        if not cfg.baseline:  # the baseline's tower stays frozen whatever --adapter says (as in stages.build)
+            model.resume_adapter(cfg.adapter)
         model.to(rt.device)
         info, base = previous.meta.backbone, previous.section(BASE)
         profile = ImportanceProfile.from_dict(previous.meta.importance) if previous.meta.importance else None

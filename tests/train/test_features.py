@@ -124,8 +124,9 @@ def test_an_undecodable_training_image_is_skipped_each_epoch_with_todays_message
     assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors").meta.complete
 
 
-def test_resume_reextracts_and_matches_an_uninterrupted_run(tmp_path, data_dir, monkeypatch):
-    full = _run(tmp_path / "full", data_dir, feature_views=2)
+@pytest.mark.parametrize("adapter", ["subspace", "full"])  # --baseline ignores --adapter full, resumed too
+def test_resume_reextracts_and_matches_an_uninterrupted_run(tmp_path, data_dir, monkeypatch, adapter):
+    full = _run(tmp_path / "full", data_dir, feature_views=2, adapter=adapter)
     end_epoch = loop._end_epoch
 
     def end_then_die(run, epoch, *args):
@@ -133,13 +134,15 @@ def test_resume_reextracts_and_matches_an_uninterrupted_run(tmp_path, data_dir, 
         raise KeyboardInterrupt("killed after the first checkpoint")
 
     monkeypatch.setattr(loop, "_end_epoch", end_then_die)
-    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "killed"), **{**TINY_CFG, "feature_views": 2})
+    kw = {**TINY_CFG, "feature_views": 2, "adapter": adapter}
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "killed"), **kw)
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg)
     assert read_checkpoint(tmp_path / "killed" / "checkpoint.safetensors").meta.resume.epoch == 0
     monkeypatch.setattr(loop, "_end_epoch", end_epoch)
     loop.train(cfg, resume=True)  # epoch 2 must train on view 1, extracted afresh
     resumed = load_file(tmp_path / "killed" / "checkpoint.safetensors")
+    assert resumed.keys() == full[0].keys()  # no block tensors: the tower stayed frozen
     _assert_same_run(full, (resumed, json.loads((tmp_path / "killed" / "metrics.json").read_text())))
 
 
