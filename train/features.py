@@ -9,6 +9,7 @@ Views: epoch ``e`` trains on view ``e mod --feature-views``, where view ``v`` is
 ``ImageDataset`` draws for epoch ``v``. ``--feature-views`` >= ``--epochs`` reproduces per-epoch
 augmentation (and its cost); the default 1 extracts one augmented view and reuses it every epoch.
 Validation images are not augmented: their features are extracted once, on the first validation.
+A view covers every training image, even when ``--max-steps-per-epoch`` caps the steps.
 
 Under DDP every rank needs every training feature (``DistributedSampler`` reshuffles each epoch): rank r
 extracts images r, r + world, ... and the shards are all-gathered. Validation runs on rank 0 alone.
