@@ -7,12 +7,13 @@ left with a few levels: the detector's logits move by more than its decisions al
 ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` the activation becomes ``X / s`` and the weight rows
 ``s * W``; the product is unchanged.
 
-Here the division is folded into the LayerNorm in front of the MatMuls (``LayerNormalization`` or
-``SkipLayerNormalization`` output 0: gamma and beta divided by ``s``), so the smoothed FP32 graph is
-the same function up to float rounding, with no extra op. A norm is smoothed only when everything
-reading its output is a weight MatMul or fused ``Attention`` (directly, or through a token ``Slice``):
-a norm output that also feeds a residual add or the head is left alone. ``max|X_j|`` comes from running
-the FP32 graph on the calibration images with the norm outputs exposed as extra graph outputs.
+Where a LayerNorm (``LayerNormalization`` or ``SkipLayerNormalization`` output 0) is read only by weight
+MatMuls / fused ``Attention`` (directly, or through a token ``Slice``), the division is folded into its
+gamma and beta: no extra op. Every other weight MatMul input (the attention output before out_proj, the
+QuickGELU output before the MLP's c_proj, a norm output that also feeds a residual add) gets an explicit
+``Mul`` by ``1/s`` in front: one elementwise pass, where most of the INT8 error came from. Either way the
+smoothed FP32 graph is the same function up to float rounding. ``max|X_j|`` comes from running the FP32
+graph on the calibration images with those activations exposed as extra graph outputs.
 """
 
 from __future__ import annotations
