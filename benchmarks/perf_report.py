@@ -169,14 +169,23 @@ def goal_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
             },
         ]
     if b := r.get("baseline_epochs"):
-        rows.append(
+        n, cached = b["epochs"], b["views_1"]["epoch_s"]
+        rows += [
             {
-                "goal": "frozen-baseline epoch (i2p-train --baseline, 3 epochs), uncached loop / cached features",
-                "measured": f"{b['uncached_estimate_ratio']:.2f}x (one view per epoch: {b['epoch_ratio']:.2f}x)",
+                "goal": f"frozen-baseline epoch (i2p-train --baseline, mean of {n}), one view per epoch / cached view",
+                "measured": f"{b['epoch_ratio']:.2f}x (estimate against the loop before the cache: "
+                f"{b['uncached_estimate_ratio']:.2f}x)",
                 "target": f">= {GOALS['baseline_epoch']:g}x",
-                "verdict": verdict(b["uncached_estimate_ratio"] >= GOALS["baseline_epoch"]),
-            }
-        )
+                "verdict": verdict(b["epoch_ratio"] >= GOALS["baseline_epoch"]),
+            },
+            {
+                "goal": "frozen-baseline epochs after the first (features cached)",
+                "measured": f"{', '.join(f'{e:.2f}' for e in cached[1:])} s vs "
+                f"{b[f'views_{n}']['mean_epoch_s']:.0f} s",
+                "target": "(reported)",
+                "verdict": "-",
+            },
+        ]
     if s := r.get("scan"):
         rows += [
             {
@@ -347,7 +356,7 @@ def baseline_section(r: dict[str, Any]) -> list[str]:
     rows = [
         {
             "run": name,
-            "epoch_s": ", ".join(f"{e:.1f}" for e in run["epoch_s"]),
+            "epoch_s": ", ".join(f"{e:.2f}" for e in run["epoch_s"]),
             "mean_epoch_s": run["mean_epoch_s"],
             "wall_s": run["wall_s"],
             "val_auc": run["val_auc"],
@@ -362,8 +371,10 @@ def baseline_section(r: dict[str, Any]) -> list[str]:
         f"run twice: `{b[f'views_{n}']['command']}` and the same with `--feature-views 1`.",
         "The tower runs once per image per view; epoch times include feature extraction and validation.",
         "The loop before the cache also re-ran the tower on the validation images every epoch; adding that",
-        f"(measured: {b[f'views_{n}']['val_extract_s'] or 0:.1f} s) to the first run gives its estimated mean epoch of "
-        f"{b['uncached_estimate_mean_epoch_s']:.1f} s, **{b['uncached_estimate_ratio']:.2f}x** the cached run's.",
+        f"(measured: {b[f'views_{n}']['val_extract_s'] or 0:.1f} s) to the first run gives an estimate of its mean epoch,",
+        f"{b['uncached_estimate_mean_epoch_s']:.1f} s ({b['uncached_estimate_ratio']:.2f}x the cached run's). With one cached view the",
+        f"first epoch still runs the tower over every image, so a {n}-epoch run gains at most about {n}x; the",
+        "gain grows with the number of epochs.",
         "",
         table(rows, ["run", "epoch_s", "mean_epoch_s", "wall_s", "val_auc"]),
         "",
