@@ -38,9 +38,11 @@ class SweepResult:
     metrics: dict[str, dict[str, Metrics]]
     strengths: dict[str, float | None]
     skipped: list[tuple[str, str]]  # (path, reason), once per file
+    scorer: dict[str, str] | None = None  # an artifact's: the backend and precision that scored it
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **(self.scorer or {}),
             "threshold": self.threshold,
             "conditions": {
                 c: {"strength": self.strengths[c], "metrics": {g: m.to_dict() for g, m in ms.items()}}
@@ -219,4 +221,8 @@ def evaluate_artifact(
 
     samples = discover(data)
     with Detector(model, batch_size=batch_size, threshold=threshold, **detector_options) as det:
-        return sweep(samples, conditions, detector_scorer(det), det.threshold, batch_size, progress, workers)
+        result = sweep(
+            samples, conditions, detector_scorer(det), det.threshold, batch_size, progress, workers
+        )
+        result.scorer = {"backend": det.backend.name, "precision": det.backend.precision}
+        return result

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from i2p.runtime.manifest import PRECISIONS
+
 from .augment import AugmentConfig
 from .config import ADAPTERS, TrainConfig
 
@@ -215,6 +217,12 @@ def layers(as_json: bool, **kw) -> None:
 @click.option("--threshold", type=float, help="Override the calibrated threshold.")
 @click.option("--backbone", type=click.Path(exists=True, dir_okay=False), help="Base weights if they moved.")
 @click.option("--backend", default="auto", show_default=True, help="Runtime backend for --model.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="Model file of --model to measure (default: the Detector's choice, e.g. int8 on a CPU when the "
+    "artifact has it); compare --precision fp32 against it.",
+)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Decoding threads.")
 @click.option("--device", default="auto", show_default=True)
@@ -230,6 +238,7 @@ def evaluate(
     threshold: float | None,
     backbone: str | None,
     backend: str,
+    precision: str | None,
     as_json: bool,
     **kw,
 ) -> None:
@@ -240,11 +249,15 @@ def evaluate(
 
     if (ckpt is None) == (artifact is None):
         raise click.UsageError("pass exactly one of --ckpt (a checkpoint) or --model (an exported artifact)")
+    if precision and artifact is None:
+        raise click.UsageError("--precision picks a model file of --model (an exported artifact)")
     if metric not in TABLE_COLUMNS or metric == "n":
         raise click.UsageError(f"--metric must be one of {', '.join(TABLE_COLUMNS[1:])}")
     conditions = _run(parse_sweeps, perturb)
     if artifact is not None:
-        run = functools.partial(evaluate_artifact, backend=backend, operating_point=operating_point)
+        run = functools.partial(
+            evaluate_artifact, backend=backend, precision=precision, operating_point=operating_point
+        )
         result = _run(run, artifact, data, conditions, threshold, kw["batch_size"], None, kw["workers"])
     else:
         from .evaluation import evaluate_checkpoint
@@ -265,4 +278,7 @@ def evaluate(
         click.echo(f"== {metric} under each condition\n" + sweep_table(result, metric))
     for path, reason in result.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
-    click.echo(f"threshold {result.threshold:.4f}" + (f" ({operating_point})" if operating_point else ""))
+    scorer = f"; {result.scorer['backend']}, {result.scorer['precision']}" if result.scorer else ""
+    click.echo(
+        f"threshold {result.threshold:.4f}" + (f" ({operating_point})" if operating_point else "") + scorer
+    )

@@ -92,5 +92,6 @@ def test_artifact_evaluation_runs_the_detector_without_torch(folder, tmp_path):
     assert result.threshold == 0.4
     with Detector(art, backend="onnxruntime") as det:
         direct = sweep(folder, CONDITIONS[:2], detector_scorer(det), 0.4)
-    assert result.to_dict() == direct.to_dict()
+        scorer = {"backend": det.backend.name, "precision": det.backend.precision}
+    assert result.scorer == scorer and result.to_dict() == direct.to_dict() | scorer
     assert evaluate_artifact(art, root, CONDITIONS[:1], threshold=0.9, backend="onnxruntime").threshold == 0.9

@@ -119,3 +119,32 @@ def test_eval_of_an_artifact_runs_without_torch(tmp_path: Path, data_dir: Path) 
     proc = run(data_dir)  # a folder of images, not an artifact: one message, no traceback
     assert proc.returncode == 1 and "manifest.json" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "blocked" not in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_eval_precision_picks_the_model_file_and_says_which(
+    tmp_path: Path, data_dir: Path, precision: str
+) -> None:
+    """``--precision`` measures that file of the artifact (FP32 vs the CPU default INT8, say) and names it."""
+    from i2p.train.cli import evaluate
+
+    artifact = make_artifact(tmp_path / "fake.i2p")
+    args = ["--model", str(artifact), "--data", str(data_dir), "--precision", precision, "--json"]
+    res = CliRunner().invoke(evaluate, args)
+    assert res.exit_code == 0, res.output
+    body = json.loads(res.stdout)
+    assert body["precision"] == precision and body["backend"].startswith("onnxruntime")
+
+
+def test_eval_precision_missing_from_the_artifact_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
+    from i2p.train.cli import evaluate
+
+    artifact = make_artifact(tmp_path / "fake.i2p")
+    args = ["--model", str(artifact), "--data", str(data_dir), "--precision", "int8"]
+    res = CliRunner().invoke(evaluate, args)
+    assert res.exit_code == 1 and "no int8 CPU model" in res.output, res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(
+        evaluate, ["--ckpt", str(artifact / "manifest.json"), "--data", str(data_dir), "--precision", "fp32"]
+    )
+    assert res.exit_code == 2 and "--precision picks a model file of --model" in res.output, res.output
