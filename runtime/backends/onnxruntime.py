@@ -18,6 +18,10 @@ CPU_EP = "CPUExecutionProvider"
 GPU_EPS = (TENSORRT_EP, CUDA_EP)
 # ModelFile.format of model.cpu.onnx: FP32 rewritten into ONNX Runtime's fused CPU kernels (contrib ops).
 CPU_FUSED_FORMAT = "onnx-ort-fused"
+# Dynamic INT8 quantizes each op's input with one scale per call: in a batch, the image with the widest
+# activations would set the step for all, and an image's score would depend on its batch-mates (up to
+# 1.37 logit on the real ViT-B/16 at batch 8). These precisions run one image per call.
+PER_IMAGE_PRECISIONS = frozenset({"int8"})
 
 # What InferenceSession accepts: a provider name, or (name, options).
 Provider = str | tuple[str, dict[str, Any]]
@@ -143,7 +147,12 @@ class OnnxRuntimeBackend:
         return self.providers[0] in GPU_EPS
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, S, S] -> float32 logits [N]."""
+        """float32 [N, 3, S, S] -> float32 logits [N]; one image per session call for INT8 models."""
+        if self.precision in PER_IMAGE_PRECISIONS and len(batch) > 1:
+            return np.concatenate([self._run(batch[i : i + 1]) for i in range(len(batch))])
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return logits
 

@@ -74,6 +74,30 @@ def test_infer_returns_the_logit_output(artifact: Path) -> None:
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), prob, rtol=1e-6)
 
 
+def batch_with_outliers(rng: np.random.Generator) -> np.ndarray:
+    """Four ordinary inputs and, in various places, inputs with a far wider range (a hostile batch-mate)."""
+    x = rng.uniform(-1, 1, (7, 3, 32, 32)).astype(np.float32)
+    x[[1, 4]] *= 50
+    x[6] = 0
+    return x
+
+
+def test_int8_scores_do_not_depend_on_batch_mates(tmp_path: Path) -> None:
+    """Dynamic INT8 takes one activation scale per call: the backend calls it per image, so batching is exact."""
+    artifact = make_artifact(tmp_path / "q.i2p", int8=True)
+    backend = OnnxRuntimeBackend(artifact / "model.int8.onnx", threads=1, precision="int8")
+    for seed in range(3):
+        x = batch_with_outliers(np.random.default_rng(seed))
+        alone = np.concatenate([backend.infer(x[i : i + 1]) for i in range(len(x))])
+        np.testing.assert_array_equal(backend.infer(x), alone)
+        np.testing.assert_array_equal(backend.infer(x[::-1]), alone[::-1])
+        (one_call,) = backend.session.run(["logit"], {"image": x})  # what a batched call would give
+        assert np.abs(one_call - alone).max() > 1e-3  # the hazard is real for this model
+    fp32 = OnnxRuntimeBackend(artifact / "model.onnx", threads=1)
+    (one_call,) = fp32.session.run(["logit"], {"image": x})
+    np.testing.assert_array_equal(fp32.infer(x), one_call)  # FP32 keeps batched calls
+
+
 def test_unloadable_or_wrong_models_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(RuntimeError, match="junk.onnx: ONNX Runtime cannot load this model"):

@@ -342,3 +342,17 @@ def test_image_error_is_a_value_error(det: Detector) -> None:
     assert issubclass(ImageError, ValueError)
     with pytest.raises(ImageError, match="<3 bytes>: not a readable image"):
         preprocess(b"abc", det.spec)
+
+
+def test_an_int8_verdict_does_not_depend_on_the_other_images_of_the_batch(tmp_path: Path) -> None:
+    """The CPU default INT8 model: an image's probability is the same alone, in any order, next to any image."""
+    artifact = make_artifact(tmp_path / "q.i2p", int8=True)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(4)]
+    images += [np.zeros((32, 32, 3), np.uint8), np.full((64, 20, 3), 255, np.uint8)]  # extreme batch-mates
+    with Detector(artifact, backend="onnxruntime", batch_size=8) as det:
+        assert det.backend.precision == "int8"
+        alone = [det.predict(img)[0].probability for img in images]
+        together = [p.probability for p in det.predict(images)]
+        reversed_ = [p.probability for p in det.predict(images[::-1])][::-1]
+    assert together == alone and reversed_ == alone

@@ -8,6 +8,7 @@ makes the output depend on where pixels are, so orientation bugs change the answ
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.transformers import float16
 
 from i2p.base.files import sha256_file, write_json_atomic
+from i2p.runtime.backends.onnxruntime import CPU_FUSED_FORMAT
 from i2p.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -88,8 +90,12 @@ def make_artifact(
     seed: int = 0,
     fp16: bool = True,
     format_version: int = FORMAT_VERSION,
+    int8: bool = False,
 ) -> Path:
-    """Write ``directory`` as an artifact (model.onnx, model.fp16.onnx, manifest.json) and return it."""
+    """Write ``directory`` as an artifact (model.onnx, model.fp16.onnx, manifest.json) and return it.
+
+    ``int8``: also model.int8.onnx, ONNX Runtime's dynamic INT8 of the same graph (per-call input scales).
+    """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     model = build_model(size, seed)
@@ -98,6 +104,9 @@ def make_artifact(
     if fp16:
         onnx.save(float16.convert_float_to_float16(model, keep_io_types=True), root / "model.fp16.onnx")
         models.append(ModelFile("model.fp16.onnx", "fp16"))
+    if int8:
+        _quantize(root / "model.onnx", root / "model.int8.onnx")
+        models.append(ModelFile("model.int8.onnx", "int8", CPU_FUSED_FORMAT))
     manifest = Manifest(
         name="fake",
         backbone="fake-patchify",
@@ -117,3 +126,13 @@ def make_artifact(
     )
     write_json_atomic(root / MANIFEST, manifest.to_json())
     return root
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # the quantizer logs every node it visits
+    try:
+        quantize_dynamic(src, dst, op_types_to_quantize=["Conv", "Gemm"], weight_type=QuantType.QUInt8)
+    finally:
+        logging.disable(logging.NOTSET)
