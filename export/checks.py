@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS, PER_IMAGE_PRECISIONS
+from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS, images_per_call
 from i2p.runtime.detector import sigmoid
 from i2p.runtime.manifest import Manifest
 
@@ -86,7 +86,7 @@ def int8_model(build: Build, staging: Path, parity: ParityReport, progress: Prog
     src = CPU_ONNX if CPU_ONNX in build.models else FP32_ONNX
 
     def check(path: Path) -> Comparison:
-        result, note = run_ort(path, images, 1 if "int8" in PER_IMAGE_PRECISIONS else build.opts.max_batch)
+        result, note = run_ort(path, images, images_per_call("int8", build.opts.max_batch))
         return Comparison.measure(
             model=INT8_ONNX,
             precision="int8",

@@ -126,8 +126,20 @@ def gate(c: Comparison, max_mean_error: float, min_agreement: float = MIN_AGREEM
     """
     if c.status == NOT_RUN or c.logit is None:
         return c
-    mean_limit = max(max_mean_error, c.tolerances.logit_atol)
-    failed = [
+    failed = gate_failures(c, max_mean_error, min_agreement)
+    applied = (
+        f"INT8 gate: agreement >= {min_agreement:g}, 0 decisive flips (|Δprob| band "
+        f"{c.tolerances.prob_atol:g}), mean |Δlogit| <= {_mean_limit(c, max_mean_error):.3g}; max |Δlogit| not gated"
+    )
+    verdict = f"failed: {'; '.join(failed)}" if failed else "passed"
+    note = "; ".join(filter(None, [c.note, f"{applied}: {verdict}"]))
+    return dataclasses.replace(c, status=FAIL if failed else PASS, note=note)
+
+
+def gate_failures(c: Comparison, max_mean_error: float, min_agreement: float = MIN_AGREEMENT) -> list[str]:
+    """The gate's conditions that ``c`` (a measured comparison) fails, one phrase each."""
+    mean_limit = _mean_limit(c, max_mean_error)
+    return [
         text
         for bad, text in (
             (
@@ -140,13 +152,10 @@ def gate(c: Comparison, max_mean_error: float, min_agreement: float = MIN_AGREEM
         )
         if bad
     ]
-    applied = (
-        f"INT8 gate: agreement >= {min_agreement:g}, 0 decisive flips (|Δprob| band "
-        f"{c.tolerances.prob_atol:g}), mean |Δlogit| <= {mean_limit:.3g}; max |Δlogit| not gated"
-    )
-    verdict = f"failed: {'; '.join(failed)}" if failed else "passed"
-    note = "; ".join(filter(None, [c.note, f"{applied}: {verdict}"]))
-    return dataclasses.replace(c, status=FAIL if failed else PASS, note=note)
+
+
+def _mean_limit(c: Comparison, max_mean_error: float) -> float:
+    return max(max_mean_error, c.tolerances.logit_atol)
 
 
 def _f(v: float | None) -> str:
@@ -208,7 +217,7 @@ def _search(
     return Int8Decision(
         False,
         f"{INT8_ONNX}: dropped, decisions differ from PyTorch FP32 even with blocks {sorted(fp32)} in FP32 "
-        f"({last.note.rsplit('; ', 1)[-1] if last.note else last.status})",
+        f"({'; '.join(gate_failures(last, calib.max_mean_error, calib.min_agreement))})",
         tuple(tried),
         tuple(sorted(fp32)),
     )

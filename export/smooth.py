@@ -216,7 +216,7 @@ def factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def smooth_file(src: Path, dst: Path, images: np.ndarray, alpha: float = DEFAULT_ALPHA) -> int:
-    """``src`` smoothed into ``dst`` (one self-contained file); returns how many norms were smoothed."""
+    """``src`` smoothed into ``dst`` (one self-contained file); returns how many activations were smoothed."""
     model = onnx.load(str(src))
     count = smooth(model, images, alpha)
     onnx.save(model, str(dst))

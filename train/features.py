@@ -66,6 +66,7 @@ def extract(
     ``dtype``: autocast, as training runs the tower on CUDA. Under DDP each rank runs its strided share
     and every rank receives all rows.
     """
+    started = time.time()
     n, width = len(images), model.head.norm.normalized_shape[0]
     mine = list(range(rt.rank, n, rt.world))
     loader = DataLoader(
@@ -87,6 +88,7 @@ def extract(
         values[indices] = feats.clone()
     if rt.world > 1:
         values, bad = _all_gather(values, bad, rt)
+    say(rt, f"{desc}: {n} images in {time.time() - started:.1f} s")
     return Features(values, bad)
 
 
@@ -141,12 +143,10 @@ class FeatureDataset(Dataset):
         n_views = self.cfg.feature_views
         view = epoch % n_views
         if view not in self.views:
-            started = time.time()
             self.images.set_epoch(view)  # view v is the augmentation of epoch v
             desc = f"features: view {view + 1}/{n_views}"
             dtype = amp_dtype(self.cfg, self.rt)
             self.views[view] = extract(self.model, self.images, self.cfg, self.rt, desc, dtype)
-            say(self.rt, f"{desc}: {len(self.images)} training images in {time.time() - started:.1f} s")
         self.current = self.views[view]
         if epoch + n_views >= self.cfg.epochs:  # the next epoch reading this view would be epoch + n_views
             del self.views[view]
@@ -172,10 +172,7 @@ def validation_scores(
 
     def scores() -> tuple[np.ndarray, np.ndarray]:
         if not cache:
-            started = time.time()
-            rt = Runtime(device)
-            cache.append(extract(model, images, cfg, rt, "features: validation"))
-            say(rt, f"features: validation: {len(images)} images in {time.time() - started:.1f} s")
+            cache.append(extract(model, images, cfg, Runtime(device), "features: validation"))
         features = cache[0]
         idx = np.array([i for i in range(len(images)) if i not in features.bad], dtype=np.int64)
         model.head.eval()

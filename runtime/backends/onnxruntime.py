@@ -23,6 +23,12 @@ CPU_FUSED_FORMAT = "onnx-ort-fused"
 # 1.37 logit on the real ViT-B/16 at batch 8). These precisions run one image per call.
 PER_IMAGE_PRECISIONS = frozenset({"int8"})
 
+
+def images_per_call(precision: str, batch: int) -> int:
+    """How many images one session call of a ``precision`` model may take when batches of ``batch`` come."""
+    return 1 if precision in PER_IMAGE_PRECISIONS else batch
+
+
 # What InferenceSession accepts: a provider name, or (name, options).
 Provider = str | tuple[str, dict[str, Any]]
 
@@ -148,9 +154,10 @@ class OnnxRuntimeBackend:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] -> float32 logits [N]; one image per session call for INT8 models."""
-        if self.precision in PER_IMAGE_PRECISIONS and len(batch) > 1:
-            return np.concatenate([self._run(batch[i : i + 1]) for i in range(len(batch))])
-        return self._run(batch)
+        step = images_per_call(self.precision, len(batch))
+        if step >= len(batch):
+            return self._run(batch)
+        return np.concatenate([self._run(batch[i : i + step]) for i in range(0, len(batch), step)])
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
