@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from i2p.runtime.labels import discover
+from i2p.evaluation.labels import discover
 
 RECIPES = {  # name -> i2p train options (learning rates: each method's usual one)
     "b_head_only": ["--rank", "0", "--lr", "1e-3"],

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from i2p.runtime.perturb import Condition, parse_condition
+from i2p.evaluation.perturb import Condition, parse_condition
 from i2p.runtime.preprocess import load_image, normalize, resize_crop
 from i2p.train.backbone import load_backbone, preprocess_spec
 from i2p.train.data import discover

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from benchmarks.ablation_features import GOAL, SWEEP, load_cached
-from i2p.runtime.metrics import MEAN, calibrate_threshold, evaluate, operating_points, roc_auc
-from i2p.runtime.perturb import parse_condition
-from i2p.runtime.robustness import SweepResult, plot_sweep
+from i2p.evaluation.metrics import MEAN, calibrate_threshold, evaluate, operating_points, roc_auc
+from i2p.evaluation.perturb import parse_condition
+from i2p.evaluation.robustness import SweepResult, plot_sweep
 from i2p.train import importance
 from i2p.train.importance import choose_layer, combine, fisher_ratio, fit_probe, probe_logits
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from i2p.runtime.labels import Sample, discover
+from i2p.evaluation.labels import Sample, discover
 
 REPO = Path(__file__).resolve().parents[1]
 SID_MINI = REPO.parent / "shared" / "data" / "sid-mini"

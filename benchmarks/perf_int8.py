@@ -8,7 +8,7 @@
 2. ``i2p-detect TEST -r --csv ... --json`` with ``--precision fp32`` (the fused FP32 CPU model) and with
    the default choice (INT8 when the artifact has it), alternating ``--rounds`` times: images/s from its
    own summary (median) and their ratio; from the rows, AUC, AP and accuracy at the artifact's threshold
-   per generator and mean (i2p.runtime.metrics).
+   per generator and mean (i2p.evaluation.metrics).
 
 Prints one JSON object (the last line); benchmarks/perf.py puts it into docs/performance.md.
 """
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from i2p.evaluation.metrics import evaluate
 from i2p.runtime import Detector
-from i2p.runtime.metrics import evaluate
 from i2p.runtime.sources import iter_images
 
 GOALS = {"mean_auc_delta": 0.005, "generator_auc_delta": 0.01, "speedup": 1.8}
@@ -66,7 +66,7 @@ def detect(artifact: Path, test: Path, precision: str | None, threads: int, work
 
 
 def accuracy(probs: dict[str, float], test: Path, threshold: float) -> dict[str, Any]:
-    """AUC, AP and accuracy at ``threshold`` per generator and mean (i2p.runtime.metrics)."""
+    """AUC, AP and accuracy at ``threshold`` per generator and mean (i2p.evaluation.metrics)."""
     files, y, gens = labelled(test)
     p = np.array([probs[f] for f in files])
     metrics = evaluate(y, p, gens, threshold)

@@ -21,7 +21,7 @@ import click
 import numpy as np
 
 from i2p.base.tables import format_table
-from i2p.runtime.metrics import Metrics, evaluate, metrics_table
+from i2p.evaluation.metrics import Metrics, evaluate, metrics_table
 from i2p.train.config import TrainConfig
 from i2p.train.synthetic import Row, make_image_folder
 

@@ -1,4 +1,5 @@
-"""The layers, enforced: base <- kernels <- runtime <- train <- export <- cli, each importing only to its left.
+"""The layers, enforced: base <- kernels <- runtime <- evaluation <- train <- export <- cli, each importing only
+to its left.
 
 Every module of the six folders is parsed with ``ast`` (imports inside functions count too) and each
 import is resolved to the package it names. A module fails on an import of a higher layer, on torch
@@ -20,12 +21,13 @@ LAYERS = {
     "base": ("i2p.base", 0),
     "kernels": ("i2p.kernels", 1),
     "runtime": ("i2p.runtime", 2),
-    "train": ("i2p.train", 3),
-    "export": ("i2p.export", 4),
-    "cli": ("i2p", 5),
+    "evaluation": ("i2p.evaluation", 3),
+    "train": ("i2p.train", 4),
+    "export": ("i2p.export", 5),
+    "cli": ("i2p", 6),
 }
 PACKAGE_LAYER = {package: layer for package, layer in LAYERS.values()}
-TORCH_FREE = 2  # base, kernels and runtime never import these: the lean install has none of them
+TORCH_FREE = 3  # base, kernels, runtime and evaluation never import these: the lean install has none of them
 TORCH = ("torch", "torchvision", "open_clip", "safetensors.torch")
 
 
@@ -137,6 +139,10 @@ def test_every_import_points_down_the_layers():
         ("i2p.train.demo", "from i2p.cli import main", "a higher layer"),
         ("i2p.base.files", "from ..runtime import manifest", "a higher layer"),
         ("i2p.runtime.detector", "import torch.nn as nn", "no torch"),
+        ("i2p.runtime.detector", "from i2p.evaluation.metrics import roc_auc", "a higher layer"),
+        ("i2p.evaluation.robustness", "from i2p.train.checkpoint import load_model", "a higher layer"),
+        ("i2p.evaluation.cli", "def f():\n    from ..train import cli\n", "a higher layer"),
+        ("i2p.evaluation.metrics", "import torch", "no torch"),
         ("i2p.kernels.build", "from open_clip import create_model", "no torch"),
         ("i2p.base.tables", "from safetensors.torch import load_file", "no torch"),
         (
@@ -165,6 +171,8 @@ def test_the_checker_catches(module, source, expected):
         ("i2p.demo", "from i2p.export.pipeline import run_export\nimport torch"),
         ("i2p.train.model", "import torch\nfrom open_clip.transformer import VisionTransformer"),
         ("i2p.runtime.cli", "from i2p.base.files import sha256_file\nobj._private()"),
+        ("i2p.evaluation.robustness", "from i2p.runtime.detector import Detector"),
+        ("i2p.train.loop", "from i2p.evaluation.metrics import Metrics"),
     ],
 )
 def test_the_checker_allows(module, source):

@@ -2,7 +2,7 @@
 
 Blur, downscaling and JPEG re-encoding teach the detector not to rely on the high-frequency traces
 that ordinary post-processing destroys (Wang et al., CVPR 2020); the random crop and flip are mild
-geometric jitter. The degradations are ``i2p.runtime.perturb``'s, the operations the robustness
+geometric jitter. The degradations are ``i2p.evaluation.perturb``'s, the operations the robustness
 sweeps evaluate under (``i2p eval --perturb``), applied in the order a sharing pipeline does: blur,
 downscale, JPEG.
 The crop is taken at the evaluation scale (shorter side between ``size`` and ``size * 8/7``, the
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from i2p.runtime.perturb import blur, downscale, jpeg
+from i2p.evaluation.perturb import blur, downscale, jpeg
 from i2p.runtime.preprocess import PreprocessSpec, fit_aspect, normalize, resize_plan
 
 

@@ -1,9 +1,8 @@
-"""``i2p-train``, ``i2p layers`` and ``i2p eval``."""
+"""``i2p-train``, ``i2p layers``, and ``i2p eval`` with checkpoints (``--ckpt``) as well as artifacts."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from i2p.runtime.manifest import PRECISIONS
+from i2p.evaluation.cli import eval_command, run_cli
 
 from .augment import AugmentConfig
 from .config import ADAPTERS, TrainConfig
@@ -81,20 +80,6 @@ def _config(**kw) -> TrainConfig:
         raise click.UsageError(str(e)) from e
 
 
-def _run(fn, *args):
-    """Turn the package's own errors into clean CLI errors; keep tracebacks for real bugs.
-
-    Backbone, checkpoint and data errors are ValueErrors; nothing here imports torch, so ``i2p eval
-    --model`` runs on the lean runtime alone.
-    """
-    from i2p.runtime import ArtifactError, BackendUnavailableError
-
-    try:
-        return fn(*args)
-    except (ArtifactError, BackendUnavailableError, FileExistsError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-
-
 @click.command("train")
 @data_options
 @click.option(
@@ -156,7 +141,7 @@ def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> 
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with _removed_if_left_empty(Path(cfg.out)), redirect_stdout(sys.stderr if as_json else sys.stdout):
-        meta = _run(run, cfg, resume)
+        meta = run_cli(run, cfg, resume)
     if as_json:
         click.echo(meta.to_json())
 
@@ -183,7 +168,7 @@ def layers(as_json: bool, **kw) -> None:
     from .stages import profile_layers
 
     cfg = _config(**kw)
-    profile = _run(profile_layers, cfg)
+    profile = run_cli(profile_layers, cfg)
     json_path, png_path = profile.save(Path(cfg.out))
     if as_json:
         click.echo(json.dumps(profile.to_dict(), indent=2))
@@ -192,93 +177,11 @@ def layers(as_json: bool, **kw) -> None:
         click.echo(f"L* = {profile.layer} ({profile.mode}); wrote {json_path} and {png_path}")
 
 
-@click.command("eval")
-@click.option(
-    "--ckpt", type=click.Path(exists=True, dir_okay=False), help="checkpoint.safetensors (PyTorch)."
-)
-@click.option(
-    "--model",
-    "artifact",
-    type=click.Path(exists=True),
-    help="An exported NAME.i2p artifact instead: the deployed model, through the torch-free runtime.",
-)
-@click.option("--data", required=True, type=click.Path(exists=True), help="Image folder or CSV manifest.")
-@click.option(
-    "--perturb",
-    multiple=True,
-    help="Also evaluate under degradations, e.g. jpeg:95,75,50  resize:0.5  blur:1,2  social  "
-    "resize:0.5+jpeg:90 (a chain). Repeatable; the same degradation for real and generated images.",
-)
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write the metric-vs-strength plot (PNG) here.")
-@click.option("--metric", default="auc", show_default=True, help="Metric of the sweep table and plot.")
-@click.option(
-    "--operating-point", help="Use a named threshold (balanced, fpr_1pct, fpr_5pct, ...) stored at training."
-)
-@click.option("--threshold", type=float, help="Override the calibrated threshold.")
-@click.option("--backbone", type=click.Path(exists=True, dir_okay=False), help="Base weights if they moved.")
-@click.option("--backend", default="auto", show_default=True, help="Runtime backend for --model.")
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    help="Model file of --model to measure (default: the Detector's choice, e.g. int8 on a CPU when the "
-    "artifact has it); compare --precision fp32 against it.",
-)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decoding threads.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def evaluate(
-    ckpt: str | None,
-    artifact: str | None,
-    data: str,
-    perturb: tuple[str, ...],
-    plot: str | None,
-    metric: str,
-    operating_point: str | None,
-    threshold: float | None,
-    backbone: str | None,
-    backend: str,
-    precision: str | None,
-    as_json: bool,
-    **kw,
-) -> None:
-    """Metrics of a checkpoint or exported artifact on a labelled set: per generator and mean, clean and degraded."""
-    from i2p.runtime.metrics import TABLE_COLUMNS, metrics_table
-    from i2p.runtime.perturb import parse_sweeps
-    from i2p.runtime.robustness import evaluate_artifact, plot_sweep, sweep_table
+def _evaluate_checkpoint(*args):
+    """``i2p eval --ckpt``: loads torch only when a checkpoint is evaluated."""
+    from .checkpoint_scoring import evaluate_checkpoint
 
-    if (ckpt is None) == (artifact is None):
-        raise click.UsageError("pass exactly one of --ckpt (a checkpoint) or --model (an exported artifact)")
-    if precision and artifact is None:
-        raise click.UsageError("--precision picks a model file of --model (an exported artifact)")
-    if metric not in TABLE_COLUMNS or metric == "n":
-        raise click.UsageError(f"--metric must be one of {', '.join(TABLE_COLUMNS[1:])}")
-    conditions = _run(parse_sweeps, perturb)
-    if artifact is not None:
-        run = functools.partial(
-            evaluate_artifact, backend=backend, precision=precision, operating_point=operating_point
-        )
-        result = _run(run, artifact, data, conditions, threshold, kw["batch_size"], None, kw["workers"])
-    else:
-        from .evaluation import evaluate_checkpoint
+    return evaluate_checkpoint(*args)
 
-        result = _run(evaluate_checkpoint, ckpt, data, backbone, threshold, kw, conditions, operating_point)
-    if plot:
-        plot_sweep(result, Path(plot), metric, title=f"{Path(ckpt or artifact).name} on {data}")
-    if as_json:
-        clean = next(iter(result.metrics.values()))
-        body = {"metrics": {g: m.to_dict() for g, m in clean.items()}, **result.to_dict()}
-        click.echo(json.dumps(body, indent=2))
-        return
-    for name, metrics in result.metrics.items():
-        if len(result.metrics) > 1:
-            click.echo(f"== {name}")
-        click.echo(metrics_table(metrics))
-    if len(result.metrics) > 1:
-        click.echo(f"== {metric} under each condition\n" + sweep_table(result, metric))
-    for path, reason in result.skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    scorer = f"; {result.scorer['backend']}, {result.scorer['precision']}" if result.scorer else ""
-    click.echo(
-        f"threshold {result.threshold:.4f}" + (f" ({operating_point})" if operating_point else "") + scorer
-    )
+
+evaluate = eval_command(_evaluate_checkpoint)

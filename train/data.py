@@ -1,7 +1,7 @@
 """Labelled image sets for training and evaluation: splitting, checking, and the Dataset.
 
 Discovery (``discover``: UniversalFakeDetect folders, flat or ``real``/``fake`` layouts, CSV manifests
-``path,label[,generator]``) lives in ``i2p.runtime.labels`` and is re-exported here. Evaluation images go
+``path,label[,generator]``) lives in ``i2p.evaluation.labels`` and is re-exported here. Evaluation images go
 through ``i2p.runtime.preprocess.preprocess``, the code the deployed runtime runs, so a trained model is
 measured on exactly what it will be served.
 """
@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from i2p.runtime.labels import CLASS_DIRS, CSV_LABELS, DataError, Sample, class_counts, discover
+from i2p.evaluation.labels import CLASS_DIRS, CSV_LABELS, DataError, Sample, class_counts, discover
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, check_header, load_image, preprocess
 
 from .augment import AugmentConfig, augment
@@ -135,7 +135,9 @@ class ImageDataset(Dataset):
         self.samples = list(samples)
         self.spec = spec
         self.augment = augment
-        self.condition = condition  # a deterministic degradation (i2p.runtime.perturb) before preprocessing
+        self.condition = (
+            condition  # a deterministic degradation (i2p.evaluation.perturb) before preprocessing
+        )
         self.seed = seed
         self.epoch = 0
 

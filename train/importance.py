@@ -7,7 +7,7 @@ Scores per block, on CLS features of a calibration subset (fit) and the validati
   fit on the clean calibration features and scored on validation features.
 * **Degraded-probe AUC** (``rule="robust"``): the same probe scored on validation copies after the
   degradations a deployment sees (by default JPEG q75, half size, Gaussian blur σ 1; see
-  ``i2p.runtime.perturb``): a layer whose separation one JPEG re-encode destroys scores low here.
+  ``i2p.evaluation.perturb``): a layer whose separation one JPEG re-encode destroys scores low here.
 
 Rule for L* (``--layer auto``): min-max normalize the scores across layers into an importance and take
 the *shallowest* layer whose importance is within ``tolerance`` of the best. ``robust`` (the default):
@@ -29,7 +29,7 @@ from open_clip.transformer import VisionTransformer
 
 from i2p.base.files import write_json_atomic
 from i2p.base.tables import format_table
-from i2p.runtime.metrics import roc_auc
+from i2p.evaluation.metrics import roc_auc
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from i2p.base.files import write_json_atomic
-from i2p.runtime.metrics import Metrics, metrics_table
+from i2p.evaluation.metrics import Metrics, metrics_table
 from i2p.runtime.preprocess import PreprocessSpec
 
 from . import data as data_mod
 from . import features as features_mod
 from .backbone import preprocess_spec
 from .checkpoint import BASE, Checkpoint, build_model, read_checkpoint, save_checkpoint
+from .checkpoint_scoring import Splits, load_splits, validate
 from .config import TrainConfig
 from .distributed import Runtime, batch_is_empty, progress, say, setup
-from .evaluation import Splits, load_splits, validate
 from .importance import ImportanceProfile, importance_table
 from .metadata import BackboneInfo, CheckpointMeta
 from .model import I2PModel

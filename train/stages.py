@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from i2p.runtime.perturb import parse_condition
+from i2p.evaluation.perturb import parse_condition
 from i2p.runtime.preprocess import PreprocessSpec
 
 from . import adapters, importance, subspace
 from .backbone import load_backbone, preprocess_spec
+from .checkpoint_scoring import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
 from .config import TrainConfig
 from .distributed import Runtime, broadcast_json, broadcast_tensors, progress, say, setup
-from .evaluation import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
 from .metadata import BackboneInfo
 from .model import I2PModel
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import perf_baseline
-from i2p.runtime.labels import discover
+from i2p.evaluation.labels import discover
 from tests.support.images import make_image_folder
 
 

@@ -8,10 +8,10 @@ import torch
 from i2p.export.pipeline import ExportOptions, run_export
 from i2p.runtime import Detector
 from i2p.train.checkpoint import load_model
+from i2p.train.checkpoint_scoring import eval_loader, predict
 from i2p.train.config import TrainConfig
 from i2p.train.data import discover
 from i2p.train.distributed import Runtime
-from i2p.train.evaluation import eval_loader, predict
 from i2p.train.synthetic import make_image_folder
 from tests.support.checkpoints import make_checkpoint
 

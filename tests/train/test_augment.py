@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from i2p.runtime.perturb import blur, downscale, jpeg
+from i2p.evaluation.perturb import blur, downscale, jpeg
 from i2p.runtime.preprocess import PreprocessSpec, normalize, resize_crop
 from i2p.train.augment import AugmentConfig, augment
 from tests.runtime.test_perturb import photo
@@ -67,7 +67,7 @@ def test_bad_resize_settings_are_rejected(field, value):
 
 
 def test_evaluation_dataset_applies_a_degradation_condition(tmp_path):
-    from i2p.runtime.perturb import parse_condition
+    from i2p.evaluation.perturb import parse_condition
     from i2p.runtime.preprocess import preprocess
     from i2p.train.data import ImageDataset, Sample
 

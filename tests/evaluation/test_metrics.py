@@ -10,7 +10,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from i2p.runtime.metrics import (
+from i2p.evaluation.metrics import (
     Metrics,
     OperatingPoint,
     average_precision,

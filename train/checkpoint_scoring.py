@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from i2p.runtime.metrics import (
+from i2p.evaluation.metrics import (
     DEFAULT_TARGETS,
     Metrics,
     OperatingPoint,
@@ -19,9 +19,9 @@ from i2p.runtime.metrics import (
     operating_points,
     point_name,
 )
-from i2p.runtime.perturb import CLEAN, Condition
+from i2p.evaluation.perturb import CLEAN, Condition
+from i2p.evaluation.robustness import Scorer, SweepResult, sweep
 from i2p.runtime.preprocess import PreprocessSpec, preprocess
-from i2p.runtime.robustness import Scorer, SweepResult, sweep
 
 from . import data as data_mod
 from .checkpoint import load_model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from i2p.runtime.perturb import (
+from i2p.evaluation.perturb import (
     CLEAN,
     blur,
     downscale,

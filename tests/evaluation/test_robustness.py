@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from i2p.evaluation.labels import discover
+from i2p.evaluation.metrics import MEAN, evaluate
+from i2p.evaluation.perturb import parse_sweeps
+from i2p.evaluation.robustness import detector_scorer, evaluate_artifact, plot_sweep, sweep, sweep_table
 from i2p.runtime.detector import Detector
-from i2p.runtime.labels import discover
-from i2p.runtime.metrics import MEAN, evaluate
-from i2p.runtime.perturb import parse_sweeps
-from i2p.runtime.robustness import detector_scorer, evaluate_artifact, plot_sweep, sweep, sweep_table
 from i2p.train.synthetic import make_image_folder
 from tests.support.fake_artifact import make_artifact
 

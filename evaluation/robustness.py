@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image
 
 from i2p.base.tables import format_table
+from i2p.runtime.preprocess import ImageError, load_image
 
 from .metrics import MEAN, Metrics, evaluate
 from .perturb import Condition
-from .preprocess import ImageError, load_image
 
 log = logging.getLogger("i2p")
 
@@ -216,7 +216,8 @@ def evaluate_artifact(
     ``threshold`` defaults to the detector's (the manifest's, or the operating point passed in
     ``detector_options``); the deployed model file is the one ``Detector`` picks (FP16, INT8, ...).
     """
-    from .detector import Detector
+    from i2p.runtime.detector import Detector
+
     from .labels import discover
 
     samples = discover(data)
