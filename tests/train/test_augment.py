@@ -8,7 +8,7 @@ import pytest
 from i2p.evaluation.perturb import blur, downscale, jpeg
 from i2p.runtime.preprocess import PreprocessSpec, normalize, resize_crop
 from i2p.train.augment import AugmentConfig, augment
-from tests.runtime.test_perturb import photo
+from tests.evaluation.test_perturb import photo
 
 SPEC = PreprocessSpec(size=32)
 OFF = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, resize_prob=0.0, flip=False, scale_jitter=1.0)
