@@ -10,6 +10,7 @@ deletes the entries it writes itself, never a directory it did not create.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -55,14 +56,41 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text("written by `i2p demo`: `i2p demo --out` may delete what it wrote here\n")
 
 
+def command_path(name: str) -> str:
+    """``name`` as it runs from any shell: the script beside this interpreter (``.venv/bin/i2p-detect``).
+
+    The Quickstart never activates the venv, so a bare ``i2p-detect`` would be "command not found".
+    """
+    script = Path(sys.executable).parent / name
+    return str(script.absolute()) if script.is_file() else name
+
+
 def next_commands(out: Path) -> list[str]:
-    """What to run next on the demo's own outputs."""
+    """What to run next on the demo's own outputs, each runnable as printed (absolute, quoted paths)."""
     art, ckpt, test = out / "demo.i2p", out / "run" / "checkpoint.safetensors", out / "data" / "test"
+    train = out / "data" / "train"
+    commands = [
+        ["i2p-detect", test, "--recursive", "--model", art, "--csv", out / "detections.csv"],
+        ["i2p-bench", "--model", art, "--batch-sizes", "1,8"],
+        ["i2p", "eval", "--ckpt", ckpt, "--data", test],
+        [
+            "i2p",
+            "layers",
+            "--data",
+            train,
+            "--model",
+            "i2p-tiny-vit",
+            "--pretrained",
+            "none",
+            "--out",
+            out / "layers",
+        ],
+    ]
     return [
-        f"i2p-detect {test} --recursive --model {art} --csv {out / 'detections.csv'}",
-        f"i2p-bench --model {art} --batch-sizes 1,8",
-        f"i2p eval --ckpt {ckpt} --data {test}",
-        f"i2p layers --data {out / 'data' / 'train'} --model i2p-tiny-vit --pretrained none --out {out / 'layers'}",
+        shlex.join(
+            [command_path(str(c[0])), *(str(a.absolute()) if isinstance(a, Path) else a for a in c[1:])]
+        )
+        for c in commands
     ]
 
 

@@ -69,3 +69,27 @@ def test_a_previous_demo_output_is_redone_and_other_files_kept(tmp_path):
     (out / "mine.txt").write_text("the user's")
     prepare_out(out)  # what the demo does first
     assert sorted(os.listdir(out)) == [MARKER, "mine.txt"]
+
+
+def test_next_commands_run_as_printed_without_an_activated_venv(tmp_path):
+    """The printed commands name the venv's own scripts by absolute path: no PATH, no activation needed."""
+    import subprocess
+    import sys
+
+    from i2p.demo import next_commands
+
+    out = tmp_path / "with space"
+    commands = next_commands(out)
+    assert all(
+        os.path.isabs(shlex.split(c)[0]) and shlex.split(c)[0].startswith(sys.prefix) for c in commands
+    )
+    bench = next(c for c in commands if "i2p-bench" in c)
+    proc = subprocess.run(  # a shell whose PATH lacks the venv, as after a fresh `python3 -m venv .venv`
+        [*shlex.split(bench)[:1], "--help"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "--batch-sizes" in proc.stdout, proc.stderr
+    assert all(str(out.absolute()) in c for c in commands if "--model" in c)
