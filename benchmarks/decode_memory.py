@@ -16,13 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support.corpus import base_image, encode, png_bytes
+from benchmarks.support.corpus import base_image, encode, png_bytes
 
 SCRIPT = """
 import json, resource, sys
 from concurrent.futures import ThreadPoolExecutor
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess
-from tests.support.corpus import base_image, encode
+from benchmarks.support.corpus import base_image, encode
 spec = PreprocessSpec(size=224)
 preprocess(encode(base_image(), "PNG"), spec)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.support.corpus import fuzz_seeds, mutate
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess
-from tests.support.corpus import fuzz_seeds, mutate
 
 
 def main() -> int:

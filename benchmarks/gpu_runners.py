@@ -241,8 +241,8 @@ def throughput_torch(model: str, layer: int) -> dict[str, Any]:
 @cache
 def _artifact(model: str, layer: int) -> Path:
     """A random-init artifact exported here (FP32 + FP16 ONNX, no engine), and its CPU FP32 reference."""
+    from benchmarks.support.checkpoints import make_checkpoint
     from i2p.export.pipeline import ExportOptions, run_export
-    from tests.support.checkpoints import make_checkpoint  # run from the repo root
 
     root = Path(tempfile.mkdtemp(prefix="i2p_gpu_check_"))
     ckpt = make_checkpoint(root, layer=layer, backbone=model)

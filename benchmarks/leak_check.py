@@ -20,9 +20,9 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.support.corpus import base_image, make_bad_corpus
+from benchmarks.support.fake_artifact import make_artifact
 from i2p.runtime import Detector
-from tests.support.corpus import base_image, make_bad_corpus
-from tests.support.fake_artifact import make_artifact
 
 
 def usage() -> tuple[float, int]:

@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from benchmarks.perf_report import table, write_report
+
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE, LAYER = "ViT-L-14-quickgelu", 12  # OpenAI CLIP ViT-L/14 (QuickGELU), UnivFD's backbone
 SMALL, SMALL_LAYER = "ViT-B-16-quickgelu", 8  # training cost (--small, --small-layer)
@@ -367,19 +369,6 @@ def gpu_speed(backbone: str, artifact: Path, reps: int) -> dict[str, Any]:
     }
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table (also readable as plain text)."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}"
-        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # -- main ---------------------------------------------------------------------------------------------------
 
 
@@ -416,8 +405,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    from benchmarks.perf_report import write_report
-
     args = parse_args()
     if args.render:
         results = json.loads((args.out / "performance.json").read_text())["cpu"]

@@ -12,8 +12,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf import table
-
 OUTCOME = re.compile(r"model\.[\w.]+\.onnx: ")  # an export note on what became of one model file
 BEGIN, END = "<!-- cpu-suite:begin (benchmarks/perf.py) -->", "<!-- cpu-suite:end -->"
 GOALS = {
@@ -28,6 +26,19 @@ GOALS = {
     "e2e_ratio": 0.8,
     "e2e_rss_mb": 50.0,
 }
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table (also readable as plain text)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}"
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def verdict(ok: bool) -> str:

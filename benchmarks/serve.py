@@ -117,9 +117,9 @@ def batched_load(url: str, clients: int, requests: int, blobs: list[bytes]) -> d
 
 def serve(artifact: Path, work: Path, threads: int, queue_delay_us: int, tag: str) -> Any:
     """A started TritonServer on a fresh repository for ``artifact`` (Python-backend network)."""
+    from benchmarks.support.triton_server import TritonServer, missing_reason
     from i2p.export.triton import TritonOptions, write_repository
     from i2p.runtime.manifest import read_manifest
-    from tests.support.triton_server import TritonServer, missing_reason
 
     if (reason := missing_reason()) is not None:
         sys.exit(f"benchmarks.serve: {reason}")

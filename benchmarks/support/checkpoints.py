@@ -1,4 +1,4 @@
-"""Small but real i2p-train checkpoints for tests: the tiny open_clip ViT with random subspace deltas and head.
+"""Small but real i2p-train checkpoints for tests and the GPU check: the tiny open_clip ViT with random subspace deltas and head.
 
 ``make_checkpoint`` goes through the same code as training (``load_backbone``, ``add_deltas`` on the
 chosen low-sensitivity bases, ``save_checkpoint``) but fills A and the head with random values instead

@@ -1,4 +1,4 @@
-"""A small but real exported artifact for runtime tests: ONNX graphs built with onnx.helper.
+"""A small but real exported artifact for runtime tests and the leak check: ONNX graphs built with onnx.helper.
 
 The network is a stand-in for the truncated ViT (Conv patchify -> ReLU -> Linear -> logit, plus Sigmoid ->
 probability) with the I/O names, dynamic batch axis, FP16 copy and manifest of a real ``i2p-export``
