@@ -31,6 +31,7 @@ from .manifest import (
     read_manifest,
     verify_file,
 )
+from .memory import decode_memory_bytes
 from .preprocess import ImageError, ImageInput, ResizePlan, decode, describe, preprocess, resize_plan
 
 log = logging.getLogger("i2p")
@@ -97,6 +98,7 @@ class Detector:
             raise ValueError(f"precision={precision!r}: choose None (automatic), 'fp32', 'fp16' or 'int8'")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        decode_memory_bytes()  # a bad I2P_DECODE_MEMORY_MB is refused here, not at the first image
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if not self.manifest.models:

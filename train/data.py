@@ -8,7 +8,6 @@ measured on exactly what it will be served.
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+from i2p.base.progress import Progress
 from i2p.evaluation.labels import CLASS_DIRS, CSV_LABELS, DataError, Sample, class_counts, discover
+from i2p.runtime.memory import decode_memory_bytes
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, check_header, load_image, preprocess
 
 from .augment import AugmentConfig, augment
@@ -78,16 +78,10 @@ def scan(
             return str(e)
         return None
 
-    show = progress and sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        checked = pool.map(check, samples)
         reasons = list(
-            tqdm(
-                pool.map(check, samples),
-                total=len(samples),
-                desc="checking images",
-                unit="img",
-                disable=not show,
-            )
+            Progress(checked, total=len(samples), desc="checking images", unit="img", enabled=progress)
         )
     good = [s for s, r in zip(samples, reasons, strict=True) if r is None]
     bad = [(s, r) for s, r in zip(samples, reasons, strict=True) if r is not None]
@@ -132,6 +126,7 @@ class ImageDataset(Dataset):
     ) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        decode_memory_bytes()  # a bad I2P_DECODE_MEMORY_MB is one message here, not one per worker
         self.samples = list(samples)
         self.spec = spec
         self.augment = augment
