@@ -18,9 +18,15 @@ COMMANDS = {
     "export": "i2p.export.cli:export",
     "detect": "i2p.runtime.cli:detect",
     "bench": "i2p.runtime.cli:bench",
+    "scan": "i2p.runtime.ray_scan:scan_command",  # needs the [ray] extra
 }
 # module prefix -> the pip extra its imports need (the demo trains and exports)
-EXTRAS = (("i2p.export", "export"), ("i2p.demo", "export"), ("i2p.train", "train"))
+EXTRAS = (
+    ("i2p.export", "export"),
+    ("i2p.demo", "export"),
+    ("i2p.train", "train"),
+    ("i2p.runtime.ray_", "ray"),
+)
 
 
 class LazyGroup(click.Group):
