@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout, suppress
 from pathlib import Path
@@ -131,6 +132,7 @@ def _config(**kw) -> TrainConfig:
 )
 def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> None:
     """Train an I2P detector: pick the critical layer, tune a low-sensitivity subspace, calibrate."""
+    started = time.time()  # the run's reported time includes loading torch
     augment = (
         AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, resize_prob=0.0, flip=False, scale_jitter=1.0)
         if no_augment
@@ -141,7 +143,7 @@ def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> 
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with _removed_if_left_empty(Path(cfg.out)), redirect_stdout(sys.stderr if as_json else sys.stdout):
-        meta = run_cli(run, cfg, resume)
+        meta = run_cli(run, cfg, resume, started)
     if as_json:
         click.echo(meta.to_json())
 

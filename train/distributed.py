@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+
+from i2p.base.progress import Progress, write
 
 
 @dataclass
@@ -49,12 +50,12 @@ def setup(device_name: str) -> Runtime:
 def say(rt: Runtime, msg: str) -> None:
     """A line on rank 0 that does not break a running progress bar."""
     if rt.main:
-        tqdm.write(msg)
+        write(msg)
 
 
-def progress(rt: Runtime, iterable: Iterable, **kw: Any) -> Iterator:
-    """A progress bar on rank 0 when stderr is a terminal; the plain iterable otherwise."""
-    return tqdm(iterable, disable=not rt.main or not os.isatty(2), leave=False, dynamic_ncols=True, **kw)
+def progress(rt: Runtime, iterable: Iterable | None, **kw: Any) -> Progress:
+    """Progress on rank 0: a bar on a terminal, heartbeat lines with rate and ETA in a log."""
+    return Progress(iterable, enabled=rt.main, **kw)
 
 
 def batch_is_empty(n: int, rt: Runtime) -> bool:

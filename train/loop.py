@@ -11,6 +11,7 @@ and the head trains on cached features (see ``features``). Runs in one process o
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from i2p.base.files import write_json_atomic
+from i2p.base.progress import duration
 from i2p.evaluation.metrics import Metrics, metrics_table
 from i2p.runtime.preprocess import PreprocessSpec
 
@@ -57,7 +59,10 @@ class Run:
     profile: ImportanceProfile | None
     base: dict[str, torch.Tensor]
     previous: Checkpoint | None
-    started: float = field(default_factory=time.time)
+    started: float = field(
+        default_factory=time.time
+    )  # when `i2p-train` began: the run's time covers every stage
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # data, stage 1 (stage 2: the rest)
     val_scores: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # cached validation features
     last_metrics: dict[str, Metrics] | None = None  # validation, of the last epoch run
 
@@ -77,8 +82,14 @@ def cosine_with_warmup(total: int, warmup: int):
     return factor
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> CheckpointMeta:
-    """Run (or resume) training; returns the final metadata (also in the checkpoint and metrics.json)."""
+def train(cfg: TrainConfig, resume: bool = False, started: float | None = None) -> CheckpointMeta:
+    """Run (or resume) training; returns the final metadata (also in the checkpoint and metrics.json).
+
+    ``started``: when the command began (``time.time()``, before torch was imported), so that the run's
+    reported time is the time a user waited.
+    """
+    entered = time.time()
+    started = entered if started is None else started
     rt = setup(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -95,7 +106,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> CheckpointMeta:
         )
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-    run = _prepare(cfg, rt, out, previous)
+    run = _prepare(cfg, rt, out, previous, started, entered)
     meta = _fit(run)
     if rt.main:
         _finish(run, meta)
@@ -104,10 +115,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> CheckpointMeta:
     return meta
 
 
-def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | None) -> Run:
+def _prepare(
+    cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | None, started: float, entered: float
+) -> Run:
     """Data, then the model: built (stage 1 + deltas) for a new run, rebuilt from the checkpoint on resume."""
     spec = preprocess_spec(cfg.model)
     splits = load_splits(cfg, spec.max_pixels, rt)
+    stage_seconds = {"start-up": entered - started, "data": time.time() - entered}
     say(
         rt,
         f"data: {len(splits.train)} train / {len(splits.val)} val images, "
@@ -115,9 +129,11 @@ def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | No
     )
     if previous is None:
         model, info, profile, base = build(cfg, splits, rt)
+        stage_seconds["stage 1"] = time.time() - started - sum(stage_seconds.values())
         if profile is not None and rt.main:
-            profile.save(out)
+            json_path, png_path = profile.save(out)
             say(rt, importance_table(profile))
+            say(rt, f"wrote the layer importance profile: {json_path} and its plot {png_path}")
     else:
         model = build_model(previous)  # the checkpoint is read once
         if not cfg.baseline:  # the baseline's tower stays frozen whatever --adapter says (as in stages.build)
@@ -130,7 +146,7 @@ def _prepare(cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | No
         rt,
         f"L* = {model.layer}/{model.num_layers}; trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)",
     )
-    return Run(cfg, rt, out, spec, splits, model, info, profile, base, previous)
+    return Run(cfg, rt, out, spec, splits, model, info, profile, base, previous, started, stage_seconds)
 
 
 def _fit(run: Run) -> CheckpointMeta:
@@ -270,4 +286,11 @@ def _finish(run: Run, meta: CheckpointMeta) -> None:
     }
     write_json_atomic(run.out / "metrics.json", (meta.metrics or {}) | summary)
     size = run.checkpoint.stat().st_size / 1e6
-    say(run.rt, f"wrote {run.checkpoint} ({size:.1f} MB) in {meta.wall_time_s:.0f} s")
+    elapsed = time.time() - run.started
+    stages = run.stage_seconds | {"stage 2": elapsed - sum(run.stage_seconds.values())}
+    split = ", ".join(f"{name} {duration(seconds)}" for name, seconds in stages.items())
+    say(run.rt, f"wrote {run.checkpoint} ({size:.1f} MB); this run took {duration(elapsed)} ({split})")
+    say(
+        run.rt,
+        f"next: i2p-export --ckpt {shlex.quote(str(run.checkpoint))} --fp16 --out {shlex.quote(str(run.out / 'detector.i2p'))}",
+    )
