@@ -96,13 +96,14 @@ def test_json_prints_the_metadata_alone_and_the_checkpoint_is_shared(tmp_path: P
 def test_stage_1_shows_progress_on_a_terminal(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from i2p.train import distributed
+    from i2p.base.progress import Progress
     from i2p.train.cli import layers
 
-    monkeypatch.setattr(distributed.os, "isatty", lambda fd: True)  # stderr "is" a terminal
+    monkeypatch.setattr(Progress, "_isatty", lambda self: True)  # stderr "is" a terminal
     res = CliRunner().invoke(layers, ["--data", str(data_dir), "--out", str(tmp_path / "l"), *TINY])
     assert res.exit_code == 0, res.output
     assert "stage 1: calibration features" in res.stderr and "stage 1: validation features" in res.stderr
+    assert "\r\x1b[K" in res.stderr and "ETA" in res.stderr  # redrawn in place, with its ETA
 
 
 def test_eval_of_an_artifact_runs_without_torch(tmp_path: Path, data_dir: Path) -> None:
