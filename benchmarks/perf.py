@@ -222,19 +222,18 @@ def model_speed(
 ) -> list[dict]:
     """Baseline (eager FP32 full tower + head) vs each CPU model of the artifact on ONNX Runtime, interleaved.
 
-    The ``default`` flag marks the file the Detector picks on a CPU (``cpu_models``' first).
+    The ``default`` flag marks the file the Detector picks on a CPU (``Manifest.choose("cpu")``'s first).
     """
     import torch
 
     from i2p.runtime.backends.onnxruntime import CPU_EP, OnnxRuntimeBackend
-    from i2p.runtime.detector import cpu_models
     from i2p.runtime.manifest import read_manifest
     from i2p.train.backbone import load_backbone
 
     torch.set_num_threads(threads)
     tower, _ = load_backbone(backbone, "none")
     head = torch.nn.Linear(tower.output_dim, 1).eval()
-    files = [m.path for m in cpu_models(read_manifest(artifact))]
+    files = [m.path for m in read_manifest(artifact).choose("cpu")]
     candidates = {f: OnnxRuntimeBackend(artifact / f, [CPU_EP], threads=threads) for f in files}
     size = tower.image_size if isinstance(tower.image_size, int) else tower.image_size[0]
     rows = []

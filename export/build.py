@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from i2p.base.files import sha256_file
+from i2p.runtime.model_files import FP16, FP32
 from i2p.runtime.preprocess import PreprocessSpec
 from i2p.train.checkpoint import load_model
 from i2p.train.metadata import CheckpointMeta
@@ -27,7 +28,7 @@ from .onnx_export import check_graph, export_onnx
 from .options import ExportOptions
 from .probes import ProbeSet, probe_set, torch_outputs
 
-FP32_ONNX, FP16_ONNX = "model.onnx", "model.fp16.onnx"
+FP32_ONNX, FP16_ONNX = FP32.file, FP16.file
 MERGE_ATOL, MERGE_PROBES = 1e-5, 4
 
 

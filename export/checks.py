@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS, images_per_call
+from i2p.runtime.backends.onnxruntime import FP16_CPU_DISABLED_OPTIMIZERS
 from i2p.runtime.detector import sigmoid
 from i2p.runtime.manifest import Manifest
+from i2p.runtime.model_files import images_per_call
 
 from . import engine as engine_step
 from .build import FP32_ONNX, Build, Progress

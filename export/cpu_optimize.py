@@ -28,14 +28,13 @@ from typing import Any
 
 import onnx
 
-from i2p.runtime.backends.onnxruntime import CPU_FUSED_FORMAT
-from i2p.runtime.manifest import ModelFile
+from i2p.runtime.model_files import CPU
 
 from .attention_fusion import fuse_attention
 from .parity import PASS, Comparison
 
-CPU_ONNX = "model.cpu.onnx"
-CPU_MODEL = ModelFile(CPU_ONNX, "fp32", CPU_FUSED_FORMAT)  # its manifest entry: never a TensorRT input
+CPU_ONNX = CPU.file
+CPU_MODEL = CPU.entry  # its manifest entry: never a TensorRT input
 REPORTED_OPS = (
     "Attention",
     "MultiHeadAttention",

@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from i2p.base.files import sha256_file, write_json_atomic
-from i2p.runtime.manifest import MANIFEST, Manifest, ModelFile, TensorSpec
+from i2p.runtime.manifest import MANIFEST, Manifest, TensorSpec
+from i2p.runtime.model_files import by_file
 
 from .build import FP16_ONNX, Build
-from .cpu_optimize import CPU_MODEL, CPU_ONNX
 from .onnx_export import INPUT, OUTPUTS
 from .parity import ParityReport
-from .quantize import INT8_MODEL, INT8_ONNX
 
 PARITY = "parity.json"
-CPU_ONLY = {CPU_ONNX: CPU_MODEL, INT8_ONNX: INT8_MODEL}  # manifest entries of the ONNX Runtime CPU files
 
 
 def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Manifest:
@@ -37,9 +35,7 @@ def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Mani
         preprocess=build.spec,
         inputs=(TensorSpec(INPUT, "float32", ("batch", 3, size, size)),),
         outputs=tuple(TensorSpec(o, "float32", ("batch",)) for o in OUTPUTS),
-        models=tuple(
-            CPU_ONLY.get(file, ModelFile(file, precision)) for file, precision in build.models.items()
-        ),
+        models=tuple(by_file(file).entry for file in build.models),
         files=dict(hashes),
         tools=tool_versions(),
         extra=_extra(build, parity),

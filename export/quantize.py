@@ -36,14 +36,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from i2p.runtime.backends.onnxruntime import CPU_FUSED_FORMAT
-from i2p.runtime.manifest import ModelFile
+from i2p.runtime.model_files import INT8
 
 from .parity import FAIL, NOT_RUN, PASS, Comparison
 from .smooth import DEFAULT_ALPHA, smooth_file
 
-INT8_ONNX = "model.int8.onnx"
-INT8_MODEL = ModelFile(INT8_ONNX, "int8", CPU_FUSED_FORMAT)  # integer contrib kernels: a CPU-only file
+INT8_ONNX = INT8.file
+INT8_MODEL = INT8.entry  # integer contrib kernels: a CPU-only file
 MIN_AGREEMENT = 0.99  # decision agreement with the FP32 PyTorch model on the calibration images
 QUANTIZED_OPS = ("MatMul", "Attention")
 # Sanity bound of the gate: mean |Δlogit| at most this fraction of the reference logits' standard

@@ -115,10 +115,10 @@ def _network_source(artifact: Path, manifest: Manifest, backend: str) -> tuple[s
         return backend, engines[0] if engines else None
     if backend == "python":
         return backend, None
-    model = manifest.model("fp16") or manifest.model("fp32")
-    if model is None:
+    models = manifest.choose("gpu")  # the catalogue's GPU order: FP16 ONNX, then FP32
+    if not models:
         raise ExportError(f"{artifact}: the manifest lists no ONNX model for Triton")
-    return backend, artifact / model.path
+    return backend, artifact / models[0].path
 
 
 def _copy_fp32_models(artifact: Path, manifest: Manifest, target: Path) -> None:

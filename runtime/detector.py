@@ -2,9 +2,9 @@
 
 Loading checks the manifest and the sha256 of the network file before anything is parsed, then picks
 the fastest backend present: TensorRT (engine cached per GPU), else ONNX Runtime with its best
-providers: the FP16 model on a GPU; on the CPU the fastest model the artifact holds (``cpu_models``:
-``model.int8.onnx``, else the fused FP32 ``model.cpu.onnx``, else ``model.onnx``; ``precision="fp32"``
-skips INT8).
+providers: the FP16 model on a GPU; on the CPU the fastest model the artifact holds (the preference
+order of ``model_files.CATALOGUE``: ``model.int8.onnx``, else the fused FP32 ``model.cpu.onnx``, else
+``model.onnx``; ``precision="fp32"`` skips INT8).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from .backends import Backend, tensor_names
 from .manifest import (
     PRECISIONS,
     ArtifactError,
-    Manifest,
-    ModelFile,
     check_session_io,
     read_manifest,
     verify_file,
@@ -185,14 +183,15 @@ class Detector:
         gpu = any(p in available for p in GPU_EPS)
         if precision == "int8" or (not gpu and precision != "fp16"):
             return self._open_cpu(device, precision, threads)
-        chosen = precision or ("fp16" if self.manifest.model("fp16") else "fp32")
-        model = self.manifest.model(chosen)
-        if model is None:
+        candidates = self.manifest.choose("gpu", precision)  # the catalogue's order: FP16, then FP32
+        if not candidates:
             have = ", ".join(m.precision for m in self.manifest.models)
             raise ArtifactError(
-                f"{self.path}: no {chosen} model in this artifact (it has: {have}); "
+                f"{self.path}: no {precision or 'fp32'} model in this artifact (it has: {have}); "
                 f"pass precision={have.split(', ')[0]!r} or re-export (i2p-export --fp16 adds the fp16 model)"
             )
+        model = candidates[0]
+        chosen = model.precision
         path = verify_file(self.path, self.manifest, model.path)
         size = self.spec.size
         providers = auto_providers(
@@ -211,10 +210,10 @@ class Detector:
         return backend
 
     def _open_cpu(self, device: int, precision: str | None, threads: int | None) -> Backend:
-        """The fastest CPU model of the artifact (``cpu_models``); one this ONNX Runtime cannot load is skipped."""
+        """The fastest CPU model of the artifact (the catalogue's order); one ONNX Runtime cannot load is skipped."""
         from .backends.onnxruntime import CPU_EP, OnnxRuntimeBackend
 
-        candidates = cpu_models(self.manifest, precision)
+        candidates = self.manifest.choose("cpu", precision)
         if not candidates:
             have = ", ".join(f"{m.precision} ({m.path})" for m in self.manifest.models)
             raise ArtifactError(
@@ -316,19 +315,6 @@ class Detector:
             return Prediction(source, None, None, f"{source}: {NON_FINITE}")
         p = float(probability)
         return Prediction(source, p, p >= self.threshold)
-
-
-def cpu_models(manifest: Manifest, precision: str | None = None) -> list[ModelFile]:
-    """The artifact's CPU models, fastest first (INT8, fused FP32, portable FP32); ``precision`` forces one.
-
-    INT8 and the fused FP32 use ONNX Runtime's contrib kernels (CPU-only files); model.onnx runs anywhere.
-    """
-    from .backends.onnxruntime import CPU_FUSED_FORMAT
-
-    preference = (("int8", CPU_FUSED_FORMAT), ("fp32", CPU_FUSED_FORMAT), ("fp32", "onnx"))
-    return [
-        m for p, fmt in preference if precision in (None, p) and (m := manifest.model(p, fmt)) is not None
-    ]
 
 
 def _chunks(items: Sequence[Any], step: int) -> Iterator[Sequence[Any]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from i2p.base.files import sha256_file
 
+from .model_files import PRECISIONS, ModelFile, choose, kind_of
 from .preprocess import PreprocessSpec
 
 FORMAT = "i2p-artifact"
@@ -31,7 +32,6 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # a real manifest is ~5 KB; parity and metrics live in their own files
 MAX_LAYERS = 1000
 DTYPES = ("float32", "float16")
-PRECISIONS = ("fp32", "fp16", "int8")  # int8: model.int8.onnx, CPU only
 REQUIRED = frozenset(
     {"name", "backbone", "layer", "num_layers", "threshold", "preprocess", "inputs", "outputs", "models"}
 )
@@ -47,15 +47,6 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32", "float16"
     shape: tuple[int | str, ...]  # "batch" marks the dynamic axis
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    """One network file of the artifact."""
-
-    path: str  # relative to the artifact directory
-    precision: str  # "fp32" | "fp16" | "int8"
-    format: str = "onnx"
 
 
 @dataclass(frozen=True)
@@ -89,6 +80,10 @@ class Manifest:
     def model(self, precision: str, format: str = "onnx") -> ModelFile | None:
         """The portable network file of a precision (``format="onnx"``: runs on every backend)."""
         return next((m for m in self.models if m.precision == precision and m.format == format), None)
+
+    def choose(self, device: str, precision: str | None = None) -> list[ModelFile]:
+        """This artifact's models for ONNX Runtime on ``device``, in the catalogue's preference order."""
+        return choose(self.models, device, precision)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -261,7 +256,17 @@ def _models(d: dict[str, Any]) -> tuple[ModelFile, ...]:
                 f"field '{where}.precision' must be one of {list(PRECISIONS)}, got {m['precision']!r:.80}"
             )
         fmt = _string(m, "format", 64) if "format" in m else "onnx"
-        models.append(ModelFile(_relative_path(m["path"], f"{where}.path"), m["precision"], fmt))
+        model = ModelFile(_relative_path(m["path"], f"{where}.path"), m["precision"], fmt)
+        if kind_of(model) is None:
+            raise ArtifactError(
+                f"field {where!r}: no kind of model file is {m['precision']} in format {fmt!r:.80} "
+                "(see i2p.runtime.model_files)"
+            )
+        if any(kind_of(other) == kind_of(model) for other in models):
+            raise ArtifactError(
+                f"field {where!r}: a second {m['precision']} {fmt} model; each kind is listed once"
+            )
+        models.append(model)
     listed = set(_object(d.get("files", {}), "files"))
     for i, m in enumerate(models):
         if m.path not in listed:

@@ -10,24 +10,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..model_files import CPU_FUSED_FORMAT as CPU_FUSED_FORMAT  # where older callers import it from
+from ..model_files import images_per_call  # the catalogue says which files run one image per call
+
 log = logging.getLogger("i2p")
 
 TENSORRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 GPU_EPS = (TENSORRT_EP, CUDA_EP)
-# ModelFile.format of model.cpu.onnx: FP32 rewritten into ONNX Runtime's fused CPU kernels (contrib ops).
-CPU_FUSED_FORMAT = "onnx-ort-fused"
-# Dynamic INT8 quantizes each op's input with one scale per call: in a batch, the image with the widest
-# activations would set the step for all, and an image's score would depend on its batch-mates (up to
-# 1.37 logit on the real ViT-B/16 at batch 8). These precisions run one image per call.
-PER_IMAGE_PRECISIONS = frozenset({"int8"})
-
-
-def images_per_call(precision: str, batch: int) -> int:
-    """How many images one session call of a ``precision`` model may take when batches of ``batch`` come."""
-    return 1 if precision in PER_IMAGE_PRECISIONS else batch
-
 
 # What InferenceSession accepts: a provider name, or (name, options).
 Provider = str | tuple[str, dict[str, Any]]

@@ -20,10 +20,11 @@ from typing import Any
 from i2p.base.files import sha256_file, write_bytes_atomic, write_json_atomic
 
 from ..manifest import Manifest, ModelFile
+from ..model_files import ENGINE_PRECISIONS
 from .api import EngineBuildError, major
 
 SIDECAR_FORMAT = "i2p-tensorrt-engine"
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ENGINE_PRECISIONS  # the engine rows of the model-file catalogue
 
 
 def engine_source(manifest: Manifest, trt_version: str) -> ModelFile:
