@@ -9,12 +9,9 @@ Scores per block, on CLS features of a calibration subset (fit) and the validati
   degradations a deployment sees (by default JPEG q75, half size, Gaussian blur σ 1; see
   ``i2p.evaluation.perturb``): a layer whose separation one JPEG re-encode destroys scores low here.
 
-Rule for L* (``--layer auto``): min-max normalize the scores across layers into an importance and take
-the *shallowest* layer whose importance is within ``tolerance`` of the best. ``robust`` (the default):
-the importance is each layer's worst-case probe AUC over the clean and degraded validation copies,
-tolerance 0 (the most robust layer; ties to the shallowest). ``clean``: the mean of Fisher ratio and
-clean AUC, tolerance 0.05 (the rule before robustness was measured; it prefers middle layers, whose
-separation one JPEG re-encode erodes). docs/evaluation.md measures the rules on sid-mini.
+The rule for L* (``--layer auto``) is ``LAYER_RULE`` below. Every profile stores that text in the
+checkpoint, so it is a constant: it changes when the rule does, never with this docstring (and
+``python -OO``, which drops docstrings, stores the same).
 """
 
 from __future__ import annotations
@@ -30,6 +27,15 @@ from open_clip.transformer import VisionTransformer
 from i2p.base.files import write_json_atomic
 from i2p.base.tables import format_table
 from i2p.evaluation.metrics import roc_auc
+
+LAYER_RULE = (
+    "(``--layer auto``): min-max normalize the scores across layers into an importance and take\n"
+    "the *shallowest* layer whose importance is within ``tolerance`` of the best. ``robust`` (the default):\n"
+    "the importance is each layer's worst-case probe AUC over the clean and degraded validation copies,\n"
+    "tolerance 0 (the most robust layer; ties to the shallowest). ``clean``: the mean of Fisher ratio and\n"
+    "clean AUC, tolerance 0.05 (the rule before robustness was measured; it prefers middle layers, whose\n"
+    "separation one JPEG re-encode erodes). docs/evaluation.md measures the rules on sid-mini."
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class ImportanceProfile:
     criterion: str = "clean"  # "robust" | "clean": which scores the importance averages
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "rule": __doc__.split("Rule for L*")[1].strip().split("\n\n")[0]}
+        return {**asdict(self), "rule": LAYER_RULE}
 
     @classmethod
     def from_dict(cls, d: dict) -> ImportanceProfile:

@@ -79,3 +79,28 @@ def test_robust_rule_prefers_the_layer_that_keeps_its_separation_under_degradati
     json_path, png_path = robust.save(tmp_path)
     assert png_path.stat().st_size > 1000
     assert "auc jpeg:75" in importance.importance_table(robust).splitlines()[0]
+
+
+def test_the_stored_layer_rule_is_a_constant_that_checkpoints_already_hold():
+    """The text the v1 fixture (written before the constant) stores; editing the module docstring changes nothing."""
+    from pathlib import Path
+
+    from i2p.train.checkpoint import read_checkpoint
+
+    v1 = Path(__file__).parents[1] / "fixtures" / "v1" / "checkpoint.safetensors"
+    stored = read_checkpoint(v1).meta.importance["rule"]
+    assert importance.LAYER_RULE == stored
+    profile = importance.ImportanceProfile((), 1, "auto", 0.0, 1, 1)
+    assert profile.to_dict()["rule"] == stored
+
+
+def test_the_profile_is_written_under_python_OO():
+    """``-OO`` drops docstrings: the old to_dict sliced the module docstring and crashed there."""
+    import subprocess
+    import sys
+
+    code = (
+        "from i2p.train.importance import ImportanceProfile, LAYER_RULE\n"
+        "assert ImportanceProfile((), 1, 'auto', 0.0, 1, 1).to_dict()['rule'] == LAYER_RULE\n"
+    )
+    subprocess.run([sys.executable, "-OO", "-c", code], check=True, timeout=120)
