@@ -17,6 +17,10 @@ Memory per input is bounded before any pixel is decoded (README, "Reliability"):
   arithmetic, so no full-size wide temporaries;
 - decoding threads share one memory budget (``i2p.runtime.memory``): each decode reserves its estimate
   first, so ``workers`` × the per-image cap cannot add up past it.
+
+Time per input is bounded too: a file's structure (JPEG scans and markers, PNG chunks, GIF extension
+blocks, TIFF strips) is checked from its bytes before Pillow parses it (``i2p.runtime.decode_work``), and
+only the first frame of an animated file is ever decoded.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .decode_work import DecodeWorkError, check_decode_work
 from .memory import DECODE_BUDGET, Reservation, decode_cost
 
 # Pillow must not hand us half an image silently: a truncated file is an error, not grey pixels.
@@ -194,7 +199,9 @@ def _load(src: ImageInput, max_pixels: int, reservation: Reservation) -> Image.I
     try:
         _check_dims(img.width, img.height, name, max_pixels)
         reservation.take(decode_cost(img.width, img.height, encoded))
-        if getattr(img, "is_animated", False):
+        # A caller's image may sit on any frame. Files we open sit on frame 0, and asking them is_animated
+        # would walk past it (GIF, TIFF): the rest of an animation is never read.
+        if img is src and getattr(img, "is_animated", False):
             img.seek(0)
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img, name)
@@ -218,11 +225,16 @@ def _open(src: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.I
     if isinstance(src, bytes):
         if len(src) > MAX_INPUT_BYTES:
             raise ImageError(f"{name}: {len(src):,} bytes exceeds the {MAX_INPUT_BYTES:,}-byte input limit")
-        fp = io.BytesIO(src)
+        data = src
     else:
-        fp = io.BytesIO(_read_file(src, name))
-    if fp.getbuffer().nbytes == 0:
+        data = _read_file(src, name)
+    if not data:
         raise ImageError(f"{name}: empty file")
+    try:
+        check_decode_work(data)
+    except DecodeWorkError as e:
+        raise ImageError(f"{name}: refused before decoding: {e}") from e
+    fp = io.BytesIO(data)
     try:
         img = Image.open(fp, formats=_allowed_formats())
     except Image.UnidentifiedImageError as e:

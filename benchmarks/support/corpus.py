@@ -77,10 +77,13 @@ def make_bad_corpus(directory: str | os.PathLike) -> dict[str, Case]:
     corrupt = bytearray(jpeg)
     corrupt[len(jpeg) // 3 : len(jpeg) // 3 + 400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
     add("corrupt.jpg", bytes(corrupt), Case(error="cannot decode"))
-    # Cut inside the header of the second frame (the first frame alone encodes to about that length):
-    # Pillow's GIF plugin raised struct.error / IndexError here, outside its documented errors.
-    gif = encode(base, "GIF", save_all=True, append_images=[Image.fromarray(255 - base)])
-    add("truncated_anim.gif", gif[: len(encode(base, "GIF")) + 10], Case(error="cannot decode"))
+    # Cut inside the header of the second frame (the first frame alone encodes to about that length).
+    # Only frame 0 is ever read, and it is whole: it scores as that frame (asking is_animated, which
+    # walked on into the cut, raised struct.error / IndexError from Pillow's GIF plugin).
+    first = Image.fromarray(base).quantize(64)
+    gif = encode(first, "GIF", save_all=True, append_images=[Image.fromarray(255 - base).quantize(64)])
+    first_rgb = np.asarray(first.convert("RGB"))
+    add("truncated_anim.gif", gif[: len(encode(first, "GIF")) + 10], Case(pixels=first_rgb))
     add("empty.jpg", b"", Case(error="empty file"))
     add(
         "random.jpg", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), Case(error="not a readable image")
