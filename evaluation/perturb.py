@@ -10,11 +10,17 @@ A condition is written ``kind:value`` (``jpeg:75``, ``resize:0.5``, ``blur:1``),
 to at most 1080 px, then JPEG 80 with 4:2:0 chroma subsampling: what photo-sharing sites do on
 upload), or a chain of them joined by ``+`` (``resize:0.5+jpeg:90``), applied left to right.
 ``parse_sweep("jpeg:95,75,50")`` expands one ``--perturb`` option into one condition per value.
+
+Specs come from the command line: values are plain ASCII decimals checked against each kind's range
+before use (no ``inf``, ``nan``, ``1e309``, other scripts' digits), a chain has at most ``MAX_CHAIN``
+steps, a sweep (and all options together) at most ``MAX_CONDITIONS`` conditions, and every error is a
+ValueError that names the spec.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -79,12 +85,19 @@ class Step:
         return social(img)
 
 
-_CHECKS: dict[str, Callable[[float], bool]] = {
-    "jpeg": lambda v: v == int(v) and 1 <= v <= 100,
-    "resize": lambda v: 0 < v <= 1,
-    "blur": lambda v: 0 <= v <= 20,
+# What each kind takes: (range check, the range in words). Values are plain ASCII decimals (below).
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "jpeg": (lambda v: v == int(v) and 1 <= v <= 100, "an integer quality 1..100"),
+    "resize": (lambda v: 0 < v <= 1, "a factor in (0, 1]"),
+    "blur": (lambda v: 0 <= v <= 20, "a sigma 0..20"),
 }
-KINDS = (*_CHECKS, "social")
+KINDS = (*_RANGES, "social")
+# A plain decimal: ASCII digits with at most one point. float() would also take inf, nan, 1e309 (inf),
+# "1_0", "+5" and other scripts' digits ("٩٥"), which are never meant as a strength.
+_NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?|\.[0-9]{1,6}")
+MAX_SPEC_CHARS = 1000  # one --perturb value
+MAX_CHAIN = 8  # steps in one chained condition
+MAX_CONDITIONS = 64  # conditions in one sweep, and in all --perturb options together (each is a full pass)
 
 
 @dataclass(frozen=True)
@@ -115,43 +128,72 @@ def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def _step(text: str) -> Step:
-    kind, _, value = text.strip().partition(":")
-    kind = kind.strip().lower()
+def _step(text: str, spec: str) -> Step:
+    kind, sep, value = text.strip().partition(":")
+    kind, value = kind.strip().lower(), value.strip()
     if kind not in KINDS:
-        raise ValueError(f"unknown perturbation {text!r}: kinds are {', '.join(KINDS)}")
+        raise ValueError(
+            f"--perturb {_quote(spec)}: unknown perturbation {_quote(text.strip())}; kinds are {', '.join(KINDS)}"
+        )
     if kind == "social":
-        if value:
-            raise ValueError(f"'social' takes no value, got {text!r}")
+        if sep:
+            raise ValueError(f"--perturb {_quote(spec)}: 'social' takes no value, got {_quote(text.strip())}")
         return Step("social", None)
-    try:
-        v = float(value)
-    except ValueError:
-        raise ValueError(f"perturbation {text!r} needs a number after '{kind}:'") from None
-    if not _CHECKS[kind](v):
-        ranges = {
-            "jpeg": "an integer quality 1..100",
-            "resize": "a factor in (0, 1]",
-            "blur": "a sigma 0..20",
-        }
-        raise ValueError(f"perturbation {text!r}: {kind} takes {ranges[kind]}")
-    return Step(kind, v)
+    if not value:
+        raise ValueError(f"--perturb {_quote(spec)}: {kind!r} needs a number after '{kind}:'")
+    ok, words = _RANGES[kind]
+    if not (value.isascii() and _NUMBER.fullmatch(value) and ok(float(value))):
+        raise ValueError(f"--perturb {_quote(spec)}: {kind} takes {words}, got {_quote(value)}")
+    return Step(kind, float(value))
+
+
+def _quote(spec: str) -> str:
+    """The spec for an error message, shortened: a message stays one readable line."""
+    return repr(spec if len(spec) <= 80 else spec[:77] + "...")
+
+
+def _checked_text(text: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"--perturb must be text, got {type(text).__name__}")
+    if len(text) > MAX_SPEC_CHARS:
+        raise ValueError(f"--perturb {_quote(text)}: {len(text):,} characters (at most {MAX_SPEC_CHARS:,})")
+    return text.strip()
 
 
 def parse_condition(text: str) -> Condition:
-    """``"resize:0.5+jpeg:90"`` -> one Condition; ``"clean"`` or ``""`` -> the clean condition."""
-    if text.strip().lower() in ("", "clean", "none"):
+    """``"resize:0.5+jpeg:90"`` -> one Condition; ``"clean"`` or ``""`` -> the clean condition.
+
+    ValueError, naming the spec, for an unknown kind, a value that is not a plain decimal in the kind's
+    range, or a chain of more than ``MAX_CHAIN`` steps.
+    """
+    text = _checked_text(text)
+    if text.lower() in ("", "clean", "none"):
         return CLEAN
-    return Condition(tuple(_step(part) for part in text.split("+")))
+    parts = text.split("+", MAX_CHAIN)
+    if len(parts) > MAX_CHAIN:
+        raise ValueError(f"--perturb {_quote(text)}: a chain has at most {MAX_CHAIN} steps")
+    return Condition(tuple(_step(part, text) for part in parts))
 
 
 def parse_sweep(text: str) -> list[Condition]:
-    """One ``--perturb`` value: ``"jpeg:95,75,50"`` -> three conditions; a ``+`` chain -> one condition."""
-    text = text.strip()
+    """One ``--perturb`` value: ``"jpeg:95,75,50"`` -> three conditions; a ``+`` chain -> one condition.
+
+    Every listed value must be valid (``"jpeg:95,"`` is an error, not one condition), at most
+    ``MAX_CONDITIONS`` of them.
+    """
+    text = _checked_text(text)
     if "+" in text or "," not in text:
         return [parse_condition(text)]
     kind, _, values = text.partition(":")
-    return [parse_condition(f"{kind}:{v}") for v in values.split(",") if v.strip()]
+    listed = values.split(",", MAX_CONDITIONS)
+    if len(listed) > MAX_CONDITIONS:
+        raise ValueError(f"--perturb {_quote(text)}: at most {MAX_CONDITIONS} values in one sweep")
+    return [_condition_in(f"{kind}:{v}", text) for v in listed]
+
+
+def _condition_in(part: str, spec: str) -> Condition:
+    """One value of a sweep, its error naming the whole spec."""
+    return Condition((_step(part, spec),))
 
 
 def parse_sweeps(texts: Sequence[str], include_clean: bool = True) -> list[Condition]:
@@ -161,4 +203,6 @@ def parse_sweeps(texts: Sequence[str], include_clean: bool = True) -> list[Condi
         for c in parse_sweep(text):
             if c not in out:
                 out.append(c)
+        if len(out) > MAX_CONDITIONS:
+            raise ValueError(f"--perturb: {len(out)} conditions in all; at most {MAX_CONDITIONS}")
     return out
