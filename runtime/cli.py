@@ -19,6 +19,7 @@ import numpy as np
 
 from i2p.base.tables import format_table
 
+from .backends import InferenceError
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
 from .manifest import ArtifactError
 from .outputs import ROW_COLUMNS, DoneSet, OutputError, Row, display, file_sink, partial_path, safe_row
@@ -328,6 +329,16 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
     return sizes
 
 
+def _timed_call(detector: Detector, x: np.ndarray) -> float:
+    """Seconds of one ``predict_batch``; a network failing on the batch is a message, not a traceback."""
+    t0 = time.perf_counter()
+    try:
+        detector.predict_batch(x)
+    except InferenceError as e:
+        raise click.ClickException(f"the network failed on a batch of {len(x)}: {e}") from e
+    return time.perf_counter() - t0
+
+
 @click.command()
 @model_options
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_batch_sizes)
@@ -360,12 +371,8 @@ def bench(
     for bs in batch_sizes:
         x = rng.standard_normal((bs, 3, size, size), dtype=np.float32)
         for _ in range(warmup):
-            detector.predict_batch(x)
-        times = np.empty(iters)
-        for i in range(iters):
-            t0 = time.perf_counter()
-            detector.predict_batch(x)
-            times[i] = time.perf_counter() - t0
+            _timed_call(detector, x)
+        times = np.array([_timed_call(detector, x) for _ in range(iters)])
         p50, p90, p99 = np.percentile(times, [50, 90, 99]) * 1e3
         rows.append(
             {

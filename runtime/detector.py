@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .backends import Backend, tensor_names
+from .backends import Backend, InferenceError, checked_logits, tensor_names
 from .manifest import (
     PRECISIONS,
     ArtifactError,
@@ -30,6 +30,7 @@ from .manifest import (
     verify_file,
 )
 from .memory import decode_memory_bytes
+from .model_check import check_model_files
 from .preprocess import ImageError, ImageInput, ResizePlan, decode, describe, preprocess, resize_plan
 
 log = logging.getLogger("i2p")
@@ -103,6 +104,7 @@ class Detector:
             raise ArtifactError(f"{self.path}: the manifest lists no model files; re-export the artifact")
         self.spec = self.manifest.preprocess
         self._check_io()
+        check_model_files(self.path, self.manifest)  # every model file: bounded graph and the I/O contract
         self._logit_name = tensor_names(self.manifest)[1]
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also refuses NaN
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
@@ -277,13 +279,17 @@ class Detector:
     def _score(self, items: Sequence[Prepared]) -> list[Prediction]:
         """One backend call for at most ``_step`` prepared inputs."""
         good = [p for p in items if p.error is None]
-        if not good:
-            logits = np.zeros(0, np.float32)
-        elif self._gpu_preprocess:
-            logits = self.backend.infer_images([p.data for p in good], [p.plan for p in good])
-        else:
-            logits = self.backend.infer(np.stack([p.data for p in good]))
-        probs = iter(sigmoid(np.asarray(logits).reshape(-1)))
+        try:
+            if not good:
+                logits = np.zeros(0, np.float32)
+            elif self._gpu_preprocess:
+                logits = self.backend.infer_images([p.data for p in good], [p.plan for p in good])
+            else:
+                logits = self.backend.infer(np.stack([p.data for p in good]))
+            logits = checked_logits(logits, len(good))
+        except InferenceError as e:  # the network failed on this call: its images get the error, not the run
+            return [Prediction(p.source, None, None, p.error or f"{p.source}: {e}") for p in items]
+        probs = iter(sigmoid(logits))
         return [
             self._result(p.source, next(probs))
             if p.error is None
@@ -292,7 +298,10 @@ class Detector:
         ]
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities [N] for an already preprocessed float [N, 3, S, S] batch."""
+        """Probabilities [N] for an already preprocessed float [N, 3, S, S] batch.
+
+        InferenceError if the network fails on it (``predict`` makes that an error row per image).
+        """
         size = self.spec.size
         if not isinstance(batch, np.ndarray):
             raise TypeError(
@@ -305,7 +314,7 @@ class Detector:
             )
         batch = batch.astype(np.float32, copy=False)
         parts = [
-            sigmoid(np.asarray(self.backend.infer(np.ascontiguousarray(chunk))).reshape(-1))
+            sigmoid(checked_logits(self.backend.infer(np.ascontiguousarray(chunk)), len(chunk)))
             for chunk in _chunks(batch, self._step)
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)

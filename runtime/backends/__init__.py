@@ -15,6 +15,27 @@ from ..manifest import Manifest
 from ..preprocess import ResizePlan
 
 
+class InferenceError(RuntimeError):
+    """The network failed on one call (an allocation it could not make, a runtime error, a wrong output).
+
+    The Detector turns it into error rows for that call's images; the backend stays usable.
+    """
+
+
+def checked_logits(logits: object, n: int) -> np.ndarray:
+    """The backend's output as float32 [n]: exactly one logit per image, else InferenceError.
+
+    A graph that passed the load checks can still compute another shape (declared [batch], returns one
+    value for the whole batch): without this, some images would get others' scores, or none.
+    """
+    out = np.asarray(logits)
+    if out.shape not in ((n,), (n, 1)) or out.dtype.kind != "f":
+        raise InferenceError(
+            f"the network returned {out.dtype} {list(out.shape)} for {n} images; expected one logit per image"
+        )
+    return out.reshape(n).astype(np.float32, copy=False)
+
+
 def tensor_names(manifest: Manifest) -> tuple[str, str]:
     """(input, logit output) as the manifest names them: its one input, and its first output.
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from ..manifest import ArtifactError
+from ..model_check import check_loadable
 from ..model_files import CPU_FUSED_FORMAT as CPU_FUSED_FORMAT  # where older callers import it from
 from ..model_files import images_per_call  # the catalogue says which files run one image per call
+from . import InferenceError, checked_logits
 
 log = logging.getLogger("i2p")
 
@@ -85,6 +89,44 @@ def model_input_shape(model_path: str | os.PathLike, max_batch: int) -> tuple[st
     return (first.name, max_batch, *chw)
 
 
+# The most a session load may take (ONNX Runtime's graph optimizations and constant folding run then): a
+# file within the model_check caps loads in seconds; the TensorRT EP builds its engine at load (minutes).
+LOAD_SECONDS = 120.0
+GPU_LOAD_SECONDS = 1800.0
+
+
+def _load_session(
+    model_path: str | os.PathLike, opts: Any, providers: list[Provider], disabled: list[str], seconds: float
+) -> ort.InferenceSession:
+    """An InferenceSession, or ArtifactError if loading takes more than ``seconds``.
+
+    The load runs in a daemon thread (ONNX Runtime releases the GIL while it loads) that cannot be
+    stopped: after a timeout it finishes or fails in the background and its session is dropped, but the
+    caller is free at once.
+    """
+    result: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            result["session"] = ort.InferenceSession(
+                os.fspath(model_path), sess_options=opts, providers=providers, disabled_optimizers=disabled
+            )
+        except Exception as e:  # ORT raises its own pybind exception types
+            result["error"] = e
+
+    thread = threading.Thread(target=load, name=f"i2p-load-{Path(model_path).name}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise ArtifactError(
+            f"{model_path}: ONNX Runtime took more than {seconds:g} s to load this model; refusing it"
+        )
+    if "error" in result:
+        e = result["error"]
+        raise RuntimeError(f"{model_path}: ONNX Runtime cannot load this model ({e})") from e
+    return result["session"]
+
+
 class OnnxRuntimeBackend:
     """One InferenceSession; ``infer`` may be called from several threads at once (``run`` is thread-safe).
 
@@ -105,7 +147,9 @@ class OnnxRuntimeBackend:
         precision: str = "fp32",
         output_name: str | None = None,
         max_batch: int = 32,
+        load_seconds: float | None = None,
     ) -> None:
+        check_loadable(model_path)  # bounded graph, allowlisted ops, no external data: before ORT parses it
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT's placement warnings are expected and not actionable
@@ -118,12 +162,10 @@ class OnnxRuntimeBackend:
             providers = auto_providers(device, precision, input_shape=shape)
         on_cpu = provider_name(providers[0]) == CPU_EP
         disabled = list(FP16_CPU_DISABLED_OPTIMIZERS) if precision == "fp16" and on_cpu else []
-        try:
-            self.session = ort.InferenceSession(
-                os.fspath(model_path), sess_options=opts, providers=providers, disabled_optimizers=disabled
-            )
-        except Exception as e:  # ORT raises its own pybind exception types
-            raise RuntimeError(f"{model_path}: ONNX Runtime cannot load this model ({e})") from e
+        seconds = LOAD_SECONDS if load_seconds is None else load_seconds
+        if not on_cpu and load_seconds is None:
+            seconds = GPU_LOAD_SECONDS
+        self.session = _load_session(model_path, opts, providers, disabled, seconds)
         self.model_path = Path(model_path)
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime[{self.providers[0]}]"
@@ -151,8 +193,11 @@ class OnnxRuntimeBackend:
         return np.concatenate([self._run(batch[i : i + step]) for i in range(0, len(batch), step)])
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
-        return logits
+        try:
+            (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        except Exception as e:  # ORT's own exception types: an allocation it cannot make, a kernel error
+            raise InferenceError(f"ONNX Runtime failed on {self.model_path.name} ({e})") from e
+        return checked_logits(logits, len(batch))
 
     def infer_images(self, images: object, plans: object = None) -> np.ndarray:
         raise RuntimeError("ONNX Runtime takes preprocessed batches (accepts_images=False); use infer")

@@ -197,7 +197,8 @@ def test_tampered_truncated_and_missing_models_are_refused(tmp_path: Path) -> No
     onnx.save(build_model(32, seed=1), root / "model.onnx")  # a valid network, but not the exported one
     with pytest.raises(ArtifactError, match=r"model.onnx: sha256 .* does not match the manifest.*re-export"):
         Detector(root, precision="fp32")
-    Detector(root, precision="fp16")  # only the file in use is read, and that one is intact
+    with pytest.raises(ArtifactError, match=r"model.onnx: sha256 .* does not match"):
+        Detector(root, precision="fp16")  # every model file is checked at load, not only the one in use
 
     root = make_artifact(tmp_path / "b.i2p")
     data = (root / "model.fp16.onnx").read_bytes()
