@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from i2p.base.files import IMAGE_EXTENSIONS, is_image_name
 
 CLASS_DIRS = {"0_real": 0, "real": 0, "1_fake": 1, "fake": 1}  # folder name (any case) -> label
 CSV_LABELS = {"0": 0, "real": 0, "1": 1, "fake": 1}
+_LABEL_NAMES = ("real", "fake")
 
 
 class DataError(ValueError):
@@ -42,6 +44,9 @@ def discover(source: str | os.PathLike) -> list[Sample]:
     one generator named after the folder; otherwise each sub-folder is a generator, and its class
     folders may sit at any depth (CNNDetection's ``progan/airplane/0_real`` counts as ``progan``). Images
     are found recursively inside class folders, by extension; hidden files and folders are skipped.
+
+    Every image counts once: a file listed twice (by any path that resolves to it: ``./a.png``, a symlink)
+    with one label is kept once with a warning giving the count; with both labels it is a DataError.
     """
     src = Path(source)
     if not src.exists():
@@ -50,9 +55,42 @@ def discover(source: str | os.PathLike) -> list[Sample]:
         if src.suffix.lower() != ".csv":
             raise DataError(f"{src}: expected a folder of images or a .csv manifest (path,label[,generator])")
         samples = _read_csv(src)
-    else:
+    elif src.is_dir():
         samples = _read_folder(src)
-    return sorted(samples, key=lambda s: (s.generator, s.label, str(s.path)))
+    else:  # a FIFO would block the read, a device would stream forever
+        raise DataError(f"{src}: not a folder or a regular file (a FIFO, socket or device?)")
+    return sorted(_unique(samples, src), key=lambda s: (s.generator, s.label, str(s.path)))
+
+
+def _unique(samples: list[Sample], source: Path) -> list[Sample]:
+    """Each image once, compared by its resolved path (``./a.png`` and ``a.png``, a symlink and its target
+    are one file): the same file under two labels is a DataError naming it; listed again with its label
+    it is kept once (the first listing, with its generator), with one warning that says how many."""
+    first: dict[str, Sample] = {}
+    conflicts: list[str] = []
+    repeats = 0
+    for s in samples:
+        key = os.path.realpath(s.path)
+        seen = first.setdefault(key, s)
+        if seen is s:
+            continue
+        if seen.label != s.label:
+            conflicts.append(
+                f"{seen.path} ({_LABEL_NAMES[seen.label]}) and {s.path} ({_LABEL_NAMES[s.label]})"
+            )
+        else:
+            repeats += 1
+    if conflicts:
+        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        raise DataError(
+            f"{source}: {len(conflicts)} file(s) labelled both real and fake: {'; '.join(conflicts[:3])}{more}"
+        )
+    if repeats:
+        warnings.warn(
+            f"{source}: {repeats} duplicate listing(s) of the same file ignored (each image counts once)",
+            stacklevel=3,
+        )
+    return list(first.values())
 
 
 def _read_folder(root: Path) -> list[Sample]:
@@ -124,13 +162,22 @@ def _read_csv(path: Path) -> list[Sample]:
     """``path,label[,generator]`` rows; relative paths are resolved against the CSV's folder."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        if "path" not in header or "label" not in header:
+        try:
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            if "path" not in header or "label" not in header:
+                raise DataError(
+                    f"{path}: header must name the columns path,label[,generator]; got {header or 'nothing'}"
+                )
+            reader.fieldnames = header
+            samples = [_csv_row(path, reader.line_num, row, len(header)) for row in reader]
+        except UnicodeDecodeError as e:
             raise DataError(
-                f"{path}: header must name the columns path,label[,generator]; got {header or 'nothing'}"
-            )
-        reader.fieldnames = header
-        samples = [_csv_row(path, reader.line_num, row, len(header)) for row in reader]
+                f"{path}, near line {reader.line_num + 1}: not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+        except csv.Error as e:  # a field over csv.field_size_limit() (128 KiB), a NUL byte, ...
+            raise DataError(
+                f"{path}, near line {reader.line_num + 1}: not a readable CSV row ({e})"
+            ) from None
     if not samples:
         raise DataError(f"{path}: the manifest lists no images")
     return samples

@@ -91,6 +91,9 @@ def predict(
         if len(batch.labels):
             probs.append(torch.sigmoid(model(batch.images.to(rt.device)).float()).cpu())
             indices.append(batch.indices)
+    if not probs:  # say so, rather than torch's "expected a non-empty list of Tensors"
+        n = len(loader.dataset)
+        raise data_mod.DataError(f"{desc}: no image could be read ({n} listed, every one failed to decode)")
     return torch.cat(probs).numpy(), torch.cat(indices).numpy()
 
 
@@ -109,7 +112,9 @@ def validate(
     is ``--target-fpr``'s when given, else "balanced". ``scores``: (probabilities, indices) already
     computed (a head-only run's cached validation features); else the model runs on the images.
     """
-    probs, idx = scores if scores is not None else predict(model, eval_loader(samples, spec, cfg), rt)
+    probs, idx = scores if scores is not None else predict(
+        model, eval_loader(samples, spec, cfg), rt, desc="validation split"
+    )
     y = np.array([samples[i].label for i in idx])
     targets = sorted({*DEFAULT_TARGETS, *([cfg.target_fpr] if cfg.target_fpr is not None else [])})
     points = operating_points(y, probs, targets)
