@@ -105,17 +105,17 @@ def test_discover_csv_manifest(tmp_path, with_generator):
 
 
 def test_csv_accepts_word_labels_absolute_paths_and_missing_generator(tmp_path):
-    img = tmp_path / "x.png"
+    img = tmp_path / "z.png"  # each file under one label: one listed as both is an error (test_labels.py)
     Image.new("RGB", (8, 8)).save(img)
     (tmp_path / "m.csv").write_text(
-        f" Path , LABEL ,generator\nx.png,real,g1\nx.png, Fake ,\n{img},1,g1\nsub/x.png,0,g2\n"
+        f" Path , LABEL ,generator\nx.png,real,g1\ny.png, Fake ,\n{img},1,g1\nsub/x.png,0,g2\n"
     )
     samples = discover(tmp_path / "m.csv")
     assert as_rows(samples) == [  # sorted by (generator, label, path); missing files are scan()'s business
         (tmp_path / "x.png", 0, "g1"),
-        (tmp_path / "x.png", 1, "g1"),
+        (tmp_path / "z.png", 1, "g1"),
         (tmp_path / "sub" / "x.png", 0, "g2"),
-        (tmp_path / "x.png", 1, "m"),
+        (tmp_path / "y.png", 1, "m"),
     ]
 
 
