@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout, suppress
@@ -141,11 +143,33 @@ def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> 
     cfg = _config(**kw, augment=augment, amp=not no_amp)  # options are checked before torch loads (seconds)
     from .loop import train as run
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with _removed_if_left_empty(Path(cfg.out)), redirect_stdout(sys.stderr if as_json else sys.stdout):
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # open_clip's INFO chatter stays out
+    logging.getLogger("i2p").setLevel(logging.INFO)
+    with (
+        _sigterm_as_exit(),
+        _removed_if_left_empty(Path(cfg.out)),
+        redirect_stdout(sys.stderr if as_json else sys.stdout),
+    ):
         meta = run_cli(run, cfg, resume, started)
     if as_json:
         click.echo(meta.to_json())
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: cleanups run, exit status 143."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -59,3 +60,24 @@ def _seconds(text: str) -> float:
     parts = re.findall(r"([\d.]+)([hms])", text)
     assert parts, text
     return sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["data:", "stage 1: calibration features"])
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_empty_out(
+    tmp_path: Path, data_dir: Path, when: str
+) -> None:
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "i2p.cli", "train", "--data", str(data_dir), "--out", str(out), *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(when):
+            assert out.is_dir()  # the run made it
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "".join(seen) + rest
+    assert "Traceback" not in rest and not out.exists()
+    assert "No potential checkpoint path" not in "".join(seen) + rest  # open_clip's INFO lines stay out
