@@ -15,6 +15,7 @@ from ..manifest import ArtifactError
 from ..model_check import check_loadable
 from ..model_files import CPU_FUSED_FORMAT as CPU_FUSED_FORMAT  # where older callers import it from
 from ..model_files import images_per_call  # the catalogue says which files run one image per call
+from ..private_cache import UntrustedCacheError, private_dir
 from . import InferenceError, checked_logits
 
 log = logging.getLogger("i2p")
@@ -56,8 +57,11 @@ def auto_providers(
             )
         opts: dict[str, Any] = {"device_id": device, "trt_fp16_enable": precision == "fp16"}
         if engine_cache is not None:
-            engine_cache.mkdir(parents=True, exist_ok=True)
-            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache))
+            try:  # the EP deserializes what it finds there: only a directory of this user's, no links
+                private_dir(engine_cache)
+                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache))
+            except UntrustedCacheError as e:
+                log.warning("i2p: not caching TensorRT EP engines: %s", e)
         name, max_batch, *chw = input_shape
         dims = "x".join(str(d) for d in chw)
         opts.update(

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from i2p import kernels
-from i2p.base.files import cache_root
 
 from ..manifest import Manifest, verify_file
+from ..model_check import check_loadable
 from ..preprocess import ResizePlan
 from ..resample import kernel_batch, kernel_tables
 from ..tensorrt.api import (
@@ -35,9 +35,9 @@ from ..tensorrt.api import (
 )
 from ..tensorrt.api import available as tensorrt_available
 from ..tensorrt.build import build_engine
-from ..tensorrt.cache import EngineKey, engine_source, lookup, timing_cache_name
+from ..tensorrt.cache import EngineKey, engine_cache, engine_source, lookup, timing_cache_name
 from ..tensorrt.graph import CudaGraph
-from . import tensor_names
+from . import InferenceError, tensor_names
 
 log = logging.getLogger("i2p")
 
@@ -103,16 +103,14 @@ class TensorRTBackend:
 
     # -- engine --------------------------------------------------------------------------------------
 
-    def _engine_dirs(self) -> list[Path]:
-        """Where engines are looked for, in order; the first writable one is where a new one is built."""
-        return [self.artifact / "engines", cache_root() / "engines"]
-
     def _ensure_engine(self) -> Path:
         try:
             model = engine_source(self.manifest, self._trt.__version__)
         except EngineBuildError as e:
             raise EngineBuildError(f"{self.artifact}: {e}") from None
         onnx_path = verify_file(self.artifact, self.manifest, model.path)  # sha256 against the manifest
+        # a bounded graph of allowlisted ops without external data, before TensorRT parses it
+        check_loadable(onnx_path)
         key = EngineKey(
             gpu=self._cuda.Device(self.device).name(),
             compute_capability=kernels.compute_capability(self.device),
@@ -123,10 +121,11 @@ class TensorRTBackend:
             max_batch=self.max_batch,
             opt_batch=max(1, min(8, self.max_batch)),
         )
-        found = lookup(self._engine_dirs(), key)
+        cache = engine_cache()  # the runtime's own: engines are never read from or written into the artifact
+        found = lookup(cache, key, self.artifact, self.manifest)
         if not found.found:
             log.info("building a TensorRT engine because %s", "; ".join(found.reasons))
-            timing = found.path.parent / timing_cache_name(key)
+            timing = cache / timing_cache_name(key)
             build_engine(
                 onnx_path,
                 found.path,
@@ -137,12 +136,18 @@ class TensorRTBackend:
                 self.device,
                 self.input_name,
             )
+            found = lookup(cache, key)
+            if not found.found:
+                raise EngineBuildError(f"the engine just built does not verify: {'; '.join(found.reasons)}")
+        self._engine_data = found.data
         return found.path
 
     def _load(self) -> None:
         trt, cuda = self._trt, self._cuda
         self._runtime = trt.Runtime(logger())
-        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        # the bytes lookup() verified (read once): a file swapped after the check is never deserialized
+        self._engine = self._runtime.deserialize_cuda_engine(self._engine_data)
+        self._engine_data = None
         if self._engine is None:
             raise EngineBuildError(
                 f"{self.engine_path}: TensorRT {trt.__version__} could not load this engine; "
@@ -229,7 +234,7 @@ class TensorRTBackend:
         else:
             self._set_batch(self._exec, n)
             if not self._exec.execute_async_v3(self._stream.handle):
-                raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
+                raise InferenceError("TensorRT execute_async_v3 failed (see its log)")
         out = self._host[self.output_name][:n]
         self._cuda.memcpy_dtoh_async(out, self._device_buffers[self.output_name], self._stream)
         self._stream.synchronize()

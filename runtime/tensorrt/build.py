@@ -17,6 +17,7 @@ from typing import Any
 from i2p.base.files import sha256_file, write_bytes_atomic
 
 from ... import kernels
+from ..private_cache import read_own_file
 from .api import EngineBuildError, logger, major, tensorrt, version_tuple
 from .cache import PRECISIONS, EngineKey, write_engine
 from .layernorm import decompose_layernorm
@@ -156,8 +157,8 @@ def _has_fp16(network: Any, trt: Any) -> bool:
 def _use_timing_cache(config: Any, path: Path | None) -> None:
     """Attach the timing cache at ``path`` (or an empty one, if it is absent or from another GPU/version)."""
     if path is not None and path.is_file():
-        try:
-            cache = config.create_timing_cache(path.read_bytes())
+        try:  # only ever in the runtime's own cache (engine_cache()); read without following a link
+            cache = config.create_timing_cache(read_own_file(path))
             if cache is not None and config.set_timing_cache(cache, False):
                 return
         except Exception as e:  # TensorRT raises on a corrupt cache in some versions

@@ -1,29 +1,37 @@
 """The engine cache: file names keyed by what an engine was built for, JSON sidecars, verification, lookup.
 
 Engines do not move between GPUs or TensorRT versions, so the first load on a machine builds one and
-caches it in ``ARTIFACT/engines/`` (or the user cache when the artifact is read-only) under a name
-keyed by GPU, compute capability, TensorRT version, precision and the ONNX file's sha256. A JSON
-sidecar repeats the key and holds the engine's own sha256: a tampered, truncated or foreign engine
-is rebuilt, never deserialized.
+caches it under a name keyed by GPU, compute capability, TensorRT version, precision and the ONNX
+file's sha256. A JSON sidecar repeats the key and holds the engine's own sha256: a tampered, truncated
+or foreign engine is rebuilt, never deserialized.
+
+Deserializing an engine runs native code from it, so engines are read only from places the runtime
+trusts: its own cache (``engine_cache()``: the user cache dir, 0700, no symlinks, this user's files;
+``i2p.runtime.private_cache``) and engines the artifact's manifest lists and hashes (``engines/NAME``
+with its sidecar). A file planted in ``ARTIFACT/engines/`` and not hashed is never read, and nothing is
+ever written into the artifact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from i2p.base.files import sha256_file, write_bytes_atomic, write_json_atomic
+from i2p.base.files import cache_root, sha256_file, write_bytes_atomic, write_json_atomic
 
-from ..manifest import Manifest, ModelFile
+from ..manifest import MANIFEST, ArtifactError, Manifest, ModelFile, confined_file
 from ..model_files import ENGINE_PRECISIONS
+from ..private_cache import UntrustedCacheError, private_dir, read_own_file
 from .api import EngineBuildError, major
 
 SIDECAR_FORMAT = "i2p-tensorrt-engine"
+ENGINES = "engines"  # the cache's folder under cache_root(), and the artifact folder of hashed engines
+MAX_SIDECAR_BYTES = 1 << 16
 PRECISIONS = ENGINE_PRECISIONS  # the engine rows of the model-file catalogue
 
 
@@ -91,19 +99,37 @@ def write_engine(engine_path: str | os.PathLike, data: Any, key: EngineKey) -> s
     return digest
 
 
-def engine_mismatch(engine_path: str | os.PathLike, key: EngineKey) -> str | None:
-    """None if the engine at ``engine_path`` was built for ``key`` and is intact, else why not.
+class StaleEngine(Exception):
+    """Why an engine file cannot be used (absent, foreign, tampered, untrusted): a reason to rebuild."""
 
-    An engine built for a larger ``max_batch`` serves a smaller one; ``opt_batch`` only tunes speed.
+
+def read_engine(engine_path: str | os.PathLike, key: EngineKey) -> bytes:
+    """The engine's bytes, once its sidecar says it was built for ``key`` and the bytes read match its sha256.
+
+    The bytes returned are the ones hashed (read once, without following links, this user's regular
+    files): what is deserialized is what was verified. StaleEngine says why not.
     """
     path = Path(engine_path)
     side = sidecar_path(path)
-    if not path.is_file():
-        return "no engine built yet"
-    if not side.is_file():
-        return f"{side.name} is missing"
     try:
-        meta = json.loads(side.read_text())
+        data = read_own_file(path)
+    except FileNotFoundError:
+        raise StaleEngine("no engine built yet") from None
+    except UntrustedCacheError as e:
+        raise StaleEngine(str(e)) from None
+    try:
+        meta_bytes = read_own_file(side, MAX_SIDECAR_BYTES)
+    except FileNotFoundError:
+        raise StaleEngine(f"{side.name} is missing") from None
+    except UntrustedCacheError as e:
+        raise StaleEngine(str(e)) from None
+    _check_sidecar(meta_bytes, side.name, key, hashlib.sha256(data).hexdigest(), path.name)
+    return data
+
+
+def _check_sidecar(raw: bytes, name: str, key: EngineKey, actual_sha: str, engine: str) -> None:
+    try:
+        meta = json.loads(raw)
         built = EngineKey(
             **{
                 **{f: meta[f] for f in EngineKey.__dataclass_fields__},
@@ -111,19 +137,30 @@ def engine_mismatch(engine_path: str | os.PathLike, key: EngineKey) -> str | Non
             }
         )
         expected_sha = meta["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{side.name} is unreadable ({e})"
+    except (ValueError, KeyError, TypeError) as e:
+        raise StaleEngine(f"{name} is unreadable ({e})") from None
     if meta.get("format") != SIDECAR_FORMAT:
-        return f"{side.name} is not an i2p engine sidecar"
+        raise StaleEngine(f"{name} is not an i2p engine sidecar")
     for field in ("gpu", "compute_capability", "tensorrt", "precision", "onnx_sha256", "input_size"):
         if getattr(built, field) != getattr(key, field):
-            return (
+            raise StaleEngine(
                 f"it was built for {field}={getattr(built, field)!r}, this one needs {getattr(key, field)!r}"
             )
     if built.max_batch < key.max_batch:
-        return f"it was built for max_batch={built.max_batch}, {key.max_batch} is needed"
-    if sha256_file(path) != expected_sha:
-        return f"{path.name} does not match the sha256 in {side.name} (modified or truncated)"
+        raise StaleEngine(f"it was built for max_batch={built.max_batch}, {key.max_batch} is needed")
+    if actual_sha != expected_sha:
+        raise StaleEngine(f"{engine} does not match the sha256 in {name} (modified or truncated)")
+
+
+def engine_mismatch(engine_path: str | os.PathLike, key: EngineKey) -> str | None:
+    """None if the engine at ``engine_path`` was built for ``key`` and is intact, else why not.
+
+    An engine built for a larger ``max_batch`` serves a smaller one; ``opt_batch`` only tunes speed.
+    """
+    try:
+        read_engine(engine_path, key)
+    except StaleEngine as e:
+        return str(e)
     return None
 
 
@@ -135,31 +172,66 @@ def timing_cache_name(key: EngineKey) -> str:
 
 @dataclass(frozen=True)
 class Lookup:
-    """Where the engine for a key is: ``found`` when a verified one exists, else where to build it and why."""
+    """The verified engine for a key (``data``, from ``path``), or where to build it and why there is none."""
 
     path: Path
     found: bool
     reasons: tuple[str, ...] = ()
+    data: bytes | None = None  # the engine's bytes as verified: what the backend deserializes
 
 
-def lookup(directories: Sequence[Path], key: EngineKey) -> Lookup:
-    """The first directory holding a verified engine for ``key``; else the first writable one to build in."""
-    reasons = []
-    for directory in directories:
-        candidate = directory / key.filename
-        reason = engine_mismatch(candidate, key)
-        if reason is None:
-            return Lookup(candidate, True)
-        reasons.append(f"{candidate}: {reason}")
-    target = next((d for d in directories if _writable(d)), None)
-    if target is None:
-        raise EngineBuildError(f"no writable place for a TensorRT engine: {[str(d) for d in directories]}")
-    return Lookup(target / key.filename, False, tuple(reasons))
-
-
-def _writable(directory: Path) -> bool:
+def engine_cache() -> Path:
+    """The runtime's own engine cache (``cache_root()/engines``), checked private; EngineBuildError if not."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(directory, os.W_OK)
+        return private_dir(cache_root() / ENGINES)
+    except UntrustedCacheError as e:
+        raise EngineBuildError(f"refusing the TensorRT engine cache: {e}") from None
+
+
+def lookup(
+    cache: Path, key: EngineKey, artifact: Path | None = None, manifest: Manifest | None = None
+) -> Lookup:
+    """A verified engine for ``key``: one the manifest hashes (``engines/NAME``), else one in ``cache``.
+
+    ``cache`` must be the runtime's own (``engine_cache()``); a miss says to build there. Engine files in
+    the artifact that the manifest does not hash are named in the reasons and never read.
+    """
+    reasons = []
+    if artifact is not None and manifest is not None:
+        rel = f"{ENGINES}/{key.filename}"
+        if rel in manifest.files:
+            try:
+                return Lookup(artifact / rel, True, (), _hashed_engine(artifact, manifest, rel, key))
+            except (StaleEngine, ArtifactError) as e:
+                reasons.append(f"{artifact / rel}: {e}")
+        elif os.path.lexists(artifact / rel):
+            reasons.append(
+                f"{artifact / rel}: not hashed in {MANIFEST}, so not loaded (an engine runs native code; "
+                "only the runtime's own cache and hashed engines are)"
+            )
+    candidate = cache / key.filename
+    try:
+        return Lookup(candidate, True, (), read_engine(candidate, key))
+    except StaleEngine as e:
+        reasons.append(f"{candidate}: {e}")
+    return Lookup(candidate, False, tuple(reasons))
+
+
+def _hashed_engine(artifact: Path, manifest: Manifest, rel: str, key: EngineKey) -> bytes:
+    """An engine the manifest lists with its sidecar: both confined to the artifact and matching their sha256."""
+    side = str(sidecar_path(rel))
+    if side not in manifest.files:
+        raise StaleEngine(f"its sidecar {side} is not hashed in {MANIFEST}")
+    blobs = []
+    for name in (rel, side):
+        path = confined_file(artifact, name)  # inside the artifact, no symlink on the way, a regular file
+        try:
+            data = read_own_file(path, any_owner=True)  # an artifact is often another user's, read-only
+        except (OSError, UntrustedCacheError) as e:
+            raise StaleEngine(f"cannot read {name} ({e})") from None
+        if hashlib.sha256(data).hexdigest() != manifest.files[name]:
+            raise StaleEngine(f"{name} does not match its sha256 in {MANIFEST}")
+        blobs.append(data)
+    engine, meta = blobs
+    _check_sidecar(meta, side, key, manifest.files[rel], rel)
+    return engine

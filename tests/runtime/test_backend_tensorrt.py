@@ -431,12 +431,13 @@ def test_infer_images_preprocesses_on_the_gpu_like_the_cpu(tmp_path: Path) -> No
 
 
 def test_lookup_finds_a_verified_engine_or_says_where_to_build(tmp_path: Path) -> None:
-    first, second = tmp_path / "artifact" / "engines", tmp_path / "cache" / "engines"
-    miss = lookup([first, second], KEY)
-    assert not miss.found and miss.path == first / KEY.filename and len(miss.reasons) == 2
-    write_engine(second / KEY.filename, b"engine", KEY)
-    hit = lookup([first, second], KEY)
-    assert hit.found and hit.path == second / KEY.filename
+    """In the runtime's own cache; engines in the artifact: tests/runtime/test_engine_cache.py."""
+    cache = tmp_path / "cache" / "engines"
+    miss = lookup(cache, KEY)
+    assert not miss.found and miss.path == cache / KEY.filename and len(miss.reasons) == 1 and miss.data is None
+    write_engine(cache / KEY.filename, b"engine", KEY)
+    hit = lookup(cache, KEY)
+    assert hit.found and hit.path == cache / KEY.filename and hit.data == b"engine"  # the bytes verified
     assert timing_cache_name(KEY) == "timing_nvidia-jetson-agx-orin_sm87_trt10.3.0.cache"
 
 
