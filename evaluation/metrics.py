@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from i2p.base.tables import format_table
+from i2p.runtime.schema import OperatingPoint  # the checkpoint's and the manifest's type, checked there
 
 MEAN = "mean"
 TABLE_COLUMNS = ("n", "acc_real", "acc_fake", "acc", "ap", "auc", "tpr_1pct_fpr", "tpr_5pct_fpr", "ece")
@@ -160,26 +161,6 @@ def point_name(target_fpr: float | None) -> str:
     if target_fpr is None:
         return BALANCED
     return f"fpr_{100 * target_fpr:g}pct"
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """A named threshold and how it was chosen, with what it gave on the validation set."""
-
-    threshold: float
-    rule: str  # "balanced_accuracy" | "max_tpr_at_fpr"
-    target_fpr: float | None
-    val_fpr: float  # fraction of validation reals called fake at the threshold
-    val_tpr: float  # fraction of validation fakes caught
-    n_real: int
-    n_fake: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OperatingPoint:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 def operating_points(y: Any, p: Any, targets: Sequence[float] = DEFAULT_TARGETS) -> dict[str, OperatingPoint]:

@@ -7,15 +7,17 @@ step (which needs a manifest to load the staged artifact) gets the same record i
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 from pathlib import Path
 from typing import Any
 
 from i2p.base.files import sha256_file, write_json_atomic
-from i2p.runtime.manifest import MANIFEST, Manifest, TensorSpec
+from i2p.runtime.manifest import MANIFEST, ArtifactError, Manifest, TensorSpec
 from i2p.runtime.model_files import by_file
 
 from .build import FP16_ONNX, Build
+from .network import ExportError
 from .onnx_export import INPUT, OUTPUTS
 from .parity import ParityReport
 
@@ -48,7 +50,12 @@ def write(build: Build, staging: Path, hashes: dict[str, str], parity: ParityRep
     """parity.json, then manifest.json listing every file's sha256 (parity.json's included)."""
     write_json_atomic(staging / PARITY, parity.to_dict())
     manifest = describe(build, {**hashes, PARITY: sha256_file(staging / PARITY)}, parity)
-    write_json_atomic(staging / MANIFEST, manifest.to_json())
+    text = manifest.to_json()
+    try:  # what exports also loads: the runtime's own checks, before anything is written
+        Manifest.from_dict(json.loads(text))
+    except ArtifactError as e:
+        raise ExportError(f"{build.opts.ckpt}: the artifact's manifest would not load: {e}") from e
+    write_json_atomic(staging / MANIFEST, text)
     return manifest
 
 

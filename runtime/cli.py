@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 from i2p.base.tables import format_table
 
+from . import schema
 from .backends import InferenceError
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
 from .manifest import ArtifactError
@@ -245,9 +245,10 @@ def _score(
 
 
 def _probability(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise click.BadParameter(f"{value} is not a probability in [0, 1]")
-    return value
+    try:
+        return None if value is None else schema.probability(value, "--threshold")
+    except schema.SchemaError:
+        raise click.BadParameter(f"{value} is not a probability in [0, 1]") from None
 
 
 def _echo(text: str, err: bool = False) -> None:

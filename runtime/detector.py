@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import schema
 from .backends import Backend, InferenceError, checked_logits, tensor_names
 from .manifest import (
     PRECISIONS,
@@ -106,8 +107,8 @@ class Detector:
         self._check_io()
         check_model_files(self.path, self.manifest)  # every model file: bounded graph and the I/O contract
         self._logit_name = tensor_names(self.manifest)[1]
-        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also refuses NaN
-            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
+        if threshold is not None:  # a SchemaError (ValueError) for NaN or outside [0, 1]
+            threshold = schema.probability(float(threshold), "threshold")
         if threshold is not None and operating_point is not None:
             raise ValueError("pass threshold= or operating_point=, not both")
         if operating_point is not None:  # a named threshold of the manifest ("balanced", "fpr_1pct", ...)

@@ -3,7 +3,9 @@
 Written by ``i2p.export``, read by ``Detector``. Nothing in a manifest is trusted:
 
 - the file is at most ``MAX_MANIFEST_BYTES``, UTF-8 JSON, and not a symlink;
-- every field has a type and a range, checked at load; an error names the file and the field;
+- every field has a type and a range, checked at load; an error names the file and the field. The
+  fields a checkpoint shares (layers, threshold, preprocessing, operating points) are checked by
+  ``schema``, the same rules training applies when it writes them, and so are the rules between fields;
 - every listed path is relative, without ``..``, and resolves (no symlinks on the way) to a regular
   file inside the artifact directory before anything reads or hashes it;
 - a file is used only once its sha256 matches the manifest, and the network's input shape must match
@@ -13,7 +15,6 @@ Written by ``i2p.export``, read by ``Detector``. Nothing in a manifest is truste
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
@@ -23,14 +24,15 @@ from typing import Any
 
 from i2p.base.files import sha256_file
 
+from . import schema
 from .model_files import PRECISIONS, ModelFile, choose, kind_of
 from .preprocess import PreprocessSpec
+from .schema import OperatingPoint, SchemaError
 
 FORMAT = "i2p-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # a real manifest is ~5 KB; parity and metrics live in their own files
-MAX_LAYERS = 1000
 DTYPES = ("float32", "float16")
 REQUIRED = frozenset(
     {"name", "backbone", "layer", "num_layers", "threshold", "preprocess", "inputs", "outputs", "models"}
@@ -63,9 +65,9 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of every file
     tools: dict[str, str] = field(default_factory=dict)  # package -> version used to export
     extra: dict[str, Any] = field(default_factory=dict)  # metrics, parity summary, checkpoint info
-    # Named thresholds calibrated on validation ("balanced", "fpr_1pct", ...): each has "threshold" and
-    # how it was chosen ("rule", "target_fpr", "val_fpr", "val_tpr", ...); ``threshold`` is operating_point's.
-    operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Named thresholds calibrated on validation ("balanced", "fpr_1pct", ...); ``threshold`` is the one
+    # ``operating_point`` names (checked at load).
+    operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     operating_point: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -75,7 +77,7 @@ class Manifest:
         if name not in self.operating_points:
             known = ", ".join(sorted(self.operating_points)) or "none (exported before operating points)"
             raise ArtifactError(f"no operating point {name!r} in this artifact; it has: {known}")
-        return float(self.operating_points[name]["threshold"])
+        return self.operating_points[name].threshold
 
     def model(self, precision: str, format: str = "onnx") -> ModelFile | None:
         """The portable network file of a precision (``format="onnx"``: runs on every backend)."""
@@ -91,6 +93,13 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
         """Validate every field (ArtifactError naming the field), then build."""
+        try:
+            return cls._from_dict(d)
+        except SchemaError as e:
+            raise ArtifactError(str(e)) from e
+
+    @classmethod
+    def _from_dict(cls, d: Any) -> Manifest:
         if not isinstance(d, dict):
             raise ArtifactError(f"the manifest must be a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
@@ -110,22 +119,28 @@ class Manifest:
         unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise ArtifactError(f"unknown field(s) {unknown}; this i2p version knows {sorted(known)}")
-        layer = _integer(d, "layer", 1, MAX_LAYERS)
+        layer, num_layers = schema.layers(d["layer"], d["num_layers"])
+        threshold = schema.probability(d["threshold"], "threshold")
+        points = schema.operating_points(d.get("operating_points", {}))
+        default = d.get("operating_point", "")
+        if default != "":  # "": exported before operating points, or without them
+            schema.point_name(default, "operating_point")
+        schema.default_point(threshold, points, default)
         return cls(
             name=_string(d, "name"),
             backbone=_string(d, "backbone"),
             layer=layer,
-            num_layers=_integer(d, "num_layers", layer, MAX_LAYERS),
-            threshold=_probability(d, "threshold"),
-            preprocess=_preprocess(d["preprocess"]),
+            num_layers=num_layers,
+            threshold=threshold,
+            preprocess=schema.preprocess(d["preprocess"]),
             inputs=_tensors(d, "inputs"),
             outputs=_tensors(d, "outputs"),
             models=_models(d),
             files=_files(d.get("files", {})),
             tools=_str_map(d.get("tools", {}), "tools"),
             extra=_object(d.get("extra", {}), "extra"),
-            operating_points=_operating_points(d.get("operating_points", {})),
-            operating_point=_point_name(d, "operating_point"),
+            operating_points=points,
+            operating_point=default,
             format=FORMAT,
             format_version=version,
         )
@@ -143,54 +158,6 @@ def _string(d: dict[str, Any], key: str, max_len: int = 256) -> str:
     return value
 
 
-def _integer(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    value = d[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ArtifactError(f"field {key!r} must be an integer in [{lo}, {hi}], got {value!r:.80}")
-    return value
-
-
-def _probability(d: dict[str, Any], key: str) -> float:
-    value = d[key]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 <= value <= 1
-    ):
-        raise ArtifactError(f"field {key!r} must be a number in [0, 1], got {value!r:.80}")
-    return float(value)
-
-
-def _point_name(d: dict[str, Any], key: str) -> str:
-    value = d.get(key, "")
-    if not isinstance(value, str) or len(value) > 64:
-        raise ArtifactError(f"field {key!r} must be a string of at most 64 characters, got {value!r:.80}")
-    return value
-
-
-def _operating_points(value: Any) -> dict[str, dict[str, Any]]:
-    """name -> {"threshold": probability, "rule": str, other numbers}; at most 32 points."""
-    points = _object(value, "operating_points")
-    if len(points) > 32:
-        raise ArtifactError(f"field 'operating_points' holds {len(points)} points; at most 32 are allowed")
-    for name, point in points.items():
-        key = f"operating_points.{name}"
-        if not name or len(name) > 64:
-            raise ArtifactError(f"field {key!r}: a point name must have 1 to 64 characters")
-        if "threshold" not in _object(point, key):
-            raise ArtifactError(f"field {key!r} must hold a 'threshold'")
-        try:
-            _probability(point, "threshold")
-        except ArtifactError:
-            raise ArtifactError(
-                f"field '{key}.threshold' must be a number in [0, 1], got {point['threshold']!r:.80}"
-            ) from None
-        if not isinstance(point.get("rule", ""), str):
-            raise ArtifactError(f"field '{key}.rule' must be a string")
-    return points
-
-
 def _object(value: Any, key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ArtifactError(f"field {key!r} must be an object, got {type(value).__name__}")
@@ -202,13 +169,6 @@ def _str_map(value: Any, key: str) -> dict[str, str]:
         if not isinstance(v, str):
             raise ArtifactError(f"field '{key}.{k}' must be a string, got {type(v).__name__}")
     return value
-
-
-def _preprocess(value: Any) -> PreprocessSpec:
-    try:
-        return PreprocessSpec.from_dict(value)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"field 'preprocess': {e}") from e
 
 
 def _list(d: dict[str, Any], key: str, empty: bool = False) -> list[Any]:
@@ -315,7 +275,9 @@ def read_manifest(artifact: str | os.PathLike) -> Manifest:
     path = root / MANIFEST
     text = _read_capped(path, root)
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=schema.unique_keys)
+    except SchemaError as e:
+        raise ArtifactError(f"{path}: unreadable manifest, {e}") from e
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: unreadable manifest, not valid JSON ({e})") from e
     except RecursionError as e:

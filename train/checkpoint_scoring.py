@@ -144,7 +144,7 @@ def checkpoint_threshold(meta: CheckpointMeta, operating_point: str | None, path
     if operating_point not in points:
         known = ", ".join(sorted(points)) or "none (trained before operating points)"
         raise ValueError(f"{path}: no operating point {operating_point!r}; the checkpoint has: {known}")
-    return float(points[operating_point]["threshold"])
+    return points[operating_point].threshold
 
 
 def evaluate_checkpoint(

@@ -255,7 +255,7 @@ def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) 
         wall_time_s=time.time() - run.started + earlier,
         versions={"torch": torch.__version__},
         resume=resume,
-        operating_points={name: p.to_dict() for name, p in points.items()},
+        operating_points=points,
         operating_point=chosen,
     )
     save_checkpoint(run.checkpoint, model, meta, resume=tensors, base=run.base)
@@ -278,7 +278,7 @@ def _finish(run: Run, meta: CheckpointMeta) -> None:
     summary = {
         "threshold": meta.threshold,
         "operating_point": meta.operating_point,
-        "operating_points": meta.operating_points,
+        "operating_points": {name: p.to_dict() for name, p in (meta.operating_points or {}).items()},
         "layer": meta.layer,
         "num_layers": meta.num_layers,
         "parameters": meta.parameters,

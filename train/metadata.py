@@ -4,6 +4,10 @@
 this module) stored the preprocessing spec twice (top level and inside ``backbone``); format 2 stores
 it once, at the top level. Both are read; anything else is refused with a message naming the file and
 the field, so a malformed checkpoint is one clear error, never a traceback.
+
+The fields an exported manifest shares (layers, threshold, preprocessing, operating points) follow
+``i2p.runtime.schema``, checked whenever a ``CheckpointMeta`` is made: training refuses to write a
+checkpoint whose artifact the runtime would refuse, with the message the runtime would give.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from i2p.runtime import schema
 from i2p.runtime.preprocess import PreprocessSpec
+from i2p.runtime.schema import OperatingPoint, SchemaError
 
 FORMAT = "i2p-checkpoint"
 FORMAT_VERSION = 2
@@ -64,9 +70,23 @@ class CheckpointMeta:
     wall_time_s: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
     resume: ResumeInfo | None = None
-    # Named thresholds calibrated on validation (OperatingPoint.to_dict()) and the one ``threshold`` is.
-    operating_points: dict[str, dict[str, Any]] | None = None
+    # Named thresholds calibrated on validation, and the one ``threshold`` is.
+    operating_points: dict[str, OperatingPoint] | None = None
     operating_point: str = "balanced"
+
+    def __post_init__(self) -> None:
+        """The manifest's rules for the fields it shares (JSON points become typed ones here)."""
+        try:
+            schema.layers(self.layer, self.num_layers)
+            if self.threshold is not None:
+                schema.probability(self.threshold, "threshold")
+            object.__setattr__(self, "preprocess", schema.preprocess(self.preprocess))
+            if self.operating_points is not None:
+                object.__setattr__(self, "operating_points", schema.operating_points(self.operating_points))
+                schema.point_name(self.operating_point, "operating_point")
+            schema.default_point(self.threshold, self.operating_points, self.operating_point)
+        except SchemaError as e:
+            raise CheckpointError(f"checkpoint metadata {e}") from e
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -77,8 +97,8 @@ class CheckpointMeta:
     def from_json(cls, raw: str, path: str | Path) -> CheckpointMeta:
         """Parse and check the stored JSON of ``path``; every problem is a CheckpointError naming it."""
         try:
-            d = json.loads(raw)
-        except ValueError as e:
+            d = json.loads(raw, object_pairs_hook=schema.unique_keys)
+        except ValueError as e:  # SchemaError (a key twice) is a ValueError too
             raise CheckpointError(f"{path}: the i2p metadata is not valid JSON ({e})") from e
         return _parse(d, _Fields(path))
 
@@ -136,16 +156,13 @@ def _parse(d: Any, f: _Fields) -> CheckpointMeta:
     layer = f.get(d, "layer", int)
     if num_layers != backbone.num_layers or not 1 <= layer <= num_layers:
         raise f.error("layer", f"{layer} does not fit a backbone of {backbone.num_layers} blocks")
-    threshold = f.number(d, "threshold", optional=True)
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise f.error("threshold", f"must be a probability in [0, 1], not {threshold}")
-    return CheckpointMeta(
+    fields = dict(
         backbone=backbone,
         layer=layer,
         num_layers=num_layers,
         preprocess=_preprocess(d, b, f),
         baseline=f.get(d, "baseline", bool, optional=True) or False,
-        threshold=threshold,
+        threshold=f.number(d, "threshold", optional=True),
         config=f.get(d, "config", dict, optional=True) or {},
         importance=f.get(d, "importance", dict, optional=True),
         metrics=f.get(d, "metrics", dict, optional=True),
@@ -155,9 +172,13 @@ def _parse(d: Any, f: _Fields) -> CheckpointMeta:
         wall_time_s=f.number(d, "wall_time_s", optional=True) or 0.0,
         versions=f.get(d, "versions", dict, optional=True) or {},
         resume=_resume(d, f),
-        operating_points=_operating_points(d, f),
+        operating_points=f.get(d, "operating_points", dict, optional=True),
         operating_point=f.get(d, "operating_point", str, optional=True) or "balanced",
     )
+    try:
+        return CheckpointMeta(**fields)
+    except CheckpointError as e:  # a shared field's rule (CheckpointMeta checks it): name the file
+        raise CheckpointError(f"{f.path}: {e}") from e
 
 
 def _preprocess(d: dict[str, Any], backbone: dict[str, Any], f: _Fields) -> PreprocessSpec:
@@ -179,14 +200,3 @@ def _resume(d: dict[str, Any], f: _Fields) -> ResumeInfo | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise f.error("optimizer_steps", f"must map to numbers, not {key!r}: {value!r:.60}")
     return ResumeInfo(f.get(d, "epoch", int), f.get(d, "scheduler", dict), steps)
-
-
-def _operating_points(d: dict[str, Any], f: _Fields) -> dict[str, dict[str, Any]] | None:
-    """Each named point needs a threshold in [0, 1]; its other fields say how it was chosen."""
-    points = f.get(d, "operating_points", dict, optional=True)
-    for name, point in (points or {}).items():
-        where = f"operating_points.{name}"
-        t = f.number(point, "threshold") if isinstance(point, dict) else None
-        if t is None or not 0 <= t <= 1:
-            raise f.error(where, f"must hold a threshold in [0, 1], not {point!r:.60}")
-    return points

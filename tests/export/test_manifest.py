@@ -40,9 +40,9 @@ def test_operating_points_round_trip_checkpoint_manifest_runtime(tmp_path, data_
     meta = read_checkpoint(ckpt).meta
     points = meta.operating_points
     assert set(points) == {"balanced", "fpr_1pct", "fpr_5pct"}
-    assert meta.operating_point == "fpr_5pct" and meta.threshold == points["fpr_5pct"]["threshold"]
-    assert points["fpr_5pct"]["rule"] == "max_tpr_at_fpr" and points["fpr_5pct"]["target_fpr"] == 0.05
-    assert points["balanced"]["rule"] == "balanced_accuracy" and points["fpr_1pct"]["val_fpr"] <= 0.01
+    assert meta.operating_point == "fpr_5pct" and meta.threshold == points["fpr_5pct"].threshold
+    assert points["fpr_5pct"].rule == "max_tpr_at_fpr" and points["fpr_5pct"].target_fpr == 0.05
+    assert points["balanced"].rule == "balanced_accuracy" and points["fpr_1pct"].val_fpr <= 0.01
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["operating_point"] == "fpr_5pct"
 
     art = export_artifact(ckpt, tmp_path / "det.i2p")
@@ -51,7 +51,7 @@ def test_operating_points_round_trip_checkpoint_manifest_runtime(tmp_path, data_
     assert manifest.threshold == meta.threshold
     for name, point in points.items():
         with Detector(art, backend="onnxruntime", operating_point=name) as det:
-            assert det.threshold == point["threshold"]
+            assert det.threshold == point.threshold
     with pytest.raises(ArtifactError, match="no operating point 'fpr_2pct'.*balanced, fpr_1pct, fpr_5pct"):
         Detector(art, backend="onnxruntime", operating_point="fpr_2pct")
     with pytest.raises(ValueError, match="not both"):
@@ -62,7 +62,7 @@ def test_operating_points_round_trip_checkpoint_manifest_runtime(tmp_path, data_
         args = [*source, "--data", str(data_dir), "--operating-point", "balanced", "--json", "--workers", "0"]
         res = CliRunner().invoke(eval_cmd, args, catch_exceptions=False)
         assert res.exit_code == 0, res.output
-        assert json.loads(res.output)["threshold"] == points["balanced"]["threshold"]
+        assert json.loads(res.output)["threshold"] == points["balanced"].threshold
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])

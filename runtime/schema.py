@@ -1,0 +1,163 @@
+"""The fields a checkpoint and an artifact's manifest share, and the one rule for each.
+
+Training writes these fields into the checkpoint, export copies them into the manifest, the runtime
+reads them back: each is checked by the one validator here, so what training writes, export copies
+and the runtime loads are the same set (a checkpoint with 33 operating points is refused when it is
+written, not by the Detector after export). Dataclasses inside the code, dicts only at the JSON
+boundary. Torch-free: train and export import it through the runtime.
+
+Every error is a ``SchemaError`` whose message names the field; the reader adds the file
+(``ArtifactError`` for a manifest, ``CheckpointError`` for a checkpoint), so one broken rule reads
+the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .preprocess import PreprocessSpec
+
+MAX_LAYERS = 1000
+MAX_POINTS = 32
+MAX_NAME = 64
+POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # "balanced", "fpr_1pct", "fpr_0.5pct"
+
+
+class SchemaError(ValueError):
+    """A shared field breaks its rule; the message names the field (the caller names the file)."""
+
+
+def probability(value: Any, field: str) -> float:
+    """A number in [0, 1] (not NaN, not a bool): every threshold and rate is one."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or not 0 <= value <= 1:
+        raise SchemaError(f"field {field!r} must be a probability in [0, 1], got {value!r:.80}")
+    return float(value)
+
+
+def integer(value: Any, field: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SchemaError(f"field {field!r} must be an integer in [{lo}, {hi}], got {value!r:.80}")
+    return value
+
+
+def layers(layer: Any, num_layers: Any) -> tuple[int, int]:
+    """(L*, N): the blocks kept and the blocks of the full backbone, 1 <= L* <= N <= MAX_LAYERS."""
+    layer = integer(layer, "layer", 1, MAX_LAYERS)
+    return layer, integer(num_layers, "num_layers", layer, MAX_LAYERS)
+
+
+def preprocess(value: Any) -> PreprocessSpec:
+    """The preprocessing spec (size, mean, std, ...): PreprocessSpec's own checks, named as the field."""
+    if isinstance(value, PreprocessSpec):
+        return value
+    try:
+        return PreprocessSpec.from_dict(value)
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"field 'preprocess': {e}") from e
+
+
+def point_name(value: Any, field: str) -> str:
+    """1 to 64 letters, digits and ``_ . + -``: names end up in tables, CSV headers and file names."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME or not POINT_NAME.fullmatch(value):
+        raise SchemaError(
+            f"field {field!r}: {value!r:.80} is not an operating point name "
+            f"(1 to {MAX_NAME} letters, digits, '_', '.', '+', '-', starting with a letter or digit)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A named threshold and how it was chosen, with what it gave on the validation set.
+
+    Only ``threshold`` is required: artifacts written before the other fields existed still load.
+    """
+
+    threshold: float
+    rule: str = ""  # "balanced_accuracy" | "max_tpr_at_fpr"
+    target_fpr: float | None = None
+    val_fpr: float | None = None  # fraction of validation reals called fake at the threshold
+    val_tpr: float | None = None  # fraction of validation fakes caught
+    n_real: int | None = None
+    n_fake: int | None = None
+
+    def __post_init__(self) -> None:
+        _point_fields(asdict(self), "operating point")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, field: str = "operating point") -> OperatingPoint:
+        if not isinstance(d, dict):
+            raise SchemaError(f"field {field!r} must be an object, got {type(d).__name__}")
+        if "threshold" not in d:
+            raise SchemaError(f"field {field!r} must hold a 'threshold'")
+        unknown = sorted(map(str, set(d) - set(cls.__dataclass_fields__)))
+        if unknown:
+            raise SchemaError(f"field {field!r}: unknown key(s) {unknown}")
+        _point_fields(d, field)
+        return cls(**d)
+
+
+_RATES = ("target_fpr", "val_fpr", "val_tpr")
+_COUNTS = ("n_real", "n_fake")
+
+
+def _point_fields(d: dict[str, Any], field: str) -> None:
+    probability(d["threshold"], f"{field}.threshold")
+    if not isinstance(d.get("rule", ""), str) or len(d.get("rule", "")) > MAX_NAME:
+        raise SchemaError(f"field '{field}.rule' must be a string of at most {MAX_NAME} characters")
+    for key in _RATES:
+        if d.get(key) is not None:
+            probability(d[key], f"{field}.{key}")
+    for key in _COUNTS:
+        if d.get(key) is not None:
+            integer(d[key], f"{field}.{key}", 0, 1 << 40)
+
+
+def operating_points(value: Any, field: str = "operating_points") -> dict[str, OperatingPoint]:
+    """name -> OperatingPoint; at most MAX_POINTS, names by ``point_name``. Accepts JSON or typed points."""
+    if not isinstance(value, Mapping):
+        raise SchemaError(f"field {field!r} must be an object, got {type(value).__name__}")
+    if len(value) > MAX_POINTS:
+        raise SchemaError(f"field {field!r} holds {len(value)} points; at most {MAX_POINTS} are allowed")
+    points = {}
+    for name, point in value.items():
+        where = f"{field}.{point_name(name, field)}"
+        points[name] = point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point, where)
+    return points
+
+
+def default_point(threshold: float | None, points: Mapping[str, OperatingPoint] | None, name: str) -> None:
+    """Cross-field rule: the named default point exists, and ``threshold`` is that point's threshold.
+
+    ``points=None``: a checkpoint from before operating points (its default name "balanced" names none).
+    """
+    if not name or points is None:
+        return
+    if name not in points:
+        held = ", ".join(sorted(points)) or "none"
+        raise SchemaError(
+            f"field 'operating_point' names {name!r:.80}, which is not in field 'operating_points' (it holds: {held})"
+        )
+    if threshold is not None and threshold != points[name].threshold:
+        raise SchemaError(
+            f"field 'threshold' ({threshold!r}) disagrees with field 'operating_points.{name}.threshold' "
+            f"({points[name].threshold!r}), the point that field 'operating_point' names"
+        )
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads(object_pairs_hook=...)``: a key twice in one object (two points of one name) is refused."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise SchemaError(f"the key {twice!r:.80} appears twice in one object; which one holds is ambiguous")
+    return d
