@@ -19,6 +19,7 @@ from i2p.runtime.manifest import PRECISIONS
 
 from .metrics import TABLE_COLUMNS, metrics_table
 from .perturb import Condition, parse_sweeps
+from .report import write_report
 from .robustness import SweepResult, evaluate_artifact, plot_sweep, sweep_table
 
 # (ckpt, data, backbone weights, threshold, options, conditions, operating point) -> result
@@ -61,6 +62,12 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
     @click.option(
         "--plot", type=click.Path(dir_okay=False), help="Write the metric-vs-strength plot (PNG) here."
     )
+    @click.option(
+        "--report",
+        type=click.Path(dir_okay=False),
+        help="Write one self-contained HTML page here (no network): metrics per generator, ROC and DET curves, "
+        "score histograms, calibration, the sweep, and the most confident mistakes as thumbnails.",
+    )
     @click.option("--metric", default="auc", show_default=True, help="Metric of the sweep table and plot.")
     @click.option(
         "--operating-point",
@@ -87,6 +94,7 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         data: str,
         perturb: tuple[str, ...],
         plot: str | None,
+        report: str | None,
         metric: str,
         operating_point: str | None,
         threshold: float | None,
@@ -106,6 +114,8 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         if metric not in TABLE_COLUMNS or metric == "n":
             raise click.UsageError(f"--metric must be one of {', '.join(TABLE_COLUMNS[1:])}")
         conditions = run_cli(parse_sweeps, perturb)
+        if report and not Path(report).parent.is_dir():  # before the evaluation, which may take hours
+            raise click.BadParameter(f"folder {Path(report).parent} does not exist", param_hint="--report")
         if artifact is not None:
             run = functools.partial(
                 evaluate_artifact, backend=backend, precision=precision, operating_point=operating_point
@@ -119,8 +129,11 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
             result = run_cli(
                 evaluate_checkpoint, ckpt, data, backbone, threshold, kw, conditions, operating_point
             )
+        title = f"{Path(ckpt or artifact).name} on {data}"
         if plot:
-            plot_sweep(result, Path(plot), metric, title=f"{Path(ckpt or artifact).name} on {data}")
+            plot_sweep(result, Path(plot), metric, title=title)
+        if report:
+            run_cli(write_report, result, Path(report), title, metric)
         if as_json:
             clean = next(iter(result.metrics.values()))
             body = {"metrics": {g: m.to_dict() for g, m in clean.items()}, **result.to_dict()}

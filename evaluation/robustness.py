@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,17 @@ log = logging.getLogger("i2p")
 Scorer = Callable[[list[Image.Image]], np.ndarray]  # decoded RGB images -> "fake" probabilities (NaN: none)
 
 
+@dataclass(frozen=True)
+class ImageScores:
+    """Each scored image of one condition, in ``discover`` order: what the HTML report's curves,
+    histograms and galleries are drawn from (the metrics alone cannot show which images failed)."""
+
+    paths: tuple[str, ...]
+    labels: np.ndarray  # 0 real, 1 fake
+    generators: tuple[str, ...]
+    probabilities: np.ndarray
+
+
 @dataclass
 class SweepResult:
     """Metrics per condition (clean first), per generator and mean, at one threshold."""
@@ -39,6 +50,7 @@ class SweepResult:
     strengths: dict[str, float | None]
     skipped: list[tuple[str, str]]  # (path, reason), once per file
     scorer: dict[str, str] | None = None  # an artifact's: the backend and precision that scored it
+    scores: dict[str, ImageScores] = field(default_factory=dict)  # per condition; not in to_dict (size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,16 +119,18 @@ def sweep(
     workers: int = 2,
 ) -> SweepResult:
     """Metrics of ``scorer`` on ``samples`` under every condition, at ``threshold``."""
-    metrics, strengths, skipped = {}, {}, {}
+    metrics, strengths, skipped, scores = {}, {}, {}, {}
     for cond in conditions:
         p, idx, bad = score_condition(samples, cond, scorer, batch_size, progress, workers)
         skipped.update(dict(bad))
         if not len(idx):
             raise ValueError(f"no readable images to evaluate under {cond.name}")
         y = np.array([samples[i].label for i in idx])
-        metrics[cond.name] = evaluate(y, p, [samples[i].generator for i in idx], threshold)
+        generators = tuple(samples[i].generator for i in idx)
+        metrics[cond.name] = evaluate(y, p, generators, threshold)
         strengths[cond.name] = cond.strength
-    return SweepResult(threshold, metrics, strengths, sorted(skipped.items()))
+        scores[cond.name] = ImageScores(tuple(str(samples[i].path) for i in idx), y, generators, p)
+    return SweepResult(threshold, metrics, strengths, sorted(skipped.items()), scores=scores)
 
 
 def sweep_table(result: SweepResult, metric: str = "auc") -> str:
