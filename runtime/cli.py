@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,13 +17,25 @@ from typing import Any
 import click
 import numpy as np
 
+from i2p.base.files import sha256_file
 from i2p.base.tables import format_table
 
 from . import schema
 from .backends import InferenceError
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
-from .manifest import ArtifactError
-from .outputs import ROW_COLUMNS, DoneSet, OutputError, Row, display, file_sink, partial_path, safe_row
+from .manifest import MANIFEST, ArtifactError
+from .outputs import (
+    ROW_COLUMNS,
+    DoneSet,
+    OutputError,
+    Row,
+    Scorer,
+    file_row,
+    file_sink,
+    partial_path,
+    path_cell,
+    safe_row,
+)
 from .sources import iter_images, predict_stream, survey
 
 MAX_BENCH_BATCH = 1024  # i2p-bench: a [1024, 3, 224, 224] float32 input is 600 MB
@@ -161,6 +174,8 @@ def detect(
         raise click.UsageError("--resume continues a --csv or --jsonl file: give the one to continue")
     # Pillow warns (corrupt EXIF, palette transparency) on files that decode fine; the rows say what failed.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    if sys.stdout is None:  # started with descriptor 1 closed: rows or the summary would vanish
+        raise click.ClickException("standard output is closed; redirect it (e.g. >/dev/null) to discard it")
     if server and model:
         raise click.UsageError("--model and --server are exclusive: score here or on the server")
     if server:
@@ -169,10 +184,11 @@ def detect(
         detector = _load(
             model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold
         )
+    scorer = Scorer(detector.model_id if server else _model_id(model), detector.threshold)
     out = csv_out or jsonl_out
     start = time.perf_counter()
     counts, skipped, complete = _score(
-        detector, paths, recursive, workers, bool(server), csv_out, jsonl_out, as_json, resume
+        detector, paths, recursive, workers, bool(server), csv_out, jsonl_out, as_json, resume, scorer
     )
     elapsed = time.perf_counter() - start
     files = sum(counts.values())
@@ -211,6 +227,7 @@ def _score(
     jsonl_out: str | None,
     as_json: bool,
     resume: bool,
+    scorer: Scorer,
 ) -> tuple[Counter[str], int, bool]:
     """Score and write every file not already in the output: (label counts, files skipped, completed?).
 
@@ -219,11 +236,11 @@ def _score(
     counts: Counter[str] = Counter()
     skipped = 0
     try:
-        with _row_sink(csv_out, jsonl_out, as_json, resume) as (write, done):
+        with _row_sink(csv_out, jsonl_out, as_json, resume, scorer) as (write, done):
             skipped = len(done)
             sources = iter_images(paths, recursive)
             if skipped:
-                sources = (p for p in sources if display(p) not in done)
+                sources = (p for p in sources if path_cell(p) not in done)
             stream = (
                 detector.predict_stream(sources) if remote else predict_stream(detector, sources, workers)
             )
@@ -253,10 +270,12 @@ def _probability(value: float | None) -> float | None:
 
 def _echo(text: str, err: bool = False) -> None:
     """click.echo; a full disk or a closed pipe is one clear error, not a traceback."""
+    stream = "standard error" if err else "standard output"
     try:
+        if (sys.stderr if err else sys.stdout) is None:  # click.echo would drop the text without a word
+            raise OSError(errno.EBADF, "it is closed")
         click.echo(text, err=err)
     except OSError as e:
-        stream = "standard error" if err else "standard output"
         _silence_stdout()
         raise click.ClickException(f"{stream}: cannot write ({e.strerror or e})") from None
 
@@ -284,21 +303,27 @@ def _connect(server: str, batch_size: int, workers: int, timeout: float, thresho
         raise click.ClickException(str(e)) from e
 
 
+def _model_id(model: str) -> str:
+    """What every output row records as the scorer: the sha256 of the artifact's manifest (which hashes
+    every file the runtime loads)."""
+    return f"sha256:{sha256_file(os.path.join(model, MANIFEST))}"
+
+
 def _row(p: Prediction) -> Row:
     return {"path": p.source, "probability": p.probability, "label": p.label, "error": p.error}
 
 
 @contextmanager
 def _row_sink(
-    csv_out: str | None, jsonl_out: str | None, as_json: bool, resume: bool
+    csv_out: str | None, jsonl_out: str | None, as_json: bool, resume: bool, scorer: Scorer
 ) -> Iterator[tuple[Callable[[Row], None], DoneSet]]:
-    """(write one row, paths already done): a CSV/JSONL file (``outputs.file_sink``), or stdout (JSON
-    lines, or a table at the end). Every cell is made safe to show (``outputs.display``)."""
+    """(write one row, path cells already done): a CSV/JSONL file (``outputs.file_sink``), or stdout (JSON
+    lines as the JSONL file has them, or a table at the end, its cells through ``outputs.display``)."""
     if csv_out or jsonl_out:
-        with file_sink(csv_out or jsonl_out, "csv" if csv_out else "jsonl", resume) as sink:
+        with file_sink(csv_out or jsonl_out, "csv" if csv_out else "jsonl", resume, scorer) as sink:
             yield sink
     elif as_json:
-        yield (lambda row: _echo(json.dumps(safe_row(row)))), DoneSet()
+        yield (lambda row: _echo(json.dumps(file_row(row, scorer)))), DoneSet()
     else:  # a table needs every row for its column widths; use --csv/--jsonl for very large runs
         rows: list[Row] = []
         yield (lambda row: rows.append(safe_row(row))), DoneSet()

@@ -1,39 +1,65 @@
-"""Where ``i2p-detect`` rows go: safe text, CSV/JSONL files that are never lost or half-trusted, ``--resume``.
+"""Where ``i2p-detect`` rows go: exact paths, safe text, CSV/JSONL files that are never lost or half-trusted.
 
-- Every text cell goes through ``display``: file names that are not UTF-8 (surrogate-escaped by Python)
-  show their bytes as ``\\xNN``; control characters (newline, CR, TAB, ESC, U+2028, ...) are escaped, so
-  a file name cannot forge a row or a terminal sequence. JSON output stays strict UTF-8.
-- CSV cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, TAB or
-  CR) get a leading ``'``, as OWASP recommends.
-- A file output is written to ``OUT.partial`` (one flushed row at a time) and renamed to ``OUT`` only
-  when the run completes: an existing ``OUT`` survives a failed or interrupted run, and the name of an
-  unfinished file says that it is partial. ``--resume`` reads the rows already in ``OUT.partial`` (or a
-  complete ``OUT``), skips those files and appends the rest.
-- A destination that is not a regular file (``/dev/stdout``, ``/dev/full``, a FIFO) is written directly.
+- The ``path`` cell of a CSV/JSONL row (and of ``--json`` lines) is the file's exact path, readable back
+  with ``os.fsdecode(urllib.parse.unquote_to_bytes(cell))``: ``%``, control, format (Unicode Cf: U+202E
+  and other bidi controls, zero-width characters), separator, surrogate and unassigned characters, bytes
+  that are not UTF-8, and a first character a spreadsheet would run as a formula (``=``, ``+``, ``-``,
+  ``@``) are percent-encoded as their UTF-8 (or raw) bytes. Ordinary names are written as they are.
+  ``--resume`` matches files on this exact form, so two files never share a row.
+- Every other text cell, and every table cell, goes through ``display``: undecodable bytes as ``\\xNN``,
+  the same characters escaped (``\\n``, ``\\x1b``, ``\\u202e``), so a name cannot forge a row, a terminal
+  sequence or reorder the text around it; CSV cells a spreadsheet would run as a formula get a leading
+  ``'`` (OWASP). JSON output stays strict UTF-8.
+- Every row records the scorer: ``model`` (``sha256:`` + the manifest's sha256, or the Triton ensemble)
+  and ``threshold``; ``--resume`` refuses a file scored by another model or threshold, and a file of an
+  earlier i2p-detect (keyed on display names, no model) with the reason.
+- A file output is written to ``OUT.partial`` (one flushed row at a time) and renamed to ``OUT`` when the
+  run completes. ``OUT.partial`` is opened without following links (``O_NOFOLLOW``), must be a regular
+  file with one link, and is locked (``flock``, non-blocking) for the whole run: a second i2p-detect
+  writing it is refused before it truncates anything. ``--resume`` reads the rows already in
+  ``OUT.partial`` (or continues a complete ``OUT`` in place, renamed, never copied) with bounded line
+  reads: a torn last line of any length is cut off, a line over 1 MiB or one that is not a row of ours is
+  refused naming its line number.
+- A destination that is a device or a FIFO (``/dev/stdout``, ``/dev/full``) is written directly; it is
+  opened non-blocking, so a FIFO nothing reads is an error, not a hang.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
+import secrets
 import stat
+import unicodedata
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-ROW_COLUMNS = ("path", "probability", "label", "error")
+ROW_COLUMNS = ("path", "probability", "label", "error")  # the table
+FILE_COLUMNS = (*ROW_COLUMNS, "model", "threshold")  # CSV/JSONL files and --json lines
 PARTIAL_SUFFIX = ".partial"
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_LINE_BYTES = 1 << 20  # a row of ours is at most a few times PATH_MAX
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Cn"})
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ASCII_UNSAFE = re.compile(r"[%\x00-\x1f\x7f]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_EARLIER = (
+    "was written by an earlier i2p-detect (rows keyed on display names, no model column), so its rows "
+    "cannot be matched to files exactly; run without --resume to start over (or move it aside)"
+)
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 Row = dict[str, Any]
 log = logging.getLogger("i2p")
 
@@ -42,22 +68,42 @@ class OutputError(Exception):
     """The output cannot be written (no space, not writable, not a file we can resume from)."""
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """What scored the rows, written in each of them: ``--resume`` continues only the same model and threshold."""
+
+    model: str  # "sha256:<manifest.json sha256>", or the Triton ensemble ("triton:...")
+    threshold: float | None  # None: the server's own labels (it sent no threshold)
+
+
+# -- text -------------------------------------------------------------------------------------------------
+
+
+def _hidden(ch: str) -> bool:
+    """A character that must not reach a cell raw: control, format (bidi, zero-width), separator, unassigned."""
+    return unicodedata.category(ch) in _HIDDEN_CATEGORIES
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def display(text: str) -> str:
-    """``text`` as valid UTF-8 on one line: undecodable bytes as ``\\xNN``, control characters escaped."""
+    """``text`` as valid UTF-8 on one line: undecodable bytes as ``\\xNN``, hidden characters escaped."""
     try:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (from an API caller)
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _CONTROL.sub(
-        lambda m: _NAMED.get(
-            m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"
-        ),
-        text,
-    )
+    if text.isascii():
+        return _ASCII_CONTROL.sub(lambda m: _escape(m.group()), text)
+    return "".join(_escape(c) if _hidden(c) else c for c in text)
 
 
 def safe_row(row: Row) -> Row:
-    """Every string cell through ``display``."""
+    """Every string cell through ``display`` (the table)."""
     return {k: display(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
@@ -68,104 +114,314 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
+def path_cell(path: str) -> str:
+    """The exact path as one inert cell, percent-encoded where needed (see the module docstring)."""
+    if path.isascii() and not _ASCII_UNSAFE.search(path) and not path.startswith(FORMULA_STARTS):
+        return path
+    return "".join(
+        "".join(f"%{b:02X}" for b in _raw_bytes(c))
+        if c == "%" or _hidden(c) or (not i and c in "=+-@")
+        else c
+        for i, c in enumerate(path)
+    )
+
+
+def read_path(cell: str) -> str:
+    """The path a ``path`` cell holds (the inverse of ``path_cell`` for any name a file system can hold)."""
+    return os.fsdecode(urllib.parse.unquote_to_bytes(cell))
+
+
+def _raw_bytes(ch: str) -> bytes:
+    try:
+        return ch.encode("utf-8", "surrogateescape")  # a byte that was not UTF-8 is that byte again
+    except UnicodeEncodeError:  # a lone surrogate from an API caller: no file system holds it anyway
+        return ch.encode("utf-8", "surrogatepass")
+
+
+def file_row(row: Row, scorer: Scorer) -> Row:
+    """A row as CSV/JSONL files and ``--json`` lines hold it: exact path, display error, the scorer."""
+    error = row["error"]
+    return {
+        "path": path_cell(row["path"]),
+        "probability": row["probability"],
+        "label": row["label"],
+        "error": display(error) if isinstance(error, str) else error,
+        "model": scorer.model,
+        "threshold": scorer.threshold,
+    }
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     return Path(os.fspath(path) + PARTIAL_SUFFIX)
 
 
-def _is_regular_or_absent(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except FileNotFoundError:
-        return True
+# -- the files already done ---------------------------------------------------------------------------------
 
 
 class DoneSet:
-    """The paths already in an output, as sorted 64-bit hashes: 7 million rows cost 56 MB, not gigabytes."""
+    """The ``path`` cells already in an output, as sorted keyed 64-bit hashes: 7 million rows cost 56 MB.
 
-    def __init__(self, paths: Iterable[str] = ()) -> None:
-        self._keys = np.sort(np.fromiter((_key(p) for p in paths), np.uint64))
+    The hash key is random per process, so nobody can craft two names that share a key.
+    """
+
+    _secret = secrets.token_bytes(16)
+
+    def __init__(self, cells: Iterable[str] = ()) -> None:
+        self._keys = np.sort(np.fromiter((self._key(c) for c in cells), np.uint64))
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __contains__(self, shown: object) -> bool:
-        if not isinstance(shown, str) or not len(self._keys):
+    def __contains__(self, cell: object) -> bool:
+        if not isinstance(cell, str) or not len(self._keys):
             return False
-        key = np.uint64(_key(shown))
+        key = np.uint64(self._key(cell))
         i = int(np.searchsorted(self._keys, key))
         return i < len(self._keys) and self._keys[i] == key
 
+    @classmethod
+    def _key(cls, cell: str) -> int:
+        digest = hashlib.blake2b(cell.encode("utf-8", "surrogatepass"), digest_size=8, key=cls._secret)
+        return int.from_bytes(digest.digest(), "little")
 
-def _key(shown: str) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(shown.encode("utf-8", "backslashreplace"), digest_size=8).digest(), "little"
-    )
+
+def _complete_length(f: BinaryIO, size: int) -> int:
+    """The length up to the last newline (a run killed mid-write leaves half a row), read backwards in 1 MiB."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 20))
+        f.seek(start)
+        newline = f.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
 
 
-def done_paths(path: Path, fmt: str) -> DoneSet:
-    """The ``path`` cells of the complete rows of a CSV or JSONL output; a torn last line is cut off."""
-    if not path.is_file():
-        return DoneSet()
-    _drop_torn_line(path)
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        first = f.readline()
-        f.seek(0)
-        if fmt == "csv" and first.rstrip("\r\n") == ",".join(ROW_COLUMNS):
-            return DoneSet(_uncell(r.get("path") or "") for r in csv.DictReader(f))
-        if fmt == "jsonl" and (not first or first.startswith('{"path": ')):
-            return DoneSet(_jsonl_paths(f))
-    raise OutputError(
-        f"{path}: not an i2p-detect {fmt.upper()} output (it starts {first[:40]!r}); "
+def _lines(f: BinaryIO, where: Path, end: int) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the first ``end`` bytes, each line read with a bound and strictly UTF-8."""
+    f.seek(0)
+    number = position = 0
+    while position < end:
+        line = f.readline(min(MAX_LINE_BYTES + 1, end - position))
+        number += 1
+        position += len(line)
+        if len(line) > MAX_LINE_BYTES:
+            raise OutputError(
+                f"{where}: line {number} is over {MAX_LINE_BYTES:,} bytes: not an i2p-detect row"
+            )
+        try:
+            yield number, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise OutputError(f"{where}: line {number} is not UTF-8 ({e.reason})") from None
+
+
+def _read_done(f: BinaryIO, where: Path, fmt: str, scorer: Scorer) -> tuple[DoneSet, int]:
+    """(the path cells of the complete rows, the length of those rows) of an output to continue."""
+    f.seek(0)
+    first = f.readline(MAX_LINE_BYTES + 1)
+    header = ",".join(FILE_COLUMNS).encode() + b"\r\n" if fmt == "csv" else b'{"path": '
+    if not first.endswith(b"\n"):  # empty, or a first row torn by a kill: nothing done yet
+        if len(first) > MAX_LINE_BYTES or not (header.startswith(first) or first.startswith(header)):
+            raise _not_ours(where, fmt, first)
+        return DoneSet(), 0
+    if fmt == "csv" and first.rstrip(b"\r\n") == ",".join(ROW_COLUMNS).encode():
+        raise OutputError(f"{where} {_EARLIER}")
+    if not (first == header if fmt == "csv" else first.startswith(header)):
+        raise _not_ours(where, fmt, first)
+    end = _complete_length(f, os.fstat(f.fileno()).st_size)
+    paths = _csv_paths if fmt == "csv" else _jsonl_paths
+    return DoneSet(paths(f, where, end, scorer)), end
+
+
+def _not_ours(where: Path, fmt: str, first: bytes) -> OutputError:
+    return OutputError(
+        f"{where}: not an i2p-detect {fmt.upper()} output (it starts {first[:40]!r}); "
         "--resume appends only to the output of the same command"
     )
 
 
-def _jsonl_paths(f: TextIO) -> Iterator[str]:
-    for line in f:
+def _csv_paths(f: BinaryIO, where: Path, end: int, scorer: Scorer) -> Iterator[str]:
+    at = [1]  # the number of the line the csv reader took last
+
+    def texts() -> Iterator[str]:
+        for number, text in _lines(f, where, end):
+            at[0] = number
+            if number > 1:  # after the header
+                yield text
+
+    try:
+        for cells in csv.reader(texts(), strict=True):
+            if len(cells) != len(FILE_COLUMNS):
+                raise OutputError(f"{where}: line {at[0]} has {len(cells)} cells, not {len(FILE_COLUMNS)}")
+            _check_scorer(where, at[0], cells[4], cells[5], scorer)
+            yield cells[0]
+    except csv.Error as e:
+        raise OutputError(f"{where}: line {at[0]} is not an i2p-detect row ({e})") from None
+
+
+def _jsonl_paths(f: BinaryIO, where: Path, end: int, scorer: Scorer) -> Iterator[str]:
+    for number, text in _lines(f, where, end):
         try:
-            yield json.loads(line)["path"]
-        except (ValueError, KeyError, TypeError):
-            continue
+            row = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise OutputError(f"{where}: line {number} is not JSON ({type(e).__name__})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise OutputError(f'{where}: line {number} is not an i2p-detect row (no "path" string)')
+        if "model" not in row:
+            raise OutputError(f"{where} {_EARLIER}")
+        _check_scorer(where, number, row["model"], row.get("threshold"), scorer)
+        yield row["path"]
 
 
-def _uncell(cell: str) -> str:
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+def _check_scorer(where: Path, number: int, model: Any, threshold: Any, scorer: Scorer) -> None:
+    if model == scorer.model and _same_threshold(threshold, scorer.threshold):
+        return
+    shown = threshold if threshold not in ("", None) else "the server's"
+    raise OutputError(
+        f"{where}: line {number} was scored by model {display(str(model))[:80]} at threshold "
+        f"{display(str(shown))[:40]}; this run uses model {scorer.model} at threshold "
+        f"{scorer.threshold if scorer.threshold is not None else 'the server'}: --resume would mix the "
+        "results of two scorers; give the same --model/--server and --threshold, or write another output"
+    )
 
 
-def _drop_torn_line(path: Path) -> None:
-    """A run killed mid-write can leave half a row: truncate to the last newline."""
-    with path.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(max(0, size - 1))
-        if f.read(1) == b"\n":
-            return
-        block = min(size, 1 << 20)
-        f.seek(size - block)
-        tail = f.read(block)
-        f.truncate(size - block + tail.rfind(b"\n") + 1)
+def _same_threshold(cell: Any, threshold: float | None) -> bool:
+    if cell in ("", None):
+        return threshold is None
+    try:
+        return threshold is not None and float(cell) == threshold
+    except (TypeError, ValueError):
+        return False
+
+
+# -- opening the files ---------------------------------------------------------------------------------------
+
+
+def _open_regular(path: Path, create: bool) -> int:
+    """A descriptor on ``path`` (read-write, appending), refused unless a regular file with one link."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | _OPEN_FLAGS | (os.O_CREAT if create else 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path}: is a symbolic link; refusing to follow it (remove it)") from None
+        if e.errno == errno.ENXIO:  # a FIFO (or socket) nothing holds open
+            raise OutputError(f"{path}: not a regular file; refusing to write it (remove it)") from None
+        raise OutputError(f"{path}: cannot open for writing ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{path}: not a regular file; refusing to write it (remove it)")
+        if st.st_nlink != 1:
+            raise OutputError(f"{path}: has {st.st_nlink - 1} other hard link(s); refusing to write it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{path}: another i2p-detect is writing it (it is locked); wait for it, or write another file"
+            ) from None
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_stream(path: Path) -> int:
+    """A descriptor on a device or FIFO the user named (``/dev/stdout`` is a link: followed here)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OutputError(f"{path}: a FIFO nothing is reading; start its reader first") from None
+        raise OutputError(f"{path}: cannot open for writing ({e.strerror or e})") from e
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the check
+        os.close(fd)
+        raise OutputError(f"{path}: changed while it was opened; run again")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def _kind(path: Path) -> str:
+    """'absent', 'file', 'link' (to a regular file or nothing) or 'stream' (a device or FIFO, maybe linked)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "link"  # dangling
+    if stat.S_ISREG(st.st_mode):
+        return "link"
+    return "stream"
+
+
+# -- the sink -----------------------------------------------------------------------------------------------
 
 
 @contextmanager
-def file_sink(path: str, fmt: str, resume: bool) -> Iterator[tuple[Callable[[Row], None], DoneSet]]:
-    """(write one row, paths already done) for a CSV or JSONL file; see the module docstring."""
+def file_sink(
+    path: str, fmt: str, resume: bool, scorer: Scorer
+) -> Iterator[tuple[Callable[[Row], None], DoneSet]]:
+    """(write one row, path cells already done) for a CSV or JSONL file; see the module docstring."""
     target = Path(path)
-    if not _is_regular_or_absent(target):  # a device or FIFO: no rename, nothing to resume
+    kind = _kind(target)
+    if kind == "stream":  # a device or FIFO: no rename, nothing to resume
         if resume:
             raise OutputError(f"{path}: --resume needs a regular file to read the previous rows from")
-        with _written(target, "w", fmt, header=True) as write:
+        with _written(_open_stream(target), target, fmt, scorer, header=True) as write:
             yield write, DoneSet()
         return
     partial = partial_path(target)
-    if resume and not partial.exists() and target.is_file():
-        shutil.copyfile(target, partial)  # continue a complete output: add to a copy of it
-    elif not resume and partial.exists():
-        log.warning("i2p: starting over: %s (an unfinished run) is replaced; --resume continues it", partial)
-    done = done_paths(partial, fmt) if resume else DoneSet()
-    appending = resume and partial.exists() and partial.stat().st_size > 0
-    with _written(partial, "a" if appending else "w", fmt, header=not appending) as write:
+    fd, done = _open_partial(target, partial, kind, fmt, resume, scorer)
+    header = os.fstat(fd).st_size == 0
+    with _written(fd, partial, fmt, scorer, header, publish=lambda: _publish(partial, target)) as write:
         yield write, done
+
+
+def _open_partial(
+    target: Path, partial: Path, kind: str, fmt: str, resume: bool, scorer: Scorer
+) -> tuple[int, DoneSet]:
+    """The locked descriptor of OUT.partial, cut to its complete rows (resume) or emptied, and those rows."""
+    if resume and not os.path.lexists(partial) and kind != "absent":
+        if kind == "link":
+            raise OutputError(
+                f"{target}: is a symbolic link; --resume reads and continues regular files only"
+            )
+        fd = _open_regular(target, create=False)  # a complete output: continued in place, never copied
+        try:
+            done = _resumed(fd, target, fmt, scorer)
+            os.rename(target, partial)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, done
+    if not resume and os.path.lexists(partial):
+        log.warning("i2p: starting over: %s (an unfinished run) is replaced; --resume continues it", partial)
+    fd = _open_regular(partial, create=True)
+    try:
+        if resume:
+            return fd, _resumed(fd, partial, fmt, scorer)
+        os.ftruncate(fd, 0)  # only now, with the lock held
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, DoneSet()
+
+
+def _resumed(fd: int, where: Path, fmt: str, scorer: Scorer) -> DoneSet:
+    """The rows done in the output ``fd``; a torn last line is cut off once every row checked out."""
+    with open(fd, "rb", closefd=False) as f:
+        done, end = _read_done(f, where, fmt, scorer)
+    if end < os.fstat(fd).st_size:
+        os.ftruncate(fd, end)
+    return done
+
+
+def _publish(partial: Path, target: Path) -> None:
     try:
         os.replace(partial, target)
     except OSError as e:
@@ -173,14 +429,17 @@ def file_sink(path: str, fmt: str, resume: bool) -> Iterator[tuple[Callable[[Row
 
 
 @contextmanager
-def _written(path: Path, mode: str, fmt: str, header: bool) -> Iterator[Callable[[Row], None]]:
-    """An open output whose errors, closing included, are OutputErrors naming the file."""
+def _written(
+    fd: int, path: Path, fmt: str, scorer: Scorer, header: bool, publish: Callable[[], None] | None = None
+) -> Iterator[Callable[[Row], None]]:
+    """An open output whose errors, closing included, are OutputErrors naming the file; ``publish`` runs
+    after the last row is flushed, while the lock is still held."""
+    f = open(fd, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed below, on every path)
     try:
-        f = path.open(mode, newline="", encoding="utf-8")
-    except OSError as e:
-        raise OutputError(f"{path}: cannot open for writing ({e.strerror or e})") from e
-    try:
-        yield _writer(f, fmt, header, path)
+        yield _writer(f, fmt, header, path, scorer)
+        _guarded(f.flush, path)
+        if publish is not None:
+            publish()
     except BaseException:
         with suppress(OSError):  # closing flushes again what was refused: the first error is the one
             f.close()
@@ -191,17 +450,24 @@ def _written(path: Path, mode: str, fmt: str, header: bool) -> Iterator[Callable
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
 
 
-def _writer(f: TextIO, fmt: str, header: bool, path: Path) -> Callable[[Row], None]:
+def _guarded(write: Callable[[], object], path: Path) -> None:
+    try:
+        write()
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
+
+
+def _writer(f: TextIO, fmt: str, header: bool, path: Path, scorer: Scorer) -> Callable[[Row], None]:
     def guarded(write: Callable[[], object]) -> None:
-        try:
+        def put() -> None:
             write()
             f.flush()  # whole rows on disk as they come: an interrupted run keeps them
-        except OSError as e:
-            raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
+
+        _guarded(put, path)
 
     if fmt == "jsonl":
-        return lambda row: guarded(lambda: f.write(json.dumps(safe_row(row)) + "\n"))
-    writer = csv.DictWriter(f, ROW_COLUMNS)
+        return lambda row: guarded(lambda: f.write(json.dumps(file_row(row, scorer)) + "\n"))
+    writer = csv.writer(f)
     if header:
-        guarded(writer.writeheader)
-    return lambda row: guarded(lambda: writer.writerow({k: csv_cell(v) for k, v in safe_row(row).items()}))
+        guarded(lambda: writer.writerow(FILE_COLUMNS))
+    return lambda row: guarded(lambda: writer.writerow(map(csv_cell, file_row(row, scorer).values())))

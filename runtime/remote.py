@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .detector import Prediction
+from .outputs import display
 from .preprocess import ImageError, _read_file, describe
 from .serving import ENSEMBLE, IMAGE, VERDICT
 
@@ -85,6 +86,9 @@ class RemoteDetector:
         self.server_threshold = float(params["threshold"]) if "threshold" in params else None
         self._relabel = threshold is not None
         self.threshold = threshold if threshold is not None else self.server_threshold
+        self.model_id = display(
+            f"triton:{params.get('artifact', '?')}/{params.get('network', '?')}/{params.get('precision', '?')}"
+        )  # what output rows record as the scorer (the server names its artifact, not its hash)
         self.backend = ServerInfo(
             f"triton {self.address.protocol}://{self.address.host_port} {model} ({params.get('network', '?')})",
             params.get("precision", "?"),

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from i2p.runtime import cli as cli_module
 from i2p.runtime.cli import bench, detect
-from i2p.runtime.outputs import FORMULA_STARTS, DoneSet, csv_cell, display
+from i2p.runtime.outputs import FORMULA_STARTS, DoneSet, csv_cell, display, path_cell, read_path
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact
 
@@ -103,13 +103,14 @@ def test_hostile_names_in_csv_jsonl_and_table(
     for row in rows:
         for cell in row.values():
             assert not cell.startswith(FORMULA_STARTS), row
-    assert rows[-1]["path"] == "'=broken.png" and rows[-1]["error"].startswith("'=broken.png")
-    assert [r["path"] for r in rows[:4]] == ["'=HYPERLINK(1).png", "'+1.png", "'-2.png", "'@SUM(1).png"]
-    assert rows[7]["path"] == "caf\\xe9.png" and rows[7]["probability"]  # a non-UTF-8 name still scores
+    assert rows[-1]["path"] == "%3Dbroken.png" and rows[-1]["error"].startswith("'=broken.png")
+    assert [r["path"] for r in rows[:4]] == ["%3DHYPERLINK(1).png", "%2B1.png", "%2D2.png", "%40SUM(1).png"]
+    assert rows[7]["path"] == "caf%E9.png" and rows[7]["probability"]  # a non-UTF-8 name still scores
+    assert [read_path(r["path"]) for r in rows] == names  # the exact names read back
 
     code, _, _ = run(["--model", artifact, "--jsonl", "rows.jsonl", "--", *names])
     lines = (tmp_path / "rows.jsonl").read_bytes().decode("utf-8").splitlines()
-    assert [json.loads(line)["path"] for line in lines] == [display(n) for n in names]
+    assert [json.loads(line)["path"] for line in lines] == [path_cell(n) for n in names]
 
     code, out, _ = run(["--model", artifact, "--", *names])
     header, rule, *table = out.splitlines()
