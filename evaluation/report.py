@@ -55,6 +55,11 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters: a long generator name must not run out of its figure."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # ------------------------------------------------------------------------------------------------ SVG charts
 
 
@@ -167,7 +172,7 @@ class Chart:
             f'<svg viewBox="0 0 {self.W} {self.H}" width="{self.W}" height="{self.H}" role="img" '
             f'aria-label="{esc(self.title)}" font-family="system-ui, sans-serif">',
             f'<text x="{self.W / 2}" y="16" font-size="13" font-weight="600" text-anchor="middle">'
-            f"{esc(self.title)}</text>",
+            f"{esc(clip(self.title, 64))}</text>",
             f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="#fff" stroke="#999"/>',
         ]
         for v, name in self.x.ticks:
@@ -176,7 +181,7 @@ class Chart:
             if self.x.slanted:
                 out.append(
                     f'<text transform="translate({x:.1f},{y0 + 12}) rotate(-35)" font-size="11" '
-                    f'text-anchor="end">{esc(name)}</text>'
+                    f'text-anchor="end">{esc(clip(name, 24))}</text>'
                 )
             else:
                 out.append(
@@ -433,6 +438,7 @@ h1 { font-size: 1.4em; margin-top: 20px; } h2 { font-size: 1.15em; margin-top: 2
 nav a { margin-right: 12px; } .note { color: #555; font-size: 0.92em; }
 table { border-collapse: collapse; font-size: 0.9em; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } thead th { background: #f3f3f3; }
+thead th:first-child { text-align: left; }
 tbody th { text-align: left; font-weight: normal; } tr.mean { font-weight: 600; background: #fafafa; }
 .figures { display: flex; flex-wrap: wrap; gap: 16px; } figure { margin: 0; }
 .figures svg { max-width: 100%; height: auto; border: 1px solid #eee; }

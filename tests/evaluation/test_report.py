@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -139,6 +140,18 @@ def test_report_without_perturb_has_no_sweep_and_empty_galleries_say_so(tmp_path
     assert "none: every real image scored below the threshold" in text
     assert "none: every fake image scored at or above the threshold" in text
     assert "data:image/jpeg" not in text
+
+
+def test_fakes_only_and_a_long_generator_name_still_make_a_page(tmp_path):
+    long_name = "generator-" + "x" * 300
+    csv = labelled_set(tmp_path, generators=(long_name, long_name, "g"))
+    fakes = [s for s in discover(csv) if s.label == 1]
+    result = sweep(fakes, parse_sweeps(["blur:1"]), scored_by_size(50), threshold=0.5)
+    text = render_report(result, "t")
+    assert assert_self_contained(text).ids("section") == SECTIONS
+    assert text.count("needs both real and fake images") == 2  # ROC and DET say why they are empty
+    assert f"<th>{long_name}</th>" in text  # the table has the full name; figure titles are clipped
+    assert all(len(t) < 100 for t in re.findall(r'font-weight="600"[^>]*>([^<]*)</text>', text))
 
 
 def test_hostile_file_and_generator_names_are_escaped(tmp_path):
