@@ -8,8 +8,10 @@ Modules, in the order ``i2p-export`` uses them:
 - ``onnx_export``: ONNX export (opset 17, dynamic batch, MHA fast path off) and graph structure checks
 - ``fp16``: the FP16 copy with float32 I/O, and the FP16 weight-range check
 - ``ort_run``: ONNX Runtime in a child process (a crashing execution provider becomes a result)
-- ``checks``: each produced model run and compared; ``parity``: ``Comparison`` / ``ParityReport``
-- ``cpu_optimize`` + ``attention_fusion``: ``model.cpu.onnx``; ``quantize``: ``model.int8.onnx``
+- ``parity_runs``: each produced model run and compared; ``parity``: ``Comparison`` / ``ParityReport``
+- ``produced``: what a model step returns (the catalogue rows it kept, their comparisons, notes)
+- ``optional_models``: produce → check → keep ``model.cpu.onnx`` (``cpu_optimize`` +
+  ``attention_fusion``), ``model.int8.onnx`` (``quantize``) and the TensorRT engine
 - ``engine``: the TensorRT engine, built by the runtime's own backend
 - ``manifest``: manifest.json and parity.json, written once, last
 - ``artifact``: staged, all-or-nothing output directories and file hashes

@@ -1,7 +1,8 @@
 """The steps that make the network files: load the checkpoint, merge and truncate, write ONNX FP32/FP16.
 
-``Build`` is what one export run knows so far (options, metadata, probe inputs and their PyTorch
-reference, the merged network, the files written, notes); the parity checks and the manifest read it.
+``Build`` is what the model steps start from (options, metadata, probe inputs and their PyTorch
+reference, the merged network, notes of loading and merging); the steps that write model files return
+what they made (``Produced``) rather than adding to it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .network import DeployedDetector, ExportError, check_merge, deploy, largest
 from .onnx_export import check_graph, export_onnx
 from .options import ExportOptions
 from .probes import ProbeSet, probe_set, torch_outputs
+from .produced import Produced
 
 FP32_ONNX, FP16_ONNX = FP32.file, FP16.file
 MERGE_ATOL, MERGE_PROBES = 1e-5, 4
@@ -34,7 +36,7 @@ MERGE_ATOL, MERGE_PROBES = 1e-5, 4
 
 @dataclass
 class Build:
-    """What one export run knows so far; the manifest is written from it."""
+    """What the model steps start from: the checkpoint, the probes and their reference, the merged network."""
 
     opts: ExportOptions
     meta: CheckpointMeta
@@ -42,7 +44,6 @@ class Build:
     reference: dict[str, tuple[np.ndarray, np.ndarray]]  # PyTorch outputs per probe set
     net: DeployedDetector | None = None
     largest_weight: tuple[str, float] = ("", 0.0)
-    models: dict[str, str] = field(default_factory=dict)  # ONNX file -> precision
     notes: list[str] = field(default_factory=list)
     checkpoint_sha256: str = ""
 
@@ -110,18 +111,19 @@ def merge(build: Build, model: I2PModel, echo: Callable[[str], None]) -> None:
         echo(f"warning: {warning}")
 
 
-def write_models(build: Build, staging: Path, progress: Progress) -> None:
-    """model.onnx (checked for structure) and, with --fp16, model.fp16.onnx."""
+def write_models(build: Build, staging: Path, progress: Progress) -> Produced:
+    """model.onnx (checked for structure) and, with --fp16, model.fp16.onnx: the files every export keeps.
+
+    Their parity is checked next (``parity_runs.onnx_parity``); a failure there fails the export.
+    """
     opts, net = build.opts, build.net
     with progress.step(f"ONNX export (opset {opts.opset}, dynamic batch)"):
         export_onnx(net, staging / FP32_ONNX, opts.opset)
         summary = check_graph(staging / FP32_ONNX, net.layer)
-    build.notes.append(
-        f"graph: {summary.blocks} transformer blocks, {summary.linear_maps} linear maps, no adapter ops"
-    )
-    build.models[FP32_ONNX] = "fp32"
-    if opts.fp16:
-        kept = ", ".join(opts.keep_fp32) or "none"
-        with progress.step(f"FP16 conversion (float32 I/O; kept in FP32: {kept})"):
-            convert_fp16(staging / FP32_ONNX, staging / FP16_ONNX, opts.keep_fp32)
-        build.models[FP16_ONNX] = "fp16"
+    note = f"graph: {summary.blocks} transformer blocks, {summary.linear_maps} linear maps, no adapter ops"
+    if not opts.fp16:
+        return Produced(kept=(FP32,), notes=(note,))
+    kept = ", ".join(opts.keep_fp32) or "none"
+    with progress.step(f"FP16 conversion (float32 I/O; kept in FP32: {kept})"):
+        convert_fp16(staging / FP32_ONNX, staging / FP16_ONNX, opts.keep_fp32)
+    return Produced(kept=(FP32, FP16), notes=(note,))

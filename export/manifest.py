@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from i2p.base.files import sha256_file, write_json_atomic
 from i2p.runtime.manifest import MANIFEST, ArtifactError, Manifest, TensorSpec
-from i2p.runtime.model_files import by_file
+from i2p.runtime.model_files import FileKind
 
 from .build import FP16_ONNX, Build
 from .network import ExportError
@@ -24,8 +25,10 @@ from .parity import ParityReport
 PARITY = "parity.json"
 
 
-def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Manifest:
-    """The manifest of the staged artifact: ``hashes`` are its files' sha256 (see ``artifact.file_hashes``)."""
+def describe(
+    build: Build, kept: Sequence[FileKind], hashes: dict[str, str], parity: ParityReport
+) -> Manifest:
+    """The manifest of the staged artifact: the ``kept`` model files, ``hashes`` of every file."""
     opts, meta, net = build.opts, build.meta, build.net
     size = net.image_size
     return Manifest(
@@ -37,7 +40,7 @@ def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Mani
         preprocess=build.spec,
         inputs=(TensorSpec(INPUT, "float32", ("batch", 3, size, size)),),
         outputs=tuple(TensorSpec(o, "float32", ("batch",)) for o in OUTPUTS),
-        models=tuple(by_file(file).entry for file in build.models),
+        models=tuple(kind.entry for kind in kept),
         files=dict(hashes),
         tools=tool_versions(),
         extra=_extra(build, parity),
@@ -46,10 +49,12 @@ def describe(build: Build, hashes: dict[str, str], parity: ParityReport) -> Mani
     )
 
 
-def write(build: Build, staging: Path, hashes: dict[str, str], parity: ParityReport) -> Manifest:
+def write(
+    build: Build, kept: Sequence[FileKind], staging: Path, hashes: dict[str, str], parity: ParityReport
+) -> Manifest:
     """parity.json, then manifest.json listing every file's sha256 (parity.json's included)."""
     write_json_atomic(staging / PARITY, parity.to_dict())
-    manifest = describe(build, {**hashes, PARITY: sha256_file(staging / PARITY)}, parity)
+    manifest = describe(build, kept, {**hashes, PARITY: sha256_file(staging / PARITY)}, parity)
     text = manifest.to_json()
     try:  # what exports also loads: the runtime's own checks, before anything is written
         Manifest.from_dict(json.loads(text))

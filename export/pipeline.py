@@ -2,7 +2,9 @@
 
 Everything is written into a staging directory beside the target and moved into place only after
 every parity check passed, so a failed export leaves no artifact (see ``artifact.staged_directory``).
-The steps live in ``build`` (network files), ``checks`` (parity), ``manifest`` (manifest.json).
+Each model step is produce → check → keep over a row of the model-file catalogue and returns what it
+made (``Produced``): ``build`` (the network, FP32/FP16 ONNX), ``parity_runs`` (their parity),
+``optional_models`` (CPU, INT8, TensorRT engine), then ``manifest`` lists what was kept.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from typing import Any
 
 from i2p.runtime.manifest import Manifest
 
-from . import checks
 from . import engine as engine_step
 from . import manifest as manifest_step
+from . import optional_models
 from .artifact import check_target, file_hashes, staged_directory
 from .build import Build, Progress, load, merge, write_models
 from .network import ExportError
 from .options import ENGINE_CHOICES, ExportOptions
 from .parity import ParityReport
+from .parity_runs import onnx_parity, reference_name, require_parity
+from .produced import Produced
 
 __all__ = ["ExportOptions", "ExportResult", "run_export"]
 
@@ -58,48 +62,65 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
     model, build = load(opts, progress)
     with progress.step(f"merging deltas, truncating at L*={model.layer}/{model.num_layers}"):
         merge(build, model, echo)
+    reference = reference_name()
     with staged_directory(target, opts.force) as staging:
-        parity = _models_and_parity(build, staging, progress, echo)
+        made = _model_files(build, staging, progress, echo, reference)
         hashes = file_hashes(staging)  # the network files are final from here on
-        if opts.engine != "no" and engine_step.available():
-            # the engine step loads the staged artifact, so it gets the manifest in memory
-            staged = manifest_step.describe(build, hashes, parity)
-            engine = tuple(checks.engine(build, staging, staged, progress))
-            parity = ParityReport(parity.reference, (*parity.comparisons, *engine), parity.rejected)
-            checks.require_parity(parity, engine, echo)
-        else:
-            build.notes.append(
-                "TensorRT engine: not requested (--engine no)"
-                if opts.engine == "no"
-                else "TensorRT engine: TensorRT is not available here; the runtime builds it on the target "
-                "device on first load"
-            )
-        manifest = manifest_step.write(build, staging, hashes, parity)
+        made += _engine(build, staging, progress, echo, reference, made, hashes)
+        parity = made.parity(reference)
+        manifest = manifest_step.write(build, made.kept, staging, hashes, parity)
+    notes = (*build.notes, *made.notes)
     triton = None
     if opts.triton is not None:
         with progress.step(f"Triton model repository {opts.triton}"):
-            triton = _triton(build, target, manifest)
+            triton, triton_notes = _triton(build, target, manifest)
+        notes = (*notes, *triton_notes)
     files = {
         p.relative_to(target).as_posix(): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()
     }
-    return ExportResult(
-        target, manifest, parity, files, tuple(build.notes), triton, time.perf_counter() - start
-    )
+    return ExportResult(target, manifest, parity, files, notes, triton, time.perf_counter() - start)
 
 
-def _models_and_parity(
-    build: Build, staging: Path, progress: Progress, echo: Callable[[str], None]
-) -> ParityReport:
-    """The ONNX files, each checked against PyTorch; the fused CPU model and its INT8 copy if they pass too."""
-    write_models(build, staging, progress)
+def _model_files(
+    build: Build, staging: Path, progress: Progress, echo: Callable[[str], None], reference: str
+) -> Produced:
+    """The ONNX files every export keeps, each checked against PyTorch; the fused CPU and INT8 files if they pass."""
+    made = write_models(build, staging, progress)
     with progress.step("parity against PyTorch (ONNX Runtime CPU)"):
-        parity = ParityReport(checks.reference_name(), tuple(checks.onnx_parity(build, staging)))
-    checks.require_parity(parity, parity.comparisons, echo)
+        made += Produced(comparisons=tuple(onnx_parity(build, staging, made.kept)))
+    require_parity(made.parity(reference), made.comparisons, echo)
     if build.opts.cpu:
-        parity = checks.cpu_model(build, staging, parity, progress)
+        made += optional_models.cpu_model(build, staging, progress)
     if build.opts.int8:
-        parity = checks.int8_model(build, staging, parity, progress)
-    return parity
+        made += optional_models.int8_model(build, staging, progress, made.kept)
+    return made
+
+
+def _engine(
+    build: Build,
+    staging: Path,
+    progress: Progress,
+    echo: Callable[[str], None],
+    reference: str,
+    made: Produced,
+    hashes: dict[str, str],
+) -> Produced:
+    """The TensorRT engine where TensorRT is here and it was not declined; its comparisons must pass."""
+    opts = build.opts
+    if opts.engine == "no" or not engine_step.available():
+        return Produced(
+            notes=(
+                "TensorRT engine: not requested (--engine no)"
+                if opts.engine == "no"
+                else "TensorRT engine: TensorRT is not available here; the runtime builds it on the target "
+                "device on first load",
+            )
+        )
+    # the engine step loads the staged artifact, so it gets the manifest in memory
+    staged = manifest_step.describe(build, made.kept, hashes, made.parity(reference))
+    engine = optional_models.engine(build, staging, staged, progress)
+    require_parity((made + engine).parity(reference), engine.comparisons, echo)
+    return engine
 
 
 def _preflight(opts: ExportOptions, target: Path) -> None:
@@ -123,11 +144,9 @@ def _triton_options(opts: ExportOptions) -> Any:
     return TritonOptions(backend=opts.triton_backend, max_batch=opts.max_batch)
 
 
-def _triton(build: Build, artifact: Path, manifest: Manifest) -> Path:
-    """The ensemble repository; triton.py picks the network file (TensorRT plan if built, FP16 ONNX, ...)."""
+def _triton(build: Build, artifact: Path, manifest: Manifest) -> tuple[Path, list[str]]:
+    """The ensemble repository and its notes; triton.py picks the network file (TensorRT plan, FP16 ONNX, ...)."""
     from .triton import write_repository
 
     opts = build.opts
-    ensemble, notes = write_repository(opts.triton, artifact, manifest, _triton_options(opts), opts.force)
-    build.notes.extend(notes)
-    return ensemble
+    return write_repository(opts.triton, artifact, manifest, _triton_options(opts), opts.force)

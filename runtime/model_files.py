@@ -144,11 +144,6 @@ def kind_of(model: ModelFile) -> FileKind | None:
     )
 
 
-def by_file(file: str) -> FileKind:
-    """The row of a file name export writes (KeyError for a name the catalogue does not hold)."""
-    return next(k for k in MANIFEST_KINDS if k.file == file)
-
-
 def images_per_call(precision: str, batch: int) -> int:
     """How many images one session call of a ``precision`` model may take when batches of ``batch`` come."""
     limits = [k.images_per_call for k in MANIFEST_KINDS if k.precision == precision and k.images_per_call]

@@ -21,7 +21,6 @@ from i2p.runtime.model_files import (
     INT8,
     PRECISIONS,
     ModelFile,
-    by_file,
     choose,
     images_per_call,
     kind_of,
@@ -53,7 +52,7 @@ def test_every_reader_takes_its_lists_from_the_catalogue() -> None:
     assert engine_cache.PRECISIONS == ENGINE_PRECISIONS == ("fp16", "fp32")
     assert len({(k.precision, k.format) for k in CATALOGUE}) == len(CATALOGUE)  # a row is one kind
     for kind in (FP32, FP16, CPU, INT8):
-        assert by_file(kind.file) is kind and kind_of(kind.entry) is kind
+        assert kind_of(kind.entry) is kind
 
 
 def test_images_per_call_is_the_rows_limit() -> None:
