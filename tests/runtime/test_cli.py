@@ -181,7 +181,8 @@ def test_detect_model_the_backend_cannot_load(tmp_path: Path, tree: Path) -> Non
     manifest["files"]["model.onnx"] = sha256_file(art / "model.onnx")
     (art / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(detect, [tree, "--model", art, "--precision", "fp32"])
-    assert code == 1 and "model.onnx: ONNX Runtime cannot load this model" in err
+    # refused at load with the artifact's other checks (model_check reads it first): exit 2, like a bad hash
+    assert code == 2 and "model.onnx: ONNX Runtime cannot load this model" in err
 
 
 def test_detect_unwritable_output_is_a_clear_error(artifact: Path, tree: Path, tmp_path: Path) -> None:
