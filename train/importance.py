@@ -16,7 +16,8 @@ checkpoint, so it is a constant: it changes when the rule does, never with this 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,35 @@ class ImportanceProfile:
     n_calib: int
     n_val: int
     criterion: str = "clean"  # "robust" | "clean": which scores the importance averages
+    # measured speed of the tower truncated after each block, relative to the whole tower (empty: not measured)
+    relative_speed: tuple[float, ...] = ()
+
+    def worst_auc(self, s: LayerScore) -> float:
+        """The probe AUC that survives every degradation scored (the clean AUC without any)."""
+        return min([s.probe_auc, *s.degraded_auc.values()])
+
+    def faster_alternative(self, within: float = 0.01) -> LayerScore | None:
+        """The shallowest block before L* whose worst-case AUC is within ``within`` of L*'s, else L* - 1."""
+        if self.layer <= 1:
+            return None
+        floor = self.worst_auc(self.scores[self.layer - 1]) - within
+        shallower = self.scores[: self.layer - 1]
+        return next((s for s in shallower if self.worst_auc(s) >= floor), shallower[-1])
+
+    def cost_line(self) -> str:
+        """The pick and its nearest faster alternative, with the command that gets it and what it costs."""
+        n = len(self.scores)
+        text = f"L* = {self.layer}/{n}: keeps {100 * self.layer / n:.0f}% of the tower's blocks"
+        alt = self.faster_alternative()
+        if alt is None:
+            return text + " (the shallowest possible)"
+        delta = self.worst_auc(alt) - self.worst_auc(self.scores[self.layer - 1])
+        speed = (
+            f"{self.relative_speed[alt.layer - 1] / self.relative_speed[self.layer - 1]:.2f}x faster"
+            if self.relative_speed
+            else f"{self.layer / alt.layer:.2f}x fewer blocks"
+        )
+        return text + f". Faster alternative: `--layer {alt.layer}`: {speed}, worst-case AUC {delta:+.4f}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rule": LAYER_RULE}
@@ -64,7 +94,10 @@ class ImportanceProfile:
     @classmethod
     def from_dict(cls, d: dict) -> ImportanceProfile:
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**{**fields, "scores": tuple(LayerScore(**s) for s in d["scores"])})
+        speed = tuple(fields.pop("relative_speed", ()))
+        return cls(
+            **{**fields, "scores": tuple(LayerScore(**s) for s in d["scores"]), "relative_speed": speed}
+        )
 
     def save(self, out_dir: Path) -> tuple[Path, Path]:
         """layer_importance.json and layer_importance.png in ``out_dir``."""
@@ -88,6 +121,44 @@ def block_cls_features(
         feats.append(torch.stack([t[:, 0].float().cpu() for t in out["image_intermediates_prefix"]]))
         labels.append(y.float())
     return torch.cat(feats, dim=1), torch.cat(labels)
+
+
+@torch.no_grad()
+def truncated_speed(
+    blocks: list[torch.nn.Module], run: Callable[[], object], repeats: int = 3
+) -> tuple[float, ...]:
+    """Speed of the tower cut after each block, relative to the whole tower, timed on this machine.
+
+    One forward (``run``) is timed block by block with hooks, ``repeats`` times (median): the patch
+    embedding and what follows the blocks count as fixed costs. This is the PyTorch tower on this
+    machine, not the exported network; the ratios carry over because the blocks are the same.
+    """
+    marks: list[tuple[int, float]] = []
+    hooks = [
+        h
+        for i, block in enumerate(blocks)
+        for h in (
+            block.register_forward_pre_hook(lambda *_, i=i: marks.append((i, time.perf_counter()))),
+            block.register_forward_hook(lambda *_, i=i: marks.append((i, time.perf_counter()))),
+        )
+    ]
+    runs = []
+    try:
+        for _ in range(repeats):
+            marks.clear()
+            start = time.perf_counter()
+            run()
+            end = time.perf_counter()
+            if len(marks) != 2 * len(blocks):
+                return ()  # the blocks did not all run once (stop_early, a wrapper): no honest figure
+            per_block = [marks[2 * k + 1][1] - marks[2 * k][1] for k in range(len(blocks))]
+            runs.append((end - start, marks[0][1] - start, per_block))
+    finally:
+        for h in hooks:
+            h.remove()
+    total, fixed, per_block = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    fixed += total - fixed - sum(per_block)  # embedding + what follows the last block
+    return tuple(round(total / (fixed + sum(per_block[: k + 1])), 3) for k in range(len(blocks)))
 
 
 def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -218,7 +289,7 @@ def plot(p: ImportanceProfile, path: Path) -> None:
     ax.plot(layers, _minmax([s.probe_auc for s in p.scores]), "o-", label="probe AUC, clean (normalized)")
     ax.plot(layers, _minmax([s.fisher for s in p.scores]), "s-", label="Fisher ratio (normalized)")
     if p.scores[0].degraded_auc:
-        worst = [min(s.probe_auc, *s.degraded_auc.values()) for s in p.scores]
+        worst = [p.worst_auc(s) for s in p.scores]
         ax.plot(layers, _minmax(worst), "^-", label="probe AUC, worst of clean + degraded (normalized)")
     ax.plot(layers, [s.importance for s in p.scores], "k-", lw=2, label=f"importance ({p.criterion})")
     ax.axvline(p.layer, color="tab:red", ls="--", label=f"L* = {p.layer} ({p.mode})")
@@ -229,6 +300,11 @@ def plot(p: ImportanceProfile, path: Path) -> None:
     )
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="lower right")
+    if p.relative_speed:
+        speed = ax.twinx()
+        speed.plot(layers, p.relative_speed, ":", color="tab:gray", label="speed vs whole tower (measured)")
+        speed.set_ylabel("speed of the tower cut here (x)", fontsize=8)
+        speed.legend(fontsize=7, loc="upper right")
     for a in (raw, ax):
         a.set_xlabel("block")
         a.set_xticks(layers)
@@ -247,9 +323,12 @@ def importance_table(p: ImportanceProfile) -> str:
             "probe_loss": s.probe_loss,
             "fisher": s.fisher,
             **{f"auc {k}": v for k, v in s.degraded_auc.items()},
+            "worst_auc": p.worst_auc(s),
+            "compute": f"{100 * s.layer / len(p.scores):.0f}%",
+            **({"speed": f"{p.relative_speed[s.layer - 1]:.2f}x"} if p.relative_speed else {}),
             "importance": s.importance,
             "chosen": "<- L*" if s.layer == p.layer else "",
         }
         for s in p.scores
     ]
-    return format_table(rows)
+    return format_table(rows) + "\n" + p.cost_line()

@@ -7,6 +7,8 @@ layer-L* linear probe of stage 1.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +48,11 @@ def perceive(
                 rt, labelled_batches(loader), total=len(loader), desc=f"stage 1: validation, {cond.name}"
             )
             degraded[cond.name] = importance.block_cls_features(tower, bar, rt.device)
-    return importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance, degraded, cfg.layer_rule)
+    result, probe = importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance, degraded, cfg.layer_rule)
+    x, _ = next(iter(labelled_batches(eval_loader(calib[:8], spec, cfg))))
+    blocks = list(tower.transformer.resblocks)
+    speed = importance.truncated_speed(blocks, lambda: tower(x.to(rt.device)))
+    return dataclasses.replace(result, relative_speed=speed), probe
 
 
 def perceive_once(

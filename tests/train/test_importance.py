@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 
 from i2p.train import importance
@@ -50,7 +51,8 @@ def test_block_features_are_the_cls_token_after_each_block():
             cls = I2PModel(copy.deepcopy(tower), k).eval().forward_features(x)
         torch.testing.assert_close(feats[k - 1], cls, atol=1e-5, rtol=0)
     table = importance.importance_table(importance.profile((feats, labels), (feats, labels), "last")[0])
-    assert table.splitlines()[-1].endswith("<- L*")
+    *rows, cost = table.splitlines()
+    assert rows[-1].endswith("<- L*") and cost.startswith("L* = 4/4: keeps 100%")
 
 
 def test_robust_rule_prefers_the_layer_that_keeps_its_separation_under_degradation(tmp_path):
@@ -89,7 +91,7 @@ def test_the_stored_layer_rule_is_a_constant_that_checkpoints_already_hold():
 
     v1 = Path(__file__).parents[1] / "fixtures" / "v1" / "checkpoint.safetensors"
     stored = read_checkpoint(v1).meta.importance["rule"]
-    assert importance.LAYER_RULE == stored
+    assert stored == importance.LAYER_RULE
     profile = importance.ImportanceProfile((), 1, "auto", 0.0, 1, 1)
     assert profile.to_dict()["rule"] == stored
 
@@ -104,3 +106,44 @@ def test_the_profile_is_written_under_python_OO():
         "assert ImportanceProfile((), 1, 'auto', 0.0, 1, 1).to_dict()['rule'] == LAYER_RULE\n"
     )
     subprocess.run([sys.executable, "-OO", "-c", code], check=True, timeout=120)
+
+
+def test_truncated_speed_is_measured_block_by_block():
+    """Blocks that cost 1, 2, 3 units: cutting after block k keeps the fixed cost plus blocks 1..k."""
+    import time as time_mod
+
+    class Sleep(torch.nn.Module):
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time_mod.sleep(self.seconds)
+            return x
+
+    blocks = [Sleep(0.01), Sleep(0.02), Sleep(0.03)]
+    tower = torch.nn.Sequential(Sleep(0.01), *blocks)  # 0.01 s of "embedding" before the blocks
+    speed = importance.truncated_speed(blocks, lambda: tower(torch.zeros(1)))
+    assert len(speed) == 3 and speed[-1] == pytest.approx(1.0, abs=0.02)
+    assert speed[0] == pytest.approx(0.07 / 0.02, rel=0.3) and speed[0] > speed[1] > speed[2]
+    assert importance.truncated_speed(blocks[:2], lambda: blocks[0](0)) == ()  # not every block ran
+
+
+def test_the_table_names_the_cost_of_the_pick_and_its_faster_alternative():
+    scores = tuple(
+        importance.LayerScore(i, 0.0, auc, 0.1, 0.0, {"jpeg:75": auc - 0.01})
+        for i, auc in enumerate([0.7, 0.9, 0.985, 0.99], start=1)
+    )
+    p = importance.ImportanceProfile(scores, 4, "auto", 0.0, 10, 10, "robust", (3.2, 1.9, 1.3, 1.0))
+    alt = p.faster_alternative()
+    assert alt is not None and alt.layer == 3  # within 0.01 worst-case AUC of L*
+    table = importance.importance_table(p)
+    assert "Faster alternative: `--layer 3`: 1.30x faster, worst-case AUC -0.0050" in table
+    assert table.splitlines()[0].split()[-4:] == ["compute", "speed", "importance", "chosen"]
+    back = importance.ImportanceProfile.from_dict(p.to_dict())
+    assert back == p  # stored in the checkpoint with the profile
+    old = {k: v for k, v in p.to_dict().items() if k != "relative_speed"}
+    assert importance.ImportanceProfile.from_dict(old).relative_speed == ()  # older checkpoints load
+    assert "fewer blocks" in importance.importance_table(importance.ImportanceProfile.from_dict(old))
+    first = importance.ImportanceProfile(scores, 1, "fixed", 0.0, 10, 10, "robust")
+    assert first.faster_alternative() is None and "shallowest" in first.cost_line()
