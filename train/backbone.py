@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import open_clip
@@ -74,7 +75,11 @@ def preprocess_spec(model: str) -> PreprocessSpec:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """An open_clip full-model or visual-only state dict as the ``visual`` tower's keys."""
+    """An open_clip full-model or visual-only state dict as the ``visual`` tower's keys, every tensor checked.
+
+    In a full CLIP state dict only the ``visual.`` tensors are read and checked: the text tower (and
+    ``logit_scale``) is never loaded, so what it holds cannot change the detector.
+    """
     if not path.is_file():
         raise BackboneError(f"{path}: backbone weights file not found")
     try:
@@ -91,14 +96,69 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
-    ):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise BackboneError(f"{path}: not a state dict (a mapping of names to tensors)")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
-    return sd
+    names = {k.removeprefix("module."): k for k in sd}  # tower key -> key in the file
+    if any(k.startswith("visual.") for k in names):
+        names = {k[len("visual.") :]: f for k, f in names.items() if k.startswith("visual.")}
+    check_weights(path, {names[k]: sd[names[k]] for k in names})
+    return {k: sd[f] for k, f in names.items()}
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a weight (None if it can): a dense CPU float tensor of finite values."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    if value.is_nested or value.layout != torch.strided:
+        return f"is a {str(value.layout).removeprefix('torch.')} tensor; weights must be dense"
+    if value.is_quantized:
+        return f"is a quantized tensor ({value.dtype}); weights must be floating point"
+    if value.device.type != "cpu":
+        return f"is a tensor on device {value.device.type!r}, which holds no values"
+    if value.dtype not in WEIGHT_DTYPES:
+        return f"has dtype {str(value.dtype).removeprefix('torch.')}; weights are float16, bfloat16, float32 or float64"
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        kinds = [
+            name
+            for name, present in (
+                ("NaN", torch.isnan(value).any()),
+                ("+inf", torch.isposinf(value).any()),
+                ("-inf", torch.isneginf(value).any()),
+            )
+            if present
+        ]
+        return f"has {int((~finite).sum())} of {value.numel()} values {'/'.join(kinds)}"
+    return None
+
+
+def check_weights(
+    path: str | os.PathLike, tensors: dict[str, object], error: type[ValueError] = BackboneError
+) -> None:
+    """Refuse ``tensors`` unless each is a usable weight; the message names the file and the first offenders."""
+    problems = [f"{k} {why}" for k, v in tensors.items() if (why := tensor_problem(v)) is not None]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise error(f"{path}: {len(problems)} tensor(s) cannot be weights: {'; '.join(problems[:5])}{more}")
+
+
+def misfit(
+    tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], may_lack: tuple[str, ...] = ()
+) -> list[str]:
+    """Why ``tensors`` do not fit a module with state ``expected``: wrong shapes, missing and unexpected keys.
+
+    Names starting with ``may_lack`` may be missing (blocks a truncated model never runs).
+    """
+    problems = mismatched_shapes(tensors, expected)
+    missing = [k for k in expected if k not in tensors and not k.startswith(may_lack)]
+    unexpected = [k for k in tensors if k not in expected]
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            problems.append(f"{len(keys)} {label} {keys[:5]}{'…' if len(keys) > 5 else ''}")
+    return problems
 
 
 def mismatched_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
@@ -141,11 +201,9 @@ def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[VisionTra
     weights = resolve_weights(model, pretrained)
     if weights is not None:
         sd = read_state_dict(weights)
-        if wrong := mismatched_shapes(sd, tower.state_dict()):
-            raise BackboneError(f"{weights}: weights do not fit {model}: {', '.join(wrong[:5])}")
-        missing, _ = tower.load_state_dict(sd, strict=False)
-        if missing:
-            raise BackboneError(f"{weights}: weights do not fit {model}: missing {missing[:5]}…")
+        if problems := misfit(sd, tower.state_dict()):
+            raise BackboneError(f"{weights}: weights do not fit {model}: {'; '.join(problems[:5])}")
+        tower.load_state_dict(sd)
         digest = sha256_file(weights)
     else:
         digest = state_dict_sha256(tower.state_dict())

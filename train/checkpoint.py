@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from i2p.base.files import sha256_file, write_bytes_atomic
 
-from .backbone import BackboneError, build_tower, mismatched_shapes, read_state_dict
+from .backbone import BackboneError, build_tower, check_weights, misfit, read_state_dict
 from .metadata import CheckpointError, CheckpointMeta
 from .model import I2PModel
 
@@ -103,6 +103,23 @@ def base_state(ckpt: Checkpoint, backbone: str | os.PathLike | None) -> dict[str
         raise CheckpointError(str(e)) from e
 
 
+def unfinished_run_warning(path: str | os.PathLike, meta: CheckpointMeta) -> str | None:
+    """What to say when a checkpoint comes from a training run that did not finish (killed, or still running).
+
+    Such a checkpoint holds the last epoch that finished: it loads and scores, but it is not the model
+    the run was set to train. ``i2p eval --ckpt`` and ``i2p-export`` both say so, in these words.
+    """
+    if meta.complete:
+        return None
+    epochs = meta.config.get("epochs")
+    done = f"epoch {meta.resume.epoch + 1}" if meta.resume is not None else "its last completed epoch"
+    of = f" of {epochs}" if isinstance(epochs, int) and not isinstance(epochs, bool) else ""
+    return (
+        f"warning: {Path(path).name} is from an unfinished training run ({done}{of}); "
+        "i2p-train --resume with the same --out finishes it"
+    )
+
+
 def load_model(
     path: str | os.PathLike, backbone: str | os.PathLike | None = None
 ) -> tuple[I2PModel, CheckpointMeta]:
@@ -124,14 +141,16 @@ def build_model(ckpt: Checkpoint, backbone: str | os.PathLike | None = None) -> 
             f"{ckpt.path}: backbone {info.model!r} has {built[0]} blocks of width {built[1]}, but the "
             f"checkpoint says {info.num_layers} of width {info.width}"
         )
+    # the model's own tensors (resume state is checked where it is used, by resume.restore_state)
+    check_weights(
+        ckpt.path, {k: v for k, v in ckpt.tensors.items() if not k.startswith(RESUME)}, CheckpointError
+    )
     base = base_state(ckpt, backbone)
-    if wrong := mismatched_shapes(base, tower.state_dict()):
-        raise CheckpointError(f"{ckpt.path}: base weights do not fit {info.model}: {', '.join(wrong[:5])}")
-    missing, _ = tower.load_state_dict(base, strict=False)
     dropped = tuple(f"transformer.resblocks.{i}." for i in range(meta.layer, info.num_layers))
-    needed = [k for k in missing if not k.startswith((*dropped, "ln_post", "proj"))]  # blocks after L* unused
-    if needed:
-        raise CheckpointError(f"{ckpt.path}: base weights lack {needed[:5]}")
+    # blocks after L* never run; the head holds what it needs of ln_post and proj
+    if problems := misfit(base, tower.state_dict(), may_lack=(*dropped, "ln_post", "proj")):
+        raise CheckpointError(f"{ckpt.path}: base weights do not fit {info.model}: {'; '.join(problems[:5])}")
+    tower.load_state_dict(base, strict=False)
     model = I2PModel(tower, meta.layer, baseline=meta.baseline)
     problems = model.trainable_state_problems(ckpt.trainable())
     if problems:

@@ -88,6 +88,15 @@ def _reshape(key: str, shape: tuple[int, ...]):
     return lambda t: t | {key: torch.zeros(shape)}
 
 
+def _poison(key: str, value: float):
+    def edit(t: Tensors) -> Tensors:
+        poisoned = t[key].clone()
+        poisoned.view(-1)[0] = value
+        return t | {key: poisoned}
+
+    return edit
+
+
 def _without(prefix: str):
     return lambda t: {k: v for k, v in t.items() if not k.startswith(prefix)}
 
@@ -121,7 +130,18 @@ BROKEN_TENSORS = {
     ),
     "a missing delta": (_without("delta.1.attn.out_proj"), "missing delta.1.attn.out_proj.weight"),
     "wrong base shape": (_reshape("base.conv1.weight", (64, 3, 8, 8)), "base weights do not fit"),
-    "missing base tensors": (_without("base.transformer.resblocks.0."), "base weights lack"),
+    "missing base tensors": (
+        _without("base.transformer.resblocks.0."),
+        "base weights do not fit i2p-tiny-vit: 12 missing",
+    ),
+    "an extra base tensor": (lambda t: t | {"base.extra": torch.zeros(2)}, "1 unexpected ['extra']"),
+    "NaN in the head": (_poison("head.fc.weight", float("nan")), "head.fc.weight has 1 of 64 values NaN"),
+    "inf in a delta": (_poison("delta.0.attn.out_proj.weight.A", float("inf")), ".A has 1 of 16 values +inf"),
+    "-inf in the base": (_poison("base.conv1.weight", float("-inf")), "base.conv1.weight has 1 of"),
+    "an integer head": (
+        lambda t: t | {"head.fc.bias": torch.zeros(1, dtype=torch.int32)},
+        "head.fc.bias has dtype int32",
+    ),
 }
 BROKEN = {
     **{k: (m, None, e) for k, (m, e) in BROKEN_META.items()},
