@@ -33,10 +33,11 @@ def no_leftovers(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """One full export: --fp16, real images for parity (one unreadable), a Triton repository."""
+def exported(tmp_path_factory, checkpoint_l3):
+    """One full export of the session's L* = 3 checkpoint: --fp16, real images for parity (one unreadable),
+    a Triton repository."""
     root = tmp_path_factory.mktemp("export")
-    ckpt = make_checkpoint(root, layer=3)
+    ckpt = checkpoint_l3
     make_image_folder(root / "calib", n_per_class=2, size=(80, 64))
     (root / "calib" / "gen_a" / "0_real" / "broken.jpg").write_bytes(b"not an image")
     out = root / "det.i2p"

@@ -24,10 +24,9 @@ from i2p.export.pipeline import ExportOptions, run_export
 from i2p.runtime import ArtifactError, Detector
 from i2p.runtime.manifest import MANIFEST, read_manifest
 from i2p.train.checkpoint import load_model
-from tests.support.checkpoints import make_checkpoint
 from tests.support.fake_artifact import build_model
 
-LAYER = 3  # of the tiny ViT's 4 blocks; 2 heads of width 32, 17 tokens
+LAYER = 3  # checkpoint_l3's (tests/conftest.py), of the tiny ViT's 4 blocks; 2 heads of width 32, 17 tokens
 ATOL = 1e-4  # logits; FP32 kernels differ only in summation order
 
 
@@ -42,14 +41,9 @@ def images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), layer=LAYER)
-
-
-@pytest.fixture(scope="module")
-def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+def exported(checkpoint_l3: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     root = tmp_path_factory.mktemp("cpu")
-    model, _ = load_model(checkpoint)
+    model, _ = load_model(checkpoint_l3)
     net = deploy(model)
     export_onnx(net, root / "model.onnx")
     return root / "model.onnx", net.blocks[0].attn.num_heads
@@ -130,8 +124,8 @@ def export_artifact(ckpt: Path, out: Path):
 
 
 @pytest.fixture(scope="module")
-def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_artifact(checkpoint, tmp_path_factory.mktemp("art") / "det.i2p").artifact
+def artifact(checkpoint_l3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_artifact(checkpoint_l3, tmp_path_factory.mktemp("art") / "det.i2p").artifact
 
 
 def without_cpu_model(artifact: Path, dst: Path) -> Path:
@@ -192,7 +186,7 @@ def test_a_cpu_model_this_onnxruntime_cannot_load_falls_back(artifact: Path, tmp
     assert any(CPU_ONNX in r.getMessage() and "does not load" in r.getMessage() for r in caplog.records)
 
 
-def test_a_cpu_model_that_fails_parity_is_dropped(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_cpu_model_that_fails_parity_is_dropped(checkpoint_l3: Path, tmp_path: Path, monkeypatch) -> None:
     """A rewrite that changes the function (here: the head's bias + 1) costs the file, not the export."""
 
     def wrong(src: Path, dst: Path, num_heads: int) -> FusionReport:
@@ -203,7 +197,7 @@ def test_a_cpu_model_that_fails_parity_is_dropped(checkpoint: Path, tmp_path: Pa
         return FusionReport({}, 0, False)
 
     monkeypatch.setattr(cpu_optimize, "optimize_for_cpu", wrong)
-    result = export_artifact(checkpoint, tmp_path / "det.i2p")
+    result = export_artifact(checkpoint_l3, tmp_path / "det.i2p")
     assert not (result.artifact / CPU_ONNX).exists()
     assert [f.path for f in result.manifest.models] == [
         "model.onnx"

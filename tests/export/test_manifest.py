@@ -14,12 +14,7 @@ from i2p.runtime.manifest import ArtifactError, read_manifest
 from i2p.train.checkpoint import read_checkpoint
 from i2p.train.cli import evaluate as eval_cmd
 from i2p.train.cli import train as train_cmd
-from tests.support.training import TINY, training_folder
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return training_folder(tmp_path_factory)
+from tests.support.training import TINY
 
 
 def train(data_dir: Path, out: Path, *extra: str) -> Path:

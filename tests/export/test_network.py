@@ -21,14 +21,8 @@ from i2p.export.onnx_export import (
 from i2p.export.ort_run import run_onnx
 from i2p.train.backbone import build_tower
 from i2p.train.checkpoint import load_model, read_checkpoint
-from tests.support.checkpoints import make_checkpoint
 
-LAYER = 3
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), layer=LAYER, rank=4)
+LAYER = 3  # of checkpoint_l3 (tests/conftest.py), rank 4
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +31,9 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def exported(ckpt, images, tmp_path_factory):
+def exported(checkpoint_l3, images, tmp_path_factory):
     """(unmerged logits on ``images``, merged network, model.onnx traced at batch 2)."""
-    model, _ = load_model(ckpt)
+    model, _ = load_model(checkpoint_l3)
     with torch.no_grad():
         unmerged = model(images)
     net = deploy(model)
@@ -64,19 +58,19 @@ def test_check_merge_rejects_a_network_that_differs(exported, images):
         check_merge(net, images, unmerged + 1e-3, atol=1e-5)
 
 
-def test_merge_removes_the_subspace_branches(ckpt):
-    model, _ = load_model(ckpt)
+def test_merge_removes_the_subspace_branches(checkpoint_l3):
+    model, _ = load_model(checkpoint_l3)
     assert any(".delta." in n for n, _ in model.named_parameters())
     net = deploy(model)
     assert not any(".delta." in n for n, _ in net.state_dict().items())
     assert len(net.blocks) == LAYER
 
 
-def test_onnx_matches_the_independent_open_clip_reference(ckpt, exported, images):
+def test_onnx_matches_the_independent_open_clip_reference(checkpoint_l3, exported, images):
     """Merged weights computed here from the checkpoint tensors, run through open_clip's own
     forward_intermediates (CLS token at block L*), then the head: the exported ONNX must agree."""
     _, _, path = exported
-    read = read_checkpoint(ckpt)
+    read = read_checkpoint(checkpoint_l3)
     meta, tensors = read.meta, read.tensors
     state = read.section("base.")
     for key in [k for k in tensors if k.startswith("delta.") and k.endswith(".A")]:

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
 from i2p.export import quantize
 from i2p.export.cpu_optimize import CPU_ONNX
@@ -19,7 +18,6 @@ from i2p.export.pipeline import ExportOptions, ExportResult, run_export
 from i2p.export.probes import CALIB
 from i2p.runtime import ArtifactError, Detector
 from i2p.runtime.manifest import read_manifest
-from tests.support.checkpoints import make_checkpoint
 from tests.support.parity import compare_logits
 
 V0_MODEL = Path(__file__).parents[1] / "fixtures" / "v0" / "artifact" / "model.onnx"
@@ -175,25 +173,11 @@ def test_errors_drop_the_file_with_a_note(fp32):
 # -- i2p-export (defaults) and the Detector -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 256, (72, 64, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
+# -- the default export: checkpoint_l2, calibration_images and export_l2 are in tests/conftest.py ---------
 
 
-@pytest.fixture(scope="module")
-def exported(calib: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt"), layer=2)
-    out = tmp_path_factory.mktemp("art") / "det.i2p"
-    opts = ExportOptions(ckpt=ckpt, out=out, engine="no", random_samples=4, calib_images=calib)
-    return ckpt, run_export(opts, echo=lambda _: None)
-
-
-def test_default_export_writes_the_cpu_and_int8_models_and_records_the_gate(exported) -> None:
-    _, result = exported
+def test_default_export_writes_the_cpu_and_int8_models_and_records_the_gate(export_l2: ExportResult) -> None:
+    result = export_l2
     m = read_manifest(result.artifact)
     assert [x.path for x in m.models] == ["model.onnx", CPU_ONNX, quantize.INT8_ONNX]
     assert m.models[-1] == quantize.INT8_MODEL and m.files[quantize.INT8_ONNX]
@@ -207,8 +191,8 @@ def test_default_export_writes_the_cpu_and_int8_models_and_records_the_gate(expo
     assert parity["rejected"] == [] and any(n.startswith(quantize.INT8_ONNX) for n in result.notes)
 
 
-def test_detector_picks_int8_on_the_cpu_unless_fp32_is_forced(exported) -> None:
-    _, result = exported
+def test_detector_picks_int8_on_the_cpu_unless_fp32_is_forced(export_l2: ExportResult) -> None:
+    result = export_l2
     x = np.random.default_rng(3).standard_normal((5, 3, 64, 64), dtype=np.float32)
     with Detector(result.artifact) as det, Detector(result.artifact, precision="fp32") as fp32:
         assert det.backend.model_path.name == quantize.INT8_ONNX and det.backend.precision == "int8"
@@ -218,8 +202,8 @@ def test_detector_picks_int8_on_the_cpu_unless_fp32_is_forced(exported) -> None:
         assert det.backend.model_path.name == quantize.INT8_ONNX
 
 
-def test_no_cpu_and_no_calibration_images_mean_no_int8(exported, tmp_path: Path) -> None:
-    ckpt, _ = exported
+def test_no_cpu_and_no_calibration_images_mean_no_int8(checkpoint_l2: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint_l2
     plain = run_export(
         ExportOptions(
             ckpt=ckpt, out=tmp_path / "plain.i2p", engine="no", random_samples=4, cpu=False, int8=False
@@ -240,9 +224,9 @@ def test_no_cpu_and_no_calibration_images_mean_no_int8(exported, tmp_path: Path)
 
 
 def test_a_dropped_int8_model_is_recorded_but_does_not_fail_the_export(
-    exported, calib, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoint_l2: Path, calibration_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ckpt, _ = exported
+    ckpt = checkpoint_l2
     monkeypatch.setattr(quantize, "MAX_MEAN_ERROR", 0.0)
     atol = {**DEFAULT_ATOL, "int8": 0.0}  # no error allowed: any INT8 rounding fails the gate
     result = run_export(
@@ -251,7 +235,7 @@ def test_a_dropped_int8_model_is_recorded_but_does_not_fail_the_export(
             out=tmp_path / "strict.i2p",
             engine="no",
             random_samples=4,
-            calib_images=calib,
+            calib_images=calibration_images,
             atol=atol,
         ),
         echo=lambda _: None,

@@ -13,11 +13,10 @@ from i2p.train.config import TrainConfig
 from i2p.train.data import discover
 from i2p.train.distributed import Runtime
 from i2p.train.synthetic import make_image_folder
-from tests.support.checkpoints import make_checkpoint
 
 
-def test_detector_matches_the_pytorch_detector_on_images(tmp_path):
-    ckpt = make_checkpoint(tmp_path, layer=3)
+def test_detector_matches_the_pytorch_detector_on_images(tmp_path, checkpoint_l3):
+    ckpt = checkpoint_l3
     make_image_folder(tmp_path / "images", n_per_class=5, size=(97, 71), formats=("png", "jpg"))
     samples = discover(tmp_path / "images")
     model, meta = load_model(ckpt)

@@ -12,19 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from i2p.export import smooth
 from i2p.export.cpu_optimize import CPU_ONNX
-from i2p.export.pipeline import ExportOptions, run_export
-from tests.support.checkpoints import make_checkpoint
+from i2p.export.pipeline import ExportResult
 
 
 @pytest.fixture(scope="module")
-def fused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fused(export_l2: ExportResult) -> Path:
     """model.cpu.onnx of a tiny exported detector: LayerNorm/SkipLayerNorm, fused Attention, QuickGelu."""
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt"), layer=2)
-    out = tmp_path_factory.mktemp("art") / "det.i2p"
-    result = run_export(
-        ExportOptions(ckpt=ckpt, out=out, engine="no", random_samples=4, int8=False), echo=lambda _: None
-    )
-    return result.artifact / CPU_ONNX
+    return export_l2.artifact / CPU_ONNX  # the session's export (tests/conftest.py): read, never written
 
 
 def run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:

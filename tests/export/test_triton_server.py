@@ -25,7 +25,11 @@ from tests.support.corpus import base_image, encode, make_bad_corpus
 from tests.support.fake_artifact import make_artifact
 from tests.support.triton_server import TritonServer, free_port, missing_reason
 
-pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
+# slow: every module run starts a real tritonserver and stops it, and one test restarts it
+pytestmark = [
+    pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason())),
+    pytest.mark.slow,
+]
 
 CLIENTS, REQUESTS = 8, 200
 

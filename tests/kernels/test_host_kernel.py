@@ -118,10 +118,12 @@ def test_mixed_sizes_in_one_batch_are_bit_exact(host_kernels: ctypes.CDLL) -> No
         assert descs[:, 7].any() and not descs[:, 7].all()
 
 
+@pytest.mark.slow
 def test_extreme_downscale_and_upscale(host_kernels: ctypes.CDLL) -> None:
     _check(host_kernels, _images([(8000, 6000), (20, 30)], seed=2))
 
 
+@pytest.mark.slow
 def test_a_batch_of_64(host_kernels: ctypes.CDLL) -> None:
     rng = np.random.default_rng(3)
     sizes = [(int(rng.integers(1, 700)), int(rng.integers(1, 700))) for _ in range(64)]

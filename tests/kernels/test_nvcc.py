@@ -44,6 +44,7 @@ def test_nvcc_lists_the_architectures_it_supports() -> None:
     assert archs and all(a.startswith("sm_") for a in archs)
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_every_target_compiles_without_register_spills(tmp_path: Path) -> None:
     supported = set(kernels.supported_archs())

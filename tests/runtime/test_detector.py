@@ -243,6 +243,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
         Detector(root)
 
 
+@pytest.mark.slow
 def test_concurrent_predict_matches_serial(det: Detector) -> None:
     """8 threads x 500 calls on one Detector give exactly the serial results."""
     inputs = images(16, seed=3)

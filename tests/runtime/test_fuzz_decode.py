@@ -48,6 +48,7 @@ def test_format_magic_with_garbage(data: bytes) -> None:
     check(data + bytes(range(256)))
 
 
+@pytest.mark.slow
 @MUTATIONS
 @given(st.sampled_from(sorted(SEEDS)), st.integers(0, 2**32 - 1))
 def test_mutated_valid_images(name: str, seed: int) -> None:
@@ -64,6 +65,7 @@ def test_mutated_valid_images(name: str, seed: int) -> None:
         elements=None,
     )
 )
+@pytest.mark.slow
 def test_arrays_of_any_dtype_and_shape(arr: np.ndarray) -> None:
     check(arr)
 

@@ -35,15 +35,16 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, data_dir) -> Path:
+def good(tmp_path_factory, data_dir, checkpoint_l2) -> Path:
     """A tiny checkpoint that ``i2p-train --resume`` would continue (its config matches ``RESUME_ARGS``)."""
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("good"), layer=2, rank=4)
     config = TrainConfig(data=str(data_dir), model=TINY, pretrained="none", layer="2", rank=4).to_dict()
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict()
     resume = {"complete": False, "epoch": 0, "scheduler": scheduler, "optimizer_steps": {}}
-    return rewrite(
-        ckpt, ckpt.parent / "resumable.safetensors", meta=lambda m: m | {"config": config, **resume}
+    return rewrite(  # the session's checkpoint_l2 (L* = 2, rank 4) is read, the copy written here
+        checkpoint_l2,
+        tmp_path_factory.mktemp("good") / "resumable.safetensors",
+        meta=lambda m: m | {"config": config, **resume},
     )
 
 

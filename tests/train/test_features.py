@@ -26,7 +26,7 @@ from i2p.train.config import TrainConfig
 from i2p.train.distributed import Runtime
 from i2p.train.model import I2PModel
 from tests.support.images import make_image_folder
-from tests.support.training import TINY, training_folder
+from tests.support.training import TINY
 
 TINY_CFG = dict(
     model="i2p-tiny-vit",
@@ -38,11 +38,6 @@ TINY_CFG = dict(
     baseline=True,
     lr=0.05,
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return training_folder(tmp_path_factory)
 
 
 @pytest.fixture
@@ -76,6 +71,7 @@ def _assert_same_run(a, b) -> None:
     assert ma["threshold"] == pytest.approx(mb["threshold"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [{"baseline": True}, {"baseline": False, "rank": 0, "layer": "2"}])
 def test_as_many_views_as_epochs_equals_running_the_tower_every_epoch(
     tmp_path, data_dir, monkeypatch, variant
@@ -100,6 +96,7 @@ def test_the_tower_runs_once_per_image_per_view_and_validation_once(tmp_path, da
     assert tower_calls == {"no_grad": 2 * n_train + n_val, "grad": 0}  # views 0 and 1; epoch 3 reuses view 0
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_and_deltas_still_train_through_the_tower(tmp_path, data_dir, tower_calls):
     for name, kw in {"full": {"adapter": "full"}, "deltas": {"rank": 2}}.items():
         tower_calls.update(grad=0)
@@ -109,6 +106,7 @@ def test_full_fine_tuning_and_deltas_still_train_through_the_tower(tmp_path, dat
         assert any(k.startswith(prefix) for k in tensors), name
 
 
+@pytest.mark.slow
 def test_an_undecodable_training_image_is_skipped_each_epoch_with_todays_message(tmp_path):
     train_dir, val_dir = tmp_path / "train", tmp_path / "val"
     make_image_folder(train_dir, n_per_class=12, size=(72, 64))
@@ -124,6 +122,7 @@ def test_an_undecodable_training_image_is_skipped_each_epoch_with_todays_message
     assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors").meta.complete
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["subspace", "full"])  # --baseline ignores --adapter full, resumed too
 def test_resume_reextracts_and_matches_an_uninterrupted_run(tmp_path, data_dir, monkeypatch, adapter):
     full = _run(tmp_path / "full", data_dir, feature_views=2, adapter=adapter)
@@ -207,6 +206,7 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_extract_their_share_and_all_receive_every_feature(tmp_path):
     folder = tmp_path / "d"
     make_image_folder(folder, "flat", n_per_class=5, size=(72, 64))
@@ -225,6 +225,7 @@ def test_ddp_ranks_extract_their_share_and_all_receive_every_feature(tmp_path):
     assert r0["bad"] and r0["bad"] == r1["bad"]  # and every rank knows the bad file
 
 
+@pytest.mark.slow
 def test_ddp_baseline_run_trains_the_same_head_as_one_process(tmp_path, data_dir):
     """Two gloo ranks, each half of every global batch, on all-gathered features: one process's head."""
     with socket.socket() as s:

@@ -16,18 +16,14 @@ from safetensors.torch import load_file
 
 from i2p.train.checkpoint import load_model, read_checkpoint
 from i2p.train.cli import train as train_cmd
-from tests.support.training import TINY, training_folder
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return training_folder(tmp_path_factory)
+from tests.support.training import TINY
 
 
 def run_cli(args: list[str]):
     return CliRunner().invoke(train_cmd, args, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_profile_and_metrics(tmp_path, data_dir):
     out = tmp_path / "run"
     res = run_cli(["--data", str(data_dir), "--out", str(out), "--epochs", "1", "--rank", "2", *TINY])
@@ -51,6 +47,7 @@ def test_train_writes_checkpoint_profile_and_metrics(tmp_path, data_dir):
     assert res.exit_code != 0 and "--resume" in res.output
 
 
+@pytest.mark.slow
 def test_baseline_and_head_only_variants(tmp_path, data_dir):
     for name, extra in {"baseline": ["--baseline"], "probe": ["--rank", "0", "--layer", "2"]}.items():
         out = tmp_path / name
@@ -68,6 +65,7 @@ def _train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "i2p.cli", "train", *args, *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     """kill -9 a real training process after its first checkpoint; --resume reaches the same result."""
     full = tmp_path / "full"
@@ -96,6 +94,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     assert ma["val"] == mb["val"] and ma["threshold"] == pytest.approx(mb["threshold"])
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, data_dir):
     out = tmp_path / "ddp"
     args = ["--data", str(data_dir), "--out", str(out), "--epochs", "1", "--rank", "2", "--layer", "2", *TINY]

@@ -99,6 +99,7 @@ def test_branch_equals_the_materialized_weight_in_value_and_gradient():
     torch.testing.assert_close(model.head.fc.weight.grad, twin.head.fc.weight.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_forms_no_dense_weight_gradient():
     """Only r x r tensors get gradients; no tensor of a base weight's shape is computed for backward."""
     model = tiny_model().train()
@@ -121,6 +122,7 @@ def test_training_forms_no_dense_weight_gradient():
     assert trainable == 12 * 16 + 64 * 2 + 64 + 1
 
 
+@pytest.mark.slow
 def test_base_state_dict_keys_do_not_change():
     """The frozen base keeps its names: an embedded or referenced base loads into an adapted tower."""
     plain = tiny_model(rank=0)
