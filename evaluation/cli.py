@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from i2p.runtime import ArtifactError, BackendUnavailableError
+from i2p.runtime.cli import _probability  # i2p-detect's --threshold rule, the one for every command
 from i2p.runtime.manifest import PRECISIONS
 
 from .metrics import TABLE_COLUMNS, metrics_table
@@ -73,7 +74,12 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         "--operating-point",
         help="Use a named threshold (balanced, fpr_1pct, fpr_5pct, ...) stored at training.",
     )
-    @click.option("--threshold", type=float, help="Override the calibrated threshold.")
+    @click.option(
+        "--threshold",
+        type=float,
+        callback=lambda ctx, param, v: _probability(v),
+        help="Override the calibrated threshold (a probability in [0, 1]).",
+    )
     @click.option(
         "--backbone", type=click.Path(exists=True, dir_okay=False), help="Base weights if they moved."
     )

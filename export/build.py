@@ -19,7 +19,7 @@ import torch
 from i2p.base.files import sha256_file
 from i2p.runtime.model_files import FP16, FP32
 from i2p.runtime.preprocess import PreprocessSpec
-from i2p.train.checkpoint import load_model
+from i2p.train.checkpoint import load_model, unfinished_run_warning
 from i2p.train.metadata import CheckpointMeta
 from i2p.train.model import I2PModel
 
@@ -83,11 +83,8 @@ def load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
         raise ExportError(
             f"{opts.ckpt}: preprocessing makes {spec.size}x{spec.size} images but the network takes {size}"
         )
-    notes: list[str] = []
-    if not meta.complete:
-        notes.append(
-            f"warning: {opts.ckpt.name} is from an unfinished training run (its last completed epoch)"
-        )
+    unfinished = unfinished_run_warning(opts.ckpt, meta)
+    notes: list[str] = [unfinished] if unfinished else []
     probes = probe_set(spec, opts.random_samples, opts.seed, opts.calib_images, opts.calib_limit, notes)
     inputs = probes.stacked()
     with progress.step(f"PyTorch FP32 reference on {len(inputs)} inputs (unmerged model)"):

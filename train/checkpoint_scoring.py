@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from i2p.evaluation.robustness import Scorer, SweepResult, sweep
 from i2p.runtime.preprocess import PreprocessSpec, preprocess
 
 from . import data as data_mod
-from .checkpoint import load_model
+from .checkpoint import load_model, unfinished_run_warning
 from .config import TrainConfig
 from .distributed import Runtime, progress, say, setup
 from .metadata import CheckpointMeta
@@ -158,6 +159,8 @@ def evaluate_checkpoint(
 ) -> SweepResult:
     """``i2p eval --ckpt``: metrics under each condition at the checkpoint's threshold (or the one given)."""
     model, meta = load_model(ckpt, backbone)
+    if warning := unfinished_run_warning(ckpt, meta):
+        print(warning, file=sys.stderr, flush=True)  # stderr: --json keeps stdout for the JSON
     cfg = TrainConfig(data=data, **options)
     rt = setup(cfg.device)
     model.to(rt.device).eval()
