@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from i2p.runtime import ArtifactError, BackendUnavailableError
-from i2p.runtime.cli import _probability  # i2p-detect's --threshold rule, the one for every command
+from i2p.runtime.cli import threshold_option
 from i2p.runtime.manifest import PRECISIONS
 
 from .metrics import TABLE_COLUMNS, metrics_table
@@ -77,7 +77,7 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
     @click.option(
         "--threshold",
         type=float,
-        callback=lambda ctx, param, v: _probability(v),
+        callback=lambda ctx, param, v: threshold_option(v),
         help="Override the calibrated threshold (a probability in [0, 1]).",
     )
     @click.option(

@@ -124,7 +124,7 @@ def _load(
     "--threshold",
     type=float,
     default=None,
-    callback=lambda ctx, param, v: _probability(v),
+    callback=lambda ctx, param, v: threshold_option(v),
     help="Default: the artifact's calibrated one.",
 )
 @click.option(
@@ -261,7 +261,8 @@ def _score(
     return counts, skipped, True
 
 
-def _probability(value: float | None) -> float | None:
+def threshold_option(value: float | None) -> float | None:
+    """The one check of a --threshold option (i2p-detect, i2p eval --model and --ckpt): a finite probability."""
     try:
         return None if value is None else schema.probability(value, "--threshold")
     except schema.SchemaError:
