@@ -57,7 +57,7 @@ def test_operating_points_round_trip_checkpoint_manifest_runtime(tmp_path, data_
         args = [*source, "--data", str(data_dir), "--operating-point", "balanced", "--json", "--workers", "0"]
         res = CliRunner().invoke(eval_cmd, args, catch_exceptions=False)
         assert res.exit_code == 0, res.output
-        assert json.loads(res.output)["threshold"] == points["balanced"].threshold
+        assert json.loads(res.stdout)["threshold"] == points["balanced"].threshold
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
