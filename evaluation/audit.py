@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import JpegImagePlugin
 
-from i2p.runtime.preprocess import ImageError, PreprocessSpec
-from i2p.runtime.preprocess import _open as open_header  # the runtime's checked, headers-only open
+from i2p.runtime.preprocess import ImageError, PreprocessSpec, open_header
 
 from .labels import Sample
 from .metrics import roc_auc
@@ -93,7 +92,7 @@ class ImageMeta:
 def read_meta(path: str | os.PathLike, max_pixels: int = PreprocessSpec.max_pixels) -> ImageMeta:
     """The header of one image, through the runtime's checks (size cap, decode-work bounds, allowlisted
     formats); ImageError names the file otherwise."""
-    img = open_header(path, os.fsdecode(path), max_pixels)
+    img = open_header(path, max_pixels)
     try:
         quality = subsampling = None
         if img.format == "JPEG":

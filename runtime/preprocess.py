@@ -253,6 +253,12 @@ def check_header(src: str | os.PathLike | bytes, max_pixels: int = PreprocessSpe
     _open(src, describe(src), max_pixels).close()
 
 
+def open_header(src: str | os.PathLike | bytes, max_pixels: int = PreprocessSpec.max_pixels) -> Image.Image:
+    """The image opened lazily after ``check_header``'s checks: its header fields (format, size, mode,
+    info, JPEG tables) are read, no pixel is decoded until ``load``. The caller closes it."""
+    return _open(src, describe(src), max_pixels)
+
+
 @functools.cache
 def _allowed_formats() -> tuple[str, ...]:
     """FORMATS that this Pillow build can decode (a build may lack WebP or AVIF)."""
