@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable, Sequence
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import click
@@ -122,19 +124,20 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         conditions = run_cli(parse_sweeps, perturb)
         if report and not Path(report).parent.is_dir():  # before the evaluation, which may take hours
             raise click.BadParameter(f"folder {Path(report).parent} does not exist", param_hint="--report")
-        if artifact is not None:
-            run = functools.partial(
-                evaluate_artifact, backend=backend, precision=precision, operating_point=operating_point
-            )
-            result = run_cli(
-                run, artifact, data, conditions, threshold, kw["batch_size"], None, kw["workers"]
-            )
-        elif evaluate_checkpoint is None:
+        if artifact is None and evaluate_checkpoint is None:
             raise click.UsageError("--ckpt needs the training extra: pip install 'i2p-detector[train]'")
-        else:
-            result = run_cli(
-                evaluate_checkpoint, ckpt, data, backbone, threshold, kw, conditions, operating_point
-            )
+        with redirect_stdout(sys.stderr):  # what scoring says (skipped files) never mixes into --json
+            if artifact is not None:
+                run = functools.partial(
+                    evaluate_artifact, backend=backend, precision=precision, operating_point=operating_point
+                )
+                result = run_cli(
+                    run, artifact, data, conditions, threshold, kw["batch_size"], None, kw["workers"]
+                )
+            else:
+                result = run_cli(
+                    evaluate_checkpoint, ckpt, data, backbone, threshold, kw, conditions, operating_point
+                )
         title = f"{Path(ckpt or artifact).name} on {data}"
         if plot:
             plot_sweep(result, Path(plot), metric, title=title)

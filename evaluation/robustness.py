@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from i2p.base.progress import Progress
 from i2p.base.tables import format_table
 from i2p.runtime.preprocess import ImageError, load_image
 
@@ -235,9 +236,19 @@ def evaluate_artifact(
     from .labels import discover
 
     samples = discover(data)
-    with Detector(model, batch_size=batch_size, threshold=threshold, **detector_options) as det:
+    total = len(samples) * len(conditions)
+    with (
+        Detector(model, batch_size=batch_size, threshold=threshold, **detector_options) as det,
+        Progress(desc="evaluating", total=total, unit="img") as bar,
+    ):
         result = sweep(
-            samples, conditions, detector_scorer(det), det.threshold, batch_size, progress, workers
+            samples,
+            conditions,
+            detector_scorer(det),
+            det.threshold,
+            batch_size,
+            progress or bar.update,
+            workers,
         )
         result.scorer = {"backend": det.backend.name, "precision": det.backend.precision}
         return result

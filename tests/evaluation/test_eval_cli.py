@@ -110,3 +110,21 @@ def test_eval_and_export_both_warn_about_an_unfinished_run(checkpoint, data_dir,
 def test_a_finished_run_has_no_warning(checkpoint, data_dir):
     res = _eval("--ckpt", str(checkpoint), "--data", str(data_dir))
     assert res.exit_code == 0 and "unfinished" not in res.output, res.output
+
+
+@pytest.mark.parametrize("source", ["model", "ckpt"])
+def test_json_stays_valid_with_skipped_files_and_progress_goes_to_stderr(
+    artifact, checkpoint, data_dir, tmp_path, source
+):
+    """An unreadable file is reported on stderr; stdout holds the JSON alone; a log gets an ETA line."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "gen_a" / "0_real" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = ["--model", str(artifact)] if source == "model" else ["--ckpt", str(checkpoint)]
+    res = _eval(*model, "--data", str(data), "--json")
+    assert res.exit_code == 0, res.output
+    body = json.loads(res.stdout)
+    assert body["metrics"]["mean"]["n"] == 8 and "broken.png" in res.stderr + json.dumps(body["skipped"])
+    assert any(line.startswith("evaluating: ") and "ETA" in line for line in res.stderr.splitlines())
