@@ -139,12 +139,18 @@ def _step(text: str, spec: str) -> Step:
         if sep:
             raise ValueError(f"--perturb {_quote(spec)}: 'social' takes no value, got {_quote(text.strip())}")
         return Step("social", None)
+    return Step(kind, checked_value(kind, value, spec))
+
+
+def checked_value(kind: str, value: str, spec: str, option: str = "--perturb") -> float:
+    """``value`` as a number if it is a plain decimal in ``kind``'s range, else a ValueError naming
+    ``option`` and ``spec`` (``--align`` parses its ranges with this too)."""
     if not value:
-        raise ValueError(f"--perturb {_quote(spec)}: {kind!r} needs a number after '{kind}:'")
+        raise ValueError(f"{option} {_quote(spec)}: {kind!r} needs a number after '{kind}:'")
     ok, words = _RANGES[kind]
     if not (value.isascii() and _NUMBER.fullmatch(value) and ok(float(value))):
-        raise ValueError(f"--perturb {_quote(spec)}: {kind} takes {words}, got {_quote(value)}")
-    return Step(kind, float(value))
+        raise ValueError(f"{option} {_quote(spec)}: {kind} takes {words}, got {_quote(value)}")
+    return float(value)
 
 
 def _quote(spec: str) -> str:

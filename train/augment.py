@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from i2p.evaluation.perturb import blur, downscale, jpeg
+from i2p.evaluation.perturb import MAX_CHAIN, MAX_SPEC_CHARS, blur, checked_value, downscale, jpeg
 from i2p.runtime.preprocess import PreprocessSpec, fit_aspect, normalize, resize_plan
 
 
@@ -93,3 +93,79 @@ def augment(
     if cfg.flip and u_flip < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return normalize(np.asarray(img), spec)
+
+
+# ---------------------------------------------------------------------------------------------- --align
+
+ALIGN_KINDS = ("jpeg", "resize")  # JPEG quality (integer), downscale factor: perturb.py's kinds and ranges
+ALIGN_STREAM = 1  # the alignment's random stream: (seed, epoch, index, ALIGN_STREAM); the label never enters
+
+
+@dataclass(frozen=True)
+class AlignSpec:
+    """``i2p-train --align``: one encoding pipeline, drawn from one distribution, for reals and fakes alike.
+
+    Written ``jpeg:60-100,resize:0.5-1.0``: steps applied left to right, each a kind and a range
+    (``LOW-HIGH``, both ends included, or one value). Every training image, real or fake, is re-encoded
+    through the pipeline before augmentation, with strengths drawn from ``(seed, epoch, index)``, so the
+    container, the JPEG quality and the scale of the training images no longer carry the label (DDA,
+    NeurIPS'25; AlignedForensics). Validation images are not aligned: they measure what deployment sees.
+    """
+
+    steps: tuple[tuple[str, float, float], ...]  # (kind, low, high)
+
+    @property
+    def text(self) -> str:
+        return ",".join(f"{k}:{_num(lo)}" + (f"-{_num(hi)}" if hi != lo else "") for k, lo, hi in self.steps)
+
+    def draw(self, rng: np.random.Generator) -> tuple[float, ...]:
+        """One strength per step, drawn in a fixed order: integer qualities, uniform factors."""
+        return tuple(
+            float(rng.integers(int(lo), int(hi) + 1)) if kind == "jpeg" else float(rng.uniform(lo, hi))
+            for kind, lo, hi in self.steps
+        )
+
+    def apply(self, img: Image.Image, strengths: tuple[float, ...]) -> Image.Image:
+        for (kind, _, _), value in zip(self.steps, strengths, strict=True):
+            img = jpeg(img, int(value)) if kind == "jpeg" else downscale(img, value)
+        return img
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def parse_align(text: str | None) -> AlignSpec | None:
+    """``"jpeg:60-100,resize:0.5-1.0"`` -> AlignSpec; None or ``""`` -> None. Values are plain decimals
+    in ``i2p eval --perturb``'s ranges (quality 1..100, factor in (0, 1]), low <= high, each kind once,
+    at most ``MAX_CHAIN`` steps; every error is a ValueError naming the spec."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"--align must be text, got {type(text).__name__}")
+    if len(text) > MAX_SPEC_CHARS:
+        raise ValueError(f"--align {text[:60]!r}...: {len(text):,} characters (at most {MAX_SPEC_CHARS:,})")
+    spec = text.strip()
+    if not spec:
+        return None
+    parts = spec.split(",", MAX_CHAIN)
+    if len(parts) > MAX_CHAIN:
+        raise ValueError(f"--align {spec!r:.80}: at most {MAX_CHAIN} steps")
+    steps = []
+    for part in parts:
+        kind, sep, values = part.strip().partition(":")
+        kind = kind.strip().lower()
+        if kind not in ALIGN_KINDS or not sep:
+            raise ValueError(
+                f"--align {spec!r:.80}: {part.strip()!r:.40} is not KIND:LOW-HIGH with KIND one of "
+                f"{', '.join(ALIGN_KINDS)} (e.g. jpeg:60-100,resize:0.5-1.0)"
+            )
+        if any(kind == k for k, _, _ in steps):
+            raise ValueError(f"--align {spec!r:.80}: {kind} appears twice")
+        low, dash, high = values.strip().partition("-")
+        lo = checked_value(kind, low.strip(), spec, "--align")
+        hi = checked_value(kind, high.strip(), spec, "--align") if dash else lo
+        if lo > hi:
+            raise ValueError(f"--align {spec!r:.80}: {kind} range {_num(lo)}-{_num(hi)} runs backwards")
+        steps.append((kind, lo, hi))
+    return AlignSpec(tuple(steps))

@@ -125,6 +125,14 @@ def _config(**kw) -> TrainConfig:
     "fresh augmentation every epoch at its cost; 1 reuses one augmented view every epoch (cheapest, "
     "less augmentation diversity). Ignored when the tower trains.",
 )
+@click.option(
+    "--align",
+    metavar="SPEC",
+    help="Format-aligned training: re-encode every training image, real and fake alike, through one pipeline "
+    "with strengths drawn per image, e.g. jpeg:60-100,resize:0.5-1.0 (JPEG quality range, downscale range; "
+    "applied left to right, before augmentation), so format, quality and size cannot carry the label. "
+    "Recorded in the checkpoint.",
+)
 @click.option("--no-augment", is_flag=True, help="Train without blur/JPEG/crop/flip augmentation.")
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--embed-base", is_flag=True, help="Copy the frozen base weights into the checkpoint.")

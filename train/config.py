@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .augment import AugmentConfig
+from .augment import AugmentConfig, parse_align
 
 ADAPTERS = ("subspace", "lora", "full")  # --adapter: what trains in blocks 1..L* (train/adapters.py)
 
@@ -41,6 +41,9 @@ class TrainConfig:
     target_fpr: float | None = None  # threshold: None = balanced accuracy, else max TPR at this val FPR
     layer_rule: str = "robust"  # "robust" | "clean": which validation copies stage 1 scores layers on
     layer_degrade: tuple[str, ...] = ("jpeg:75", "resize:0.5", "blur:1")  # the degraded copies (robust)
+    align: str | None = (
+        None  # --align: one encoding pipeline for both classes, e.g. "jpeg:60-100,resize:0.5-1"
+    )
 
     def __post_init__(self) -> None:
         if self.layer not in ("auto", "last") and not str(self.layer).isdigit():
@@ -58,6 +61,8 @@ class TrainConfig:
         if self.layer_rule not in ("robust", "clean"):
             raise ValueError(f"--layer-rule must be robust or clean, got {self.layer_rule!r}")
         object.__setattr__(self, "layer_degrade", tuple(self.layer_degrade))  # a JSON list when read back
+        align = parse_align(self.align)  # ValueError naming the spec
+        object.__setattr__(self, "align", align.text if align else None)  # one spelling per pipeline
         if self.baseline and self.rank:
             object.__setattr__(self, "rank", 0)  # the UnivFD baseline trains the linear head only
 
@@ -85,4 +90,5 @@ class TrainConfig:
         "baseline",
         "adapter",
         "seed",
+        "align",
     )

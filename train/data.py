@@ -21,16 +21,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from i2p.base.progress import Progress
+from i2p.evaluation.audit import audit
 from i2p.evaluation.labels import CLASS_DIRS, CSV_LABELS, DataError, Sample, class_counts, discover
 from i2p.runtime.memory import decode_memory_bytes
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, check_header, load_image, preprocess
 
-from .augment import AugmentConfig, augment
+from .augment import ALIGN_STREAM, AlignSpec, AugmentConfig, augment
 
 # Discovery lives in the runtime (torch-free artifact evaluation reads labelled folders too).
 __all__ = [
     "CLASS_DIRS", "CSV_LABELS", "BadSample", "Batch", "DataError", "ImageDataset", "Sample",
-    "class_counts", "collate_skip_bad", "discover", "scan", "split",
+    "class_counts", "collate_skip_bad", "discover", "scan", "shortcut_warnings", "split",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -88,6 +89,24 @@ def scan(
     return good, bad
 
 
+AUDIT_LIMIT = 2000  # images the audit at the start of training reads (headers only: about a second)
+
+
+def shortcut_warnings(samples: Sequence[Sample], align: str | None, seed: int, max_pixels: int) -> list[str]:
+    """The shortcut audit's warnings for a training set (``i2p audit``), for ``i2p-train`` to print.
+
+    Never stops training: an audit that fails says so in one line instead.
+    """
+    advice = "--align is on, so training re-encodes both classes alike" if align else "consider --align"
+    try:
+        return [
+            f"warning: {w}"
+            for w in audit(samples, AUDIT_LIMIT, seed, max_pixels=max_pixels, advice=advice).warnings
+        ]
+    except Exception as e:  # noqa: BLE001 - an advisory check must not end a run
+        return [f"warning: the shortcut audit could not run ({type(e).__name__}: {e})"]
+
+
 # ---------------------------------------------------------------------------------------------- Dataset
 
 
@@ -111,8 +130,9 @@ class ImageDataset(Dataset):
     """Samples -> (float32 CHW tensor, label, index), augmented for training or as deployed for evaluation.
 
     Augmentation randomness comes from ``numpy.random.default_rng((seed, epoch, index))``: it depends
-    on nothing else (not the worker, not the order of loading), so a resumed run sees exactly the
-    augmentations of an uninterrupted one. Call ``set_epoch`` before creating each epoch's iterator
+    on nothing else (not the worker, not the order of loading, not the label), so a resumed run sees exactly
+    the augmentations of an uninterrupted one. ``align`` (``--align``) re-encodes every image first, with
+    strengths from ``(seed, epoch, index, ALIGN_STREAM)``: a real and a fake at one index get the same draw. Call ``set_epoch`` before creating each epoch's iterator
     (DataLoader workers copy the dataset when the iterator starts; do not use persistent workers).
     """
 
@@ -123,6 +143,7 @@ class ImageDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         condition: Callable[[Image.Image], Image.Image] | None = None,
+        align: AlignSpec | None = None,
     ) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -133,6 +154,7 @@ class ImageDataset(Dataset):
         self.condition = (
             condition  # a deterministic degradation (i2p.evaluation.perturb) before preprocessing
         )
+        self.align = align
         self.seed = seed
         self.epoch = 0
 
@@ -142,17 +164,28 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def align_draw(self, index: int) -> tuple[float, ...]:
+        """The ``--align`` strengths of image ``index`` this epoch: a function of (seed, epoch, index) only."""
+        if self.align is None:
+            return ()
+        return self.align.draw(np.random.default_rng((self.seed, self.epoch, index, ALIGN_STREAM)))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadSample:
         sample = self.samples[index]
         try:
-            if self.augment is None and self.condition is None:
+            if self.augment is None and self.condition is None and self.align is None:
                 x = preprocess(sample.path, self.spec)
-            elif self.augment is None:
-                x = preprocess(self.condition(load_image(sample.path, self.spec.max_pixels)), self.spec)
             else:
-                rng = np.random.default_rng((self.seed, self.epoch, index))
                 img = load_image(sample.path, self.spec.max_pixels)
-                x = augment(img, self.augment, rng, self.spec)
+                if self.align is not None:
+                    img = self.align.apply(img, self.align_draw(index))
+                if self.condition is not None:
+                    img = self.condition(img)
+                if self.augment is None:
+                    x = preprocess(img, self.spec)
+                else:
+                    rng = np.random.default_rng((self.seed, self.epoch, index))
+                    x = augment(img, self.augment, rng, self.spec)
         except (ImageError, OSError) as e:
             return BadSample(index, sample.path, str(e))
         return torch.from_numpy(x), sample.label, index

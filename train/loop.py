@@ -31,6 +31,7 @@ from i2p.runtime.preprocess import PreprocessSpec
 
 from . import data as data_mod
 from . import features as features_mod
+from .augment import parse_align
 from .backbone import preprocess_spec
 from .checkpoint import BASE, Checkpoint, build_model, read_checkpoint, save_checkpoint
 from .checkpoint_scoring import Splits, load_splits, validate
@@ -127,6 +128,10 @@ def _prepare(
         f"data: {len(splits.train)} train / {len(splits.val)} val images, "
         f"{len(data_mod.class_counts(splits.train))} generator(s), {len(splits.skipped)} skipped",
     )
+    for line in (
+        data_mod.shortcut_warnings(splits.train, cfg.align, cfg.seed, spec.max_pixels) if rt.main else ()
+    ):
+        say(rt, line)  # the shortcut audit (i2p audit): warns, never stops the run
     if previous is None:
         model, info, profile, base = build(cfg, splits, rt)
         stage_seconds["stage 1"] = time.time() - started - sum(stage_seconds.values())
@@ -152,7 +157,9 @@ def _prepare(
 def _fit(run: Run) -> CheckpointMeta:
     """The epochs: train, then (rank 0) validate, calibrate and write the checkpoint."""
     cfg, rt, model = run.cfg, run.rt, run.model
-    images = data_mod.ImageDataset(run.splits.train, run.spec, cfg.augment, cfg.seed)
+    images = data_mod.ImageDataset(
+        run.splits.train, run.spec, cfg.augment, cfg.seed, align=parse_align(cfg.align)
+    )
     cached = features_mod.frozen_tower(model)  # only the head trains: it trains on cached features
     train_ds = features_mod.FeatureDataset(model, images, cfg, rt) if cached else images
     if cached:
