@@ -3,13 +3,18 @@
 The server runs the ensemble ``i2p-export --triton`` wrote (``i2p.runtime.serving`` describes its
 tensors): files are sent as their encoded bytes and decoded on the server by the runtime's own code,
 so rows match local detection. Requests carry up to ``batch_size`` images, at most ``concurrency`` are
-in flight, each with a timeout; a failed request (timeout, server error) becomes error rows for its
-images, never an exception mid-run. Needs ``tritonclient`` (``pip install 'i2p-detector[serve]'``);
+in flight, each with a deadline for the whole request (``timeout``) and a cap on the answer
+(``MAX_RESPONSE_BYTES``, compressed or not); a failed request (deadline, cap, server error) becomes error
+rows for its images, never an exception mid-run. What the server sends is checked like any input: a
+malformed model config or a threshold that is not a probability is a ServerError at connection; a verdict
+outside the contract (a probability that is not finite in [0, 1], a label other than real/fake, a label
+that contradicts the server's threshold or comes with an error) is an error row. Needs ``tritonclient`` (``pip install 'i2p-detector[serve]'``);
 one client per thread, as tritonclient's clients are not thread-safe.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,9 +30,11 @@ from .detector import Prediction
 from .outputs import display
 from .preprocess import ImageError, _read_file, describe
 from .serving import ENSEMBLE, IMAGE, VERDICT
+from .triton_http import MAX_RESPONSE_BYTES, TritonHttp
 
 SCHEMES = {"grpc": ("grpc", False), "grpcs": ("grpc", True), "http": ("http", False), "https": ("http", True)}
 DEFAULT_TIMEOUT_S = 60.0
+MAX_SERVER_TEXT = 2000  # characters of a server's error text kept in a row
 
 
 class ServerError(RuntimeError):
@@ -80,10 +87,10 @@ class RemoteDetector:
         self._clients: list[Any] = []  # every thread's client, closed by close()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        config = self._config()
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        self.batch_size = min(batch_size, int(config.get("max_batch_size") or batch_size))
-        self.server_threshold = float(params["threshold"]) if "threshold" in params else None
+        where = f"{self.url} model {self.model!r}"
+        max_batch, params = _settings(self._config(), where)
+        self.batch_size = min(batch_size, max_batch or batch_size)
+        self.server_threshold = _threshold(params["threshold"], where) if "threshold" in params else None
         self._relabel = threshold is not None
         self.threshold = threshold if threshold is not None else self.server_threshold
         self.model_id = display(
@@ -108,31 +115,30 @@ class RemoteDetector:
                 self._clients.append(client)
         return client
 
-    def _config(self) -> dict[str, Any]:
-        """Checks the server is up and serves ``model``; returns its config as a dict."""
+    def _config(self) -> Any:
+        """Checks the server is up and serves ``model``; returns its config as the server sent it."""
         where = f"{self.url} model {self.model!r}"
         try:
             client = self._client()
+            if self.address.protocol == "grpc":
+                deadline = {"client_timeout": self.timeout}  # gRPC deadlines cover the whole call
+                if not client.is_server_live(**deadline):
+                    raise ServerError(f"{self.url}: the Triton server is not live")
+                if not client.is_model_ready(self.model, **deadline):
+                    raise ServerError(
+                        f"{where}: not ready (not loaded, or loading failed; see the server log)"
+                    )
+                answer = client.get_model_config(self.model, as_json=True, **deadline)
+                return answer.get("config") if isinstance(answer, dict) else answer
             if not client.is_server_live():
                 raise ServerError(f"{self.url}: the Triton server is not live")
             if not client.is_model_ready(self.model):
                 raise ServerError(f"{where}: not ready (not loaded, or loading failed; see the server log)")
-            if self.address.protocol == "grpc":
-                config = client.get_model_config(self.model, as_json=True, client_timeout=self.timeout)[
-                    "config"
-                ]
-            else:
-                config = client.get_model_config(self.model)
+            return client.get_model_config(self.model)
         except ServerError:
             raise
-        except Exception as e:  # connection refused, DNS, TLS: tritonclient raises several types
+        except Exception as e:  # connection refused, DNS, TLS, deadline, cap: several types
             raise ServerError(f"{where}: cannot talk to the server ({e})") from e
-        inputs = [i.get("name") for i in config.get("input", [])]
-        if inputs != [IMAGE] or not set(VERDICT) <= {o.get("name") for o in config.get("output", [])}:
-            raise ServerError(
-                f"{where}: not an i2p ensemble (inputs {inputs}); serve the repository from i2p-export --triton"
-            )
-        return config
 
     def close(self) -> None:
         """Stop the request threads and close every connection (a server drains open ones on shutdown)."""
@@ -206,16 +212,33 @@ class RemoteDetector:
         except Exception as e:  # timeout, server or transport error: this request's images get error rows
             reason = f"server error ({type(e).__name__}): {e}"
             return [Prediction(n, None, None, f"{n}: {reason}") for n in names]
-        results = []
-        for name, p, label, error in zip(names, probabilities, labels, errors, strict=True):
-            if error:
-                results.append(Prediction(name, None, None, f"{name}: {error}"))
-            else:
-                p = float(p)
-                results.append(Prediction(name, p, p >= self.threshold if self._relabel else label == "fake"))
-        return results
+        return [self._verdict(*answer) for answer in zip(names, probabilities, labels, errors, strict=True)]
 
-    def _request(self, blobs: list[bytes]) -> tuple[np.ndarray, list[str], list[str]]:
+    def _verdict(self, name: str, p: float, label: str, error: str) -> Prediction:
+        """One image's answer, checked: an error row when the server contradicts itself or the contract."""
+        if error:
+            if label or p == p:  # the contract: NaN and no label with an error
+                return Prediction(
+                    name,
+                    None,
+                    None,
+                    f"{name}: server sent an inconsistent verdict (error with "
+                    f"label {label[:20]!r}, probability {p:.4g}): {error[:MAX_SERVER_TEXT]}",
+                )
+            return Prediction(name, None, None, f"{name}: {error[:MAX_SERVER_TEXT]}")
+        expected = (
+            None if self.server_threshold is None else ("fake" if p >= self.server_threshold else "real")
+        )
+        if not 0.0 <= p <= 1.0 or label not in ("real", "fake") or (expected and label != expected):
+            return Prediction(
+                name,
+                None,
+                None,
+                f"{name}: server sent an invalid verdict (probability {p:.4g}, label {label[:20]!r}); see the server",
+            )
+        return Prediction(name, p, p >= self.threshold if self._relabel else label == "fake")
+
+    def _request(self, blobs: list[bytes]) -> tuple[list[float], list[str], list[str]]:
         """One inference request: (probabilities, labels, errors), one each per blob."""
         if self.address.protocol == "grpc":
             import tritonclient.grpc as tc
@@ -225,9 +248,11 @@ class RemoteDetector:
         tensor = tc.InferInput(IMAGE, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
         outputs = [tc.InferRequestedOutput(name) for name in VERDICT]
-        kwargs = {"client_timeout": self.timeout} if self.address.protocol == "grpc" else {}
-        result = self._client().infer(self.model, [tensor], outputs=outputs, **kwargs)
-        probabilities = result.as_numpy("probability").reshape(-1)
+        if self.address.protocol == "grpc":
+            result = self._client().infer(self.model, [tensor], outputs=outputs, client_timeout=self.timeout)
+        else:
+            result = self._client().infer(self.model, [tensor], outputs)
+        probabilities = _numbers(result.as_numpy("probability"))
         labels, errors = (_texts(result.as_numpy(name)) for name in VERDICT[1:])
         if not len(probabilities) == len(labels) == len(errors) == len(blobs):
             raise ServerError(f"sent {len(blobs)} images, got {len(probabilities)} answers")
@@ -240,6 +265,64 @@ def _texts(array: np.ndarray | None) -> list[str]:
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
 
 
+def _numbers(array: np.ndarray | None) -> list[float]:
+    if array is None:
+        raise ServerError("the server's answer lacks the probability output")
+    try:
+        return [float(v) for v in np.asarray(array, np.float64).reshape(-1)]
+    except (TypeError, ValueError) as e:
+        raise ServerError(f"the server's probabilities are not numbers ({e})") from None
+
+
+def _settings(config: Any, where: str) -> tuple[int, dict[str, str]]:
+    """(max_batch_size, parameters) of an i2p ensemble's config, every field checked: a server's answer is
+    input like any other."""
+
+    def bad(what: str) -> ServerError:
+        return ServerError(
+            f"{where}: malformed model config ({what}); serve the repository from i2p-export --triton"
+        )
+
+    if not isinstance(config, dict):
+        raise bad(f"a JSON {type(config).__name__}, not an object")
+    tensors = {}
+    for key in ("input", "output"):
+        value = config.get(key)
+        if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+            raise bad(f"'{key}' is {type(value).__name__}, not a list of tensors")
+        tensors[key] = [t.get("name") for t in value]
+    if tensors["input"] != [IMAGE] or not set(VERDICT) <= set(tensors["output"]):
+        raise ServerError(
+            f"{where}: not an i2p ensemble (inputs {str(tensors['input'])[:200]}); "
+            "serve the repository from i2p-export --triton"
+        )
+    max_batch = config.get("max_batch_size", 0)
+    if isinstance(max_batch, str) and max_batch.isdigit():  # protobuf's JSON writes int64 as strings
+        max_batch = int(max_batch)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 0:
+        raise bad(f"max_batch_size {str(max_batch)[:40]!r} is not a count")
+    parameters = config.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise bad(f"'parameters' is a {type(parameters).__name__}, not an object")
+    params = {}
+    for key, value in parameters.items():
+        text = value.get("string_value", "") if isinstance(value, dict) else None
+        if not isinstance(text, str):
+            raise bad(f"parameter {str(key)[:40]!r} has no string_value")
+        params[key] = text
+    return max_batch, params
+
+
+def _threshold(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ServerError(f"{where}: the server's threshold {text[:40]!r} is not a probability in [0, 1]")
+    return value
+
+
 def _make_client(address: ServerAddress, timeout: float) -> Any:
     try:
         if address.protocol == "grpc":
@@ -250,8 +333,10 @@ def _make_client(address: ServerAddress, timeout: float) -> Any:
         raise ServerError(
             f"talking to Triton over {address.protocol} needs tritonclient: pip install 'i2p-detector[serve]' ({e})"
         ) from e
-    if address.protocol == "grpc":
-        return tc.InferenceServerClient(address.host_port, ssl=address.ssl)
-    return tc.InferenceServerClient(
-        address.host_port, ssl=address.ssl, connection_timeout=timeout, network_timeout=timeout
-    )
+    if address.protocol == "grpc":  # gRPC checks the cap on the decompressed message
+        limits = [
+            ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.max_send_message_length", -1),
+        ]
+        return tc.InferenceServerClient(address.host_port, ssl=address.ssl, channel_args=limits)
+    return TritonHttp(address.host_port, address.ssl, timeout)
