@@ -128,6 +128,11 @@ def _load(
     help="Default: the artifact's calibrated one.",
 )
 @click.option(
+    "--operating-point",
+    metavar="NAME",
+    help="Use the artifact's named threshold (e.g. one added by i2p calibrate) instead of its default.",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue an interrupted --csv/--jsonl run: skip the files already in OUT.partial (or OUT), append the rest.",
@@ -156,6 +161,7 @@ def detect(
     batch_size: int,
     workers: int,
     threshold: float | None,
+    operating_point: str | None,
     as_json: bool,
     resume: bool,
     server: str | None,
@@ -178,12 +184,17 @@ def detect(
         raise click.ClickException("standard output is closed; redirect it (e.g. >/dev/null) to discard it")
     if server and model:
         raise click.UsageError("--model and --server are exclusive: score here or on the server")
+    if server and operating_point:
+        raise click.UsageError(
+            "--operating-point names a point of a local --model; with --server, pass that point's --threshold"
+        )
     if server:
         detector = _connect(server, batch_size, workers, timeout, threshold)
     else:
         detector = _load(
-            model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold
-        )
+            model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold,
+            operating_point=operating_point,
+        )  # fmt: skip
     scorer = Scorer(detector.model_id if server else _model_id(model), detector.threshold)
     out = csv_out or jsonl_out
     start = time.perf_counter()
@@ -234,10 +245,10 @@ def _score(
     Ctrl-C ends the run early (completed = False); the rows written so far stay in OUT.partial.
     """
     counts: Counter[str] = Counter()
-    skipped = 0
+    skipped, opened = 0, False
     try:
         with _row_sink(csv_out, jsonl_out, as_json, resume, scorer) as (write, done):
-            skipped = len(done)
+            skipped, opened = len(done), True
             sources = iter_images(paths, recursive)
             if skipped:
                 sources = (p for p in sources if path_cell(p) not in done)
@@ -254,7 +265,7 @@ def _score(
         out = csv_out or jsonl_out
         kept = (
             f"; the rows written so far are in {partial_path(out)}"
-            if out and partial_path(out).is_file()
+            if out and opened and partial_path(out).is_file()  # not for a refused (planted, locked) one
             else ""
         )
         raise click.ClickException(f"{e}{kept}") from None

@@ -96,15 +96,15 @@ def survey(paths: Iterable[str | os.PathLike], recursive: bool) -> str:
                     elif not is_image_name(entry.name):
                         others += 1
         except OSError as e:
-            notes.append(f"{path}: cannot list ({e.strerror or e})")
+            notes.append(f"{display(path)}: cannot list ({e.strerror or e})")
             continue
         found = [f"{others} other file(s)"] if others else []
         if subdirs:
-            shown = ", ".join(sorted(subdirs)[:5]) + (", ..." if len(subdirs) > 5 else "")
+            shown = ", ".join(map(display, sorted(subdirs)[:5])) + (", ..." if len(subdirs) > 5 else "")
             found.append(f"{len(subdirs)} subdirector{'y' if len(subdirs) == 1 else 'ies'} ({shown})")
             nested = True
         where = "in it or its subdirectories" if recursive else "directly in it"
-        notes.append(f"{path}: no image files {where}; found {', '.join(found) or 'nothing'}")
+        notes.append(f"{display(path)}: no image files {where}; found {', '.join(found) or 'nothing'}")
     hint = "; ".join(notes) or "no image files among the paths given"
     if nested and not recursive:
         hint += (

@@ -145,7 +145,7 @@ def test_a_planted_partial_symlink_is_never_followed(artifact: Path, tmp_path: P
     code, _, err = run(
         [png(tmp_path / "x.png"), "--model", artifact, "--csv", out, *(["--resume"] if resume else [])]
     )
-    assert code == 1 and "symbolic link" in err and "Traceback" not in err
+    assert code == 1 and "symbolic link" in err and "Traceback" not in err and "rows written" not in err
     assert victim.read_text() == "precious\n" and not out.exists()
 
 
@@ -351,7 +351,7 @@ def test_a_second_writer_is_refused(artifact: Path, tmp_path: Path, resume: bool
     with open(partial, "rb") as held:  # what a running i2p-detect holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code, _, err = run([folder, "--model", artifact, "--csv", out, *(["--resume"] if resume else [])])
-    assert code == 1 and "another i2p-detect is writing" in err, err
+    assert code == 1 and "another i2p-detect is writing" in err and "rows written so far" not in err, err
     assert partial.read_bytes() == before  # not truncated, not appended to
 
 
@@ -399,3 +399,10 @@ def test_a_closed_or_broken_stdout_is_a_failure(artifact: Path, tmp_path: Path, 
         os.close(w)
     assert broken.returncode == 1 and "standard output: cannot write" in broken.stderr, broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+def test_the_nothing_found_hint_escapes_names(artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "evil\u202egnp.dir"
+    (folder / "sub\u2066dir").mkdir(parents=True)
+    code, _, err = run([folder, "--model", artifact])
+    assert code == 1 and "\u202e" not in err and "\u2066" not in err and "\\u202e" in err and "\\u2066" in err
