@@ -64,6 +64,8 @@ class ScanSummary:
     scored: int = 0
     errors: int = 0
     seconds: float = 0.0
+    first_shard_s: float = 0.0  # from the start to the first shard written (actors starting up)
+    first_shard_rows: int = 0
     files: list[str] = field(default_factory=list)  # every shard file of the scan
 
     def table_row(self) -> dict[str, Any]:
@@ -109,11 +111,13 @@ def scan(
     csv: bool = False,
     threshold: float | None = None,
     operating_point: str | None = None,
+    num_gpus: float = 0.0,
     stage: type = DetectImages,
     progress: bool = False,
 ) -> ScanSummary:
     """Score ``paths`` on the Ray instance this process is connected to, into shard files under ``out``.
 
+    ``num_gpus``: GPUs per actor (0.25: four actors share a GPU, so their decoding overlaps).
     ``stage`` is the ``map_batches`` class (``DetectImages``, or a subclass). Raises ``ScanError`` when
     ``out`` holds shards of another scan, or when rows go missing.
     """
@@ -141,6 +145,7 @@ def scan(
             compute=ray.data.ActorPoolStrategy(size=workers),
             batch_size=batch_size,
             num_cpus=1,
+            num_gpus=num_gpus,
         )
         by_number = {s.number: s for s in pending}
         collected: dict[int, dict[int, dict[str, Any]]] = {s.number: {} for s in pending}
@@ -150,6 +155,11 @@ def scan(
                     if len(collected[number]) == len(by_number[number].paths):
                         rows = collected.pop(number)
                         _write_shard(out, by_number[number], rows, csv)
+                        if not summary.scored:
+                            summary.first_shard_s, summary.first_shard_rows = (
+                                time.perf_counter() - start,
+                                len(rows),
+                            )
                         summary.scored += len(rows)
                         summary.errors += sum(r["error"] is not None for r in rows.values())
                         advance(len(rows))
@@ -334,6 +344,8 @@ def ray_session(address: str | None, cpus: int) -> Iterator[None]:
 @click.option("--csv", "as_csv", is_flag=True, help="Also a CSV beside each Parquet shard.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Default: the artifact's.")
 @click.option("--operating-point", default=None, help="A named operating point of the artifact.")
+@click.option("--num-gpus", type=click.FloatRange(0, 64), default=0.0, show_default=True,
+              help="GPUs per actor (e.g. 1, or 0.25 for four actors per GPU).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="The summary as JSON.")
 def scan_command(
     source: str,
@@ -346,6 +358,7 @@ def scan_command(
     as_csv: bool,
     threshold: float | None,
     operating_point: str | None,
+    num_gpus: float,
     as_json: bool,
 ) -> None:
     """Score every image SOURCE names on Ray Data: one Parquet row per input in OUT/part-*.parquet.
@@ -375,6 +388,7 @@ def scan_command(
                 csv=as_csv,
                 threshold=threshold,
                 operating_point=operating_point,
+                num_gpus=num_gpus,
                 progress=True,
             )
         except ScanError as e:
