@@ -7,7 +7,7 @@
    their decoded pixels, reals saved again as JPEG quality ``--real-quality`` (80: sid-mini's reals are
    already JPEG 95 like its fakes, so keeping their bytes would leave the classes' pixels alike and there
    would be no shortcut to learn; a second, lower-quality JPEG is what web photos carry). Train and
-   validation alike, ``--train-per-class`` images a class drawn at random.
+   validation alike, ``--train-per-class`` / ``--val-per-class`` images a class drawn at random.
 2. ``i2p-train --baseline`` (frozen CLIP ViT-B/16 and a linear head on cached features: minutes on a CPU),
    once as is and once with ``--align``. ``i2p audit`` of the training set is printed by both.
 3. ``i2p eval --ckpt`` of both on: the test generators as sid-mini has them (AUC), and the same real test
@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--align", default="jpeg:60-100")
     ap.add_argument("--real-quality", type=int, default=80)
     ap.add_argument("--train-per-class", type=int, default=200, help="0: all")
+    ap.add_argument("--val-per-class", type=int, default=0, help="0: all")
     ap.add_argument("--test-per-class", type=int, default=50, help="per generator and class; 0: all")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
@@ -111,7 +112,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     data = a.out / "data"
     biased_split(a.data / "train" / "ldm_sd", data / "train", a.train_per_class, a.real_quality, a.seed)
-    biased_split(a.data / "val" / "ldm_sd", data / "val", 0, a.real_quality, a.seed)
+    biased_split(a.data / "val" / "ldm_sd", data / "val", a.val_per_class, a.real_quality, a.seed)
     manifest = test_manifest(a.data / "test", data / "test", a.test_per_class, a.seed)
     audit = json.loads(i2p("audit", str(data / "train"), "--json", log=a.out / "audit.log"))
     results = {"audit_auc": audit["classifier_auc"], "audit_warnings": audit["warnings"], "runs": {}}

@@ -21,9 +21,16 @@ from i2p.runtime.cli import threshold_option
 from i2p.runtime.manifest import PRECISIONS
 
 from .metrics import TABLE_COLUMNS, metrics_table
-from .perturb import Condition, parse_sweeps
+from .perturb import SHORTCUTS, Condition, parse_sweeps
 from .report import write_report
-from .robustness import SweepResult, evaluate_artifact, plot_sweep, sweep_table
+from .robustness import (
+    SweepResult,
+    evaluate_artifact,
+    plot_sweep,
+    shortcut_effects,
+    shortcut_table,
+    sweep_table,
+)
 
 # (ckpt, data, backbone weights, threshold, options, conditions, operating point) -> result
 CheckpointEvaluator = Callable[
@@ -61,6 +68,12 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         multiple=True,
         help="Also evaluate under degradations, e.g. jpeg:95,75,50  resize:0.5  blur:1,2  social  "
         "resize:0.5+jpeg:90 (a chain). Repeatable; the same degradation for real and generated images.",
+    )
+    @click.option(
+        "--shortcuts",
+        is_flag=True,
+        help="Also score every image after a lossless PNG re-save, a JPEG 95 re-save, EXIF stripped, and a "
+        "resize by -10%/+10%; report each change's verdict flip rate and mean |Δprobability|.",
     )
     @click.option(
         "--plot", type=click.Path(dir_okay=False), help="Write the metric-vs-strength plot (PNG) here."
@@ -101,6 +114,7 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         artifact: str | None,
         data: str,
         perturb: tuple[str, ...],
+        shortcuts: bool,
         plot: str | None,
         report: str | None,
         metric: str,
@@ -121,7 +135,7 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
             raise click.UsageError("--precision picks a model file of --model (an exported artifact)")
         if metric not in TABLE_COLUMNS or metric == "n":
             raise click.UsageError(f"--metric must be one of {', '.join(TABLE_COLUMNS[1:])}")
-        conditions = run_cli(parse_sweeps, perturb)
+        conditions = run_cli(parse_sweeps, perturb + (SHORTCUTS if shortcuts else ()))
         if report and not Path(report).parent.is_dir():  # before the evaluation, which may take hours
             raise click.BadParameter(f"folder {Path(report).parent} does not exist", param_hint="--report")
         if artifact is None and evaluate_checkpoint is None:
@@ -146,6 +160,8 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         if as_json:
             clean = next(iter(result.metrics.values()))
             body = {"metrics": {g: m.to_dict() for g, m in clean.items()}, **result.to_dict()}
+            if shortcuts:
+                body["shortcuts"] = [e.to_dict() for e in shortcut_effects(result, SHORTCUTS)]
             click.echo(json.dumps(body, indent=2))
             return
         for name, metrics in result.metrics.items():
@@ -154,6 +170,9 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
             click.echo(metrics_table(metrics))
         if len(result.metrics) > 1:
             click.echo(f"== {metric} under each condition\n" + sweep_table(result, metric))
+        if shortcuts:
+            click.echo("== verdict flips after a change of delivery (--shortcuts)")
+            click.echo(shortcut_table(shortcut_effects(result, SHORTCUTS)))
         for path, reason in result.skipped:
             click.echo(f"skipped {path}: {reason}", err=True)
         scorer = f"; {result.scorer['backend']}, {result.scorer['precision']}" if result.scorer else ""

@@ -6,9 +6,11 @@ gives the same pixels every run. Training augmentation (``i2p.train.augment``) c
 ``jpeg``/``blur``/``downscale`` functions with random strengths, so "trained on" and "evaluated
 under" mean the same operation.
 
-A condition is written ``kind:value`` (``jpeg:75``, ``resize:0.5``, ``blur:1``), ``social`` (long side
-to at most 1080 px, then JPEG 80 with 4:2:0 chroma subsampling: what photo-sharing sites do on
-upload), or a chain of them joined by ``+`` (``resize:0.5+jpeg:90``), applied left to right.
+A condition is written ``kind:value`` (``jpeg:75``, ``resize:0.5``, ``blur:1``, ``scale:1.1``), ``social``
+(long side to at most 1080 px, then JPEG 80 with 4:2:0 chroma subsampling: what photo-sharing sites do on
+upload), ``png`` (a lossless PNG re-save), ``noexif`` (the file read as if its EXIF were stripped: no
+orientation is applied), or a chain of them joined by ``+`` (``resize:0.5+jpeg:90``), applied left to right.
+``SHORTCUTS`` are the re-encodings that should not change a verdict (``i2p eval --shortcuts``).
 ``parse_sweep("jpeg:95,75,50")`` expands one ``--perturb`` option into one condition per value.
 
 Specs come from the command line: values are plain ASCII decimals checked against each kind's range
@@ -20,11 +22,14 @@ ValueError that names the spec.
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageFilter
+
+from i2p.runtime.preprocess import ImageInput, load_image, open_header
 
 SOCIAL_LONG_SIDE = 1080
 SOCIAL_QUALITY = 80
@@ -58,6 +63,31 @@ def blur(img: Image.Image, sigma: float) -> Image.Image:
     return img if sigma == 0 else img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
+def rescale(img: Image.Image, factor: float) -> Image.Image:
+    """Bicubic resize of both sides by ``factor`` (up or down), at least 1 pixel each."""
+    if not factor > 0.0:
+        raise ValueError(f"scale factor must be > 0, got {factor}")
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+
+
+def png(img: Image.Image) -> Image.Image:
+    """A lossless PNG re-save, decoded again by the runtime: the container changes, no pixel does."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG", compress_level=1)
+    return load_image(buf.getvalue())
+
+
+def load_without_exif(src: ImageInput) -> Image.Image:
+    """``load_image`` of ``src`` with its EXIF block ignored, as if it had been stripped: the orientation
+    tag (the only EXIF field decoding obeys) is not applied. Paths and bytes go through the same checks."""
+    if not isinstance(src, (str, bytes, os.PathLike)):
+        return load_image(src)
+    img = open_header(src)
+    img.getexif().clear()  # Pillow caches the parsed block: exif_transpose reads this empty one
+    return load_image(img)
+
+
 def social(img: Image.Image) -> Image.Image:
     """Long side down to at most 1080 px (bicubic), then JPEG quality 80, 4:2:0."""
     long_side = max(img.width, img.height)
@@ -68,8 +98,8 @@ def social(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "jpeg" | "resize" | "blur" | "social"
-    value: float | None  # quality, factor or sigma; None for "social"
+    kind: str  # "jpeg" | "resize" | "blur" | "scale" | "social" | "png" | "noexif"
+    value: float | None  # quality, factor or sigma; None for the kinds without a value
 
     @property
     def name(self) -> str:
@@ -82,6 +112,12 @@ class Step:
             return downscale(img, float(self.value))
         if self.kind == "blur":
             return blur(img, float(self.value))
+        if self.kind == "scale":
+            return rescale(img, float(self.value))
+        if self.kind == "png":
+            return png(img)
+        if self.kind == "noexif":
+            return img  # applied when the file is read (Condition.load)
         return social(img)
 
 
@@ -90,8 +126,12 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "jpeg": (lambda v: v == int(v) and 1 <= v <= 100, "an integer quality 1..100"),
     "resize": (lambda v: 0 < v <= 1, "a factor in (0, 1]"),
     "blur": (lambda v: 0 <= v <= 20, "a sigma 0..20"),
+    "scale": (lambda v: 0.5 <= v <= 2, "a factor in [0.5, 2]"),
 }
-KINDS = (*_RANGES, "social")
+_NO_VALUE = ("social", "png", "noexif")
+KINDS = (*_RANGES, *_NO_VALUE)
+# i2p eval --shortcuts: changes of delivery that should leave a verdict alone
+SHORTCUTS = ("png", "jpeg:95", "noexif", "scale:0.9", "scale:1.1")
 # A plain decimal: ASCII digits with at most one point. float() would also take inf, nan, 1e309 (inf),
 # "1_0", "+5" and other scripts' digits ("٩٥"), which are never meant as a strength.
 _NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?|\.[0-9]{1,6}")
@@ -120,6 +160,11 @@ class Condition:
             img = step(img)
         return img
 
+    def load(self, src: ImageInput) -> Image.Image:
+        """``src`` decoded (without its EXIF for a ``noexif`` condition), then the steps applied."""
+        strip = any(s.kind == "noexif" for s in self.steps)
+        return self(load_without_exif(src) if strip else load_image(src))
+
 
 CLEAN = Condition()
 
@@ -135,10 +180,10 @@ def _step(text: str, spec: str) -> Step:
         raise ValueError(
             f"--perturb {_quote(spec)}: unknown perturbation {_quote(text.strip())}; kinds are {', '.join(KINDS)}"
         )
-    if kind == "social":
+    if kind in _NO_VALUE:
         if sep:
-            raise ValueError(f"--perturb {_quote(spec)}: 'social' takes no value, got {_quote(text.strip())}")
-        return Step("social", None)
+            raise ValueError(f"--perturb {_quote(spec)}: {kind!r} takes no value, got {_quote(text.strip())}")
+        return Step(kind, None)
     return Step(kind, checked_value(kind, value, spec))
 
 

@@ -21,13 +21,14 @@ from PIL import Image
 
 from i2p.base.progress import Progress
 from i2p.base.tables import format_table
-from i2p.runtime.preprocess import ImageError, load_image
+from i2p.runtime.preprocess import ImageError
 
 from .metrics import MEAN, Metrics, evaluate
-from .perturb import Condition
+from .perturb import CLEAN, Condition
 
 log = logging.getLogger("i2p")
 
+CLEAN_NAME = CLEAN.name
 Scorer = Callable[[list[Image.Image]], np.ndarray]  # decoded RGB images -> "fake" probabilities (NaN: none)
 
 
@@ -73,7 +74,7 @@ def _batches(samples: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def _load(sample: Any, condition: Condition) -> Image.Image | str:
     """The degraded image, or why it could not be read (decoding runs on worker threads)."""
     try:
-        return condition(load_image(sample.path))
+        return condition.load(sample.path)
     except (ImageError, OSError) as e:
         return str(e)
 
@@ -147,6 +148,73 @@ def sweep_table(result: SweepResult, metric: str = "auc") -> str:
     return format_table(rows)
 
 
+@dataclass(frozen=True)
+class ShortcutEffect:
+    """How much one change of delivery (a re-save, EXIF stripped, a small resize) moves the verdicts."""
+
+    condition: str
+    n: int  # images scored both clean and under the condition
+    flip_rate: float  # share whose verdict (probability >= threshold) changed
+    flip_rate_real: float  # among reals: new false positives and fixed ones
+    flip_rate_fake: float
+    mean_abs_delta: float  # mean |probability - clean probability|
+    max_abs_delta: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+def shortcut_effects(result: SweepResult, conditions: Sequence[str]) -> list[ShortcutEffect]:
+    """Per condition: the verdict flip rate and mean |Δprobability| against the clean scores of the same
+    images (paired by path; an image unreadable in either is left out)."""
+    clean = result.scores[CLEAN_NAME]
+    base = dict(zip(clean.paths, clean.probabilities, strict=True))
+    labels = dict(zip(clean.paths, clean.labels, strict=True))
+    out = []
+    for name in conditions:
+        got = result.scores[name]
+        paired = [
+            (base[p], q, labels[p]) for p, q in zip(got.paths, got.probabilities, strict=True) if p in base
+        ]
+        before, after, y = (np.array(v, dtype=np.float64) for v in zip(*paired, strict=True)) if paired else (
+            np.empty(0), np.empty(0), np.empty(0))  # fmt: skip
+        flips = (before >= result.threshold) != (after >= result.threshold)
+        delta = np.abs(after - before)
+        out.append(
+            ShortcutEffect(
+                name,
+                len(paired),
+                _mean(flips),
+                _mean(flips[y == 0]),
+                _mean(flips[y == 1]),
+                _mean(delta),
+                float(delta.max()) if len(delta) else math.nan,
+            )  # fmt: skip
+        )
+    return out
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def shortcut_table(effects: Sequence[ShortcutEffect]) -> str:
+    return format_table(
+        [
+            {
+                "change": e.condition,
+                "n": e.n,
+                "flip rate": _na(e.flip_rate),
+                "flips reals": _na(e.flip_rate_real),
+                "flips fakes": _na(e.flip_rate_fake),
+                "mean |Δp|": _na(e.mean_abs_delta),
+                "max |Δp|": _na(e.max_abs_delta),
+            }
+            for e in effects
+        ]
+    )
+
+
 def _na(v: float) -> float | str:
     return "n/a" if isinstance(v, float) and math.isnan(v) else v
 
@@ -172,7 +240,7 @@ def plot_sweep(result: SweepResult, path: Path, metric: str = "auc", title: str 
         else:
             kinds.setdefault(cond.split(":")[0], []).append((strength, cond))
     panels = list(kinds) + (["chains"] if chains else [])
-    noop = {"jpeg": 100.0, "resize": 1.0, "blur": 0.0}
+    noop = {"jpeg": 100.0, "resize": 1.0, "blur": 0.0, "scale": 1.0}
     fig, axes = plt.subplots(
         1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)), 3.2), dpi=110, squeeze=False
     )
@@ -190,7 +258,12 @@ def plot_sweep(result: SweepResult, path: Path, metric: str = "auc", title: str 
                 ax.plot([s for s, _ in points], [getattr(result.metrics[c][g], metric) for _, c in points], "o-",
                         label=g, lw=2.5 if g == MEAN else 1)  # fmt: skip
             ax.set_xlabel(
-                {"jpeg": "JPEG quality", "resize": "downscale factor", "blur": "blur sigma (px)"}[panel]
+                {
+                    "jpeg": "JPEG quality",
+                    "resize": "downscale factor",
+                    "blur": "blur sigma (px)",
+                    "scale": "scale factor",
+                }[panel]
             )
             if panel != "blur":
                 ax.invert_xaxis()  # stronger degradation to the right in every panel
