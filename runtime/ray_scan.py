@@ -259,7 +259,8 @@ def _check_foreign(out: Path, planned: set[str]) -> None:
     foreign = sorted(p.name for p in out.glob(PART_GLOB) if p.name not in planned)
     if foreign:
         raise ScanError(
-            f"{out} holds {len(foreign)} shard file(s) of another scan (other inputs, model or threshold), "
+            f"{out} holds {len(foreign)} shard file(s) of another scan (other inputs, shard size, model or "
+            f"threshold), "
             f"e.g. {foreign[0]}; write to an empty --out, or remove them to rescan"
         )
 
@@ -393,5 +394,10 @@ def scan_command(
             )
         except ScanError as e:
             raise click.ClickException(str(e)) from None
+        except ray.exceptions.RayError as e:  # an actor that cannot load the model, a lost cluster, ...
+            raise click.ClickException(
+                f"the scan failed on Ray ({str(e).strip().splitlines()[-1][:2000]}); the shards written so far "
+                f"are in {out}: run the same command again to continue"
+            ) from None
     row = summary.table_row() | {"duplicates": inputs.duplicates, "out": display(str(out))}
     click.echo(json.dumps(row) if as_json else format_table([row]))
