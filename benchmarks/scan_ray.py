@@ -9,9 +9,9 @@ Then, on ``--cpus`` cores (the process and its children pinned to them):
 - ``i2p-detect DIR --csv`` (``--workers`` = cpus): its own images/s, from its --json summary;
 - ``i2p scan``'s ``scan()`` on a local Ray instance of ``--cpus`` CPUs with 1 and with ``cpus`` actors
   (fresh output folders, shards of 200): images/s from the first submitted batch to the last shard
-  written (actor start-up included; Ray's own start-up, ~8 s here, is not), the same after the first
-  shard was written (warm actors, as i2p-detect's figure counts from a loaded model), and the peak RSS
-  of each actor process, sampled every 0.1 s with psutil;
+  written (each actor's start-up and model load included, where i2p-detect's figure starts from a
+  loaded model; Ray's own start-up, ~8 s here, is not), and the peak RSS of each actor process,
+  sampled every 0.1 s with psutil;
 - ratio = scan (cpus actors) / i2p-detect (goal >= 0.9) and scaling = scan(cpus) / scan(1).
 
 Prints a table and, last, one JSON object.
@@ -105,10 +105,8 @@ def run_scans(paths: list[str], model: Path, work: Path, cpus: int) -> dict[int,
                     paths, model, work / f"scan-{actors}", workers=actors, batch_size=32, shard_size=200
                 )
             assert summary.scored == len(paths), summary
-            warm = (summary.scored - summary.first_shard_rows) / (summary.seconds - summary.first_shard_s)
             results[actors] = {
                 "images_per_s": round(summary.scored / summary.seconds, 1),
-                "warm_images_per_s": round(warm, 1),  # after the first shard: actors started, warm
                 "seconds": round(summary.seconds, 2),
                 "actor_peak_rss_mb": sorted(round(v / 2**20) for v in rss.peak.values()),
             }
@@ -144,9 +142,7 @@ def main() -> None:
         "cpus": args.cpus,
         "detect_images_per_s": detect["images_per_s"],
         "scan_images_per_s": {str(k): v["images_per_s"] for k, v in scans.items()},
-        "scan_warm_images_per_s": {str(k): v["warm_images_per_s"] for k, v in scans.items()},
         "ratio_scan_to_detect": round(top / detect["images_per_s"], 3),
-        "ratio_warm_scan_to_detect": round(scans[args.cpus]["warm_images_per_s"] / detect["images_per_s"], 3),
         "goal_ratio": GOAL_RATIO,
         "scaling_1_to_n_actors": round(top / scans[1]["images_per_s"], 2) if args.cpus > 1 else None,
         "actor_peak_rss_mb": {str(k): v["actor_peak_rss_mb"] for k, v in scans.items()},

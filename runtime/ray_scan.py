@@ -64,8 +64,6 @@ class ScanSummary:
     scored: int = 0
     errors: int = 0
     seconds: float = 0.0
-    first_shard_s: float = 0.0  # from the start to the first shard written (actors starting up)
-    first_shard_rows: int = 0
     files: list[str] = field(default_factory=list)  # every shard file of the scan
 
     def table_row(self) -> dict[str, Any]:
@@ -155,11 +153,6 @@ def scan(
                     if len(collected[number]) == len(by_number[number].paths):
                         rows = collected.pop(number)
                         _write_shard(out, by_number[number], rows, csv)
-                        if not summary.scored:
-                            summary.first_shard_s, summary.first_shard_rows = (
-                                time.perf_counter() - start,
-                                len(rows),
-                            )
                         summary.scored += len(rows)
                         summary.errors += sum(r["error"] is not None for r in rows.values())
                         advance(len(rows))

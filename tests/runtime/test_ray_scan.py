@@ -33,7 +33,7 @@ from i2p.runtime.scan_sources import SourceError, list_inputs  # noqa: E402
 from tests.support.corpus import base_image, encode, make_bad_corpus  # noqa: E402
 from tests.support.fake_artifact import make_artifact  # noqa: E402
 
-CRASH_NAME = "crash-here.png"
+CRASH_NAME = "img00150-crash.png"  # mid-shard: rows of its block were sent before the crash
 pytestmark = pytest.mark.timeout(150)  # a Ray scheduling deadlock fails in minutes instead of hanging CI
 
 
