@@ -11,6 +11,7 @@ actor, at most ``MAX_INPUT_BYTES`` each; local paths go to ``Detector`` as they 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -171,11 +172,11 @@ def _source_name(item: Any) -> str:
 
 
 def _assigned_cpus() -> int | None:
-    """The CPUs Ray reserved for this actor (ONNX Runtime's thread count), None outside a Ray worker."""
-    try:
-        import ray
+    """The CPUs Ray reserved for this actor (ONNX Runtime's thread count), None outside a Ray worker.
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    except Exception:  # not in a Ray worker, or Ray is absent: ONNX Runtime picks
+    Asked only of a connected Ray: ``get_runtime_context`` would start a local instance otherwise."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     return max(1, int(cpus)) if cpus else None

@@ -85,6 +85,7 @@ def read_out(out: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_stage_matches_detector_bitwise(cluster: str, artifact: Path, tmp_path: Path) -> None:
     """The documented map_batches call, over paths and over read_binary_files bytes: Detector's bits.
 
@@ -164,6 +165,7 @@ def test_killed_actor_is_retried_without_lost_or_doubled_rows(
     assert all(r["error"] is None for r in rows) and summary.scored == len(paths)
 
 
+@pytest.mark.slow
 def test_rerun_scores_nothing_twice_and_foreign_shards_are_refused(
     cluster: str, artifact: Path, tmp_path: Path
 ) -> None:
@@ -225,6 +227,7 @@ def scan_bomb_jpeg(side: int = 1024, scans: int = 3000) -> bytes:
     return data[: last[1]] + data[last[0] : last[1]] * scans + b"\xff\xd9"
 
 
+@pytest.mark.slow
 def test_hostile_files_are_error_rows(cluster: str, artifact: Path, tmp_path: Path) -> None:
     cases = make_bad_corpus(tmp_path / "src")
     (tmp_path / "src" / "scan_bomb.jpg").write_bytes(scan_bomb_jpeg())
@@ -304,12 +307,14 @@ def test_read_uri_is_bounded(tmp_path: Path) -> None:
         read_uri(f"file://{huge}", {})
 
 
-def test_unreadable_uri_is_an_error_row(cluster: str, artifact: Path, tmp_path: Path) -> None:
+def test_unreadable_uri_is_an_error_row(artifact: Path, tmp_path: Path) -> None:
     """A URI the actor cannot read is that row's error, named by the URI; its batch-mates score."""
     good = tmp_path / "good.png"
     good.write_bytes(encode(base_image(8, 8), "PNG"))
     bad_uri = f"file://{tmp_path}/missing.png"
+    was_running = ray.is_initialized()
     stage = DetectImages(model=str(artifact))
+    assert ray.is_initialized() == was_running  # built outside Ray, it starts no Ray instance
     out = stage({"path": np.array([str(good), bad_uri, "s3:/", "nosuchscheme://host/x.png"], object)})
     assert out["error"][0] is None and out["verdict"][0] in ("real", "fake")
     assert out["error"][1].startswith(bad_uri)
