@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "i2p.train.cli:train",
     "layers": "i2p.train.cli:layers",
     "eval": "i2p.train.cli:evaluate",
+    "calibrate": "i2p.evaluation.calibrate_cli:calibrate_command",  # torch-free
     "audit": "i2p.evaluation.audit_cli:audit_command",  # torch-free
     "demo": "i2p.demo:demo",
     "export": "i2p.export.cli:export",

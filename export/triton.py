@@ -11,6 +11,12 @@ Four models, each ``REPO/<model>/config.pbtxt`` + version ``1/``:
   Detector's rule and the artifact's calibrated threshold;
 - ``i2p``: the ensemble clients call (``image`` BYTES in; ``probability``, ``label``, ``error`` out).
 
+Operating points: the labels use the artifact's default threshold unless the request carries the
+parameter ``operating_point`` (a point's name); Triton (>= 2.39) forwards an ensemble request's
+parameters to its steps, and postprocessing looks the name up in the ``operating_points`` parameter
+(JSON name -> threshold, also on the ensemble's config for clients). An unknown name fails the request
+with the names there are. Re-write the repository after ``i2p calibrate`` adds a point.
+
 Configs are built with Triton's own ModelConfig protobuf and printed with ``text_format``, so they are
 well-formed by construction. With ``max_batch_size > 0`` Triton owns the leading batch axis, and a
 batch-only tensor is declared ``dims: [1]`` (the ONNX/TensorRT network produces ``[batch]``, hence
@@ -37,6 +43,7 @@ from .onnx_export import INPUT
 CONFIG = "config.pbtxt"
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
 PLAN, ONNX = "model.plan", "model.onnx"
+POINTS = "operating_points"  # parameter of the postprocess model and the ensemble: JSON name -> threshold
 ARTIFACT_DIR = "artifact"  # inside i2p_network/1/ for the Python backend: manifest + FP32 ONNX files
 # How long the dynamic batcher may hold a request for more (µs). Measured with benchmarks/serve.py on the
 # 2-core CPU server (docs/performance.md, "Serving"; docs/serving.md): 0, 2 ms and 10 ms were within noise
@@ -98,12 +105,17 @@ def write_repository(
                     f"{repo / opts.model('network') / '1' / PLAN} (docs/serving.md)"
                 )
     with staged_directory(repo / opts.model("postprocess"), force, marker=CONFIG) as staging:
-        params = {"threshold": repr(float(manifest.threshold))}
+        params = {"threshold": repr(float(manifest.threshold)), POINTS: _points_json(manifest)}
         _write_python_model(staging, opts, "postprocess", params, 1, size)
     with staged_directory(repo / opts.name, force, marker=CONFIG) as staging:
         (staging / CONFIG).write_text(_ensemble_config(opts, manifest, kind, _precision(kind, manifest)))
         (staging / "1").mkdir()  # Triton wants a version folder even for an ensemble
     return repo / opts.name, notes
+
+
+def _points_json(manifest: Manifest) -> str:
+    """name -> threshold of every operating point: a request's ``operating_point`` parameter picks one."""
+    return json.dumps({name: p.threshold for name, p in manifest.operating_points.items()}, sort_keys=True)
 
 
 def _network_source(artifact: Path, manifest: Manifest, backend: str) -> tuple[str, Path | None]:
@@ -208,6 +220,7 @@ def _ensemble_config(opts: TritonOptions, manifest: Manifest, kind: str, precisi
         dtype = mc.TYPE_FP32 if name == "probability" else mc.TYPE_STRING
         config.output.add(name=name, data_type=dtype, dims=[1])
     config.parameters["threshold"].string_value = repr(float(manifest.threshold))
+    config.parameters[POINTS].string_value = _points_json(manifest)
     config.parameters["artifact"].string_value = manifest.name
     config.parameters["network"].string_value = kind
     config.parameters["precision"].string_value = precision

@@ -88,7 +88,9 @@ class Manifest:
         return choose(self.models, device, precision)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        d = asdict(self)
+        d["operating_points"] = {name: p.to_dict() for name, p in self.operating_points.items()}
+        return json.dumps(d, indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:

@@ -13,6 +13,8 @@ the same everywhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -71,26 +73,41 @@ def point_name(value: Any, field: str) -> str:
     return value
 
 
+CALIBRATED = "fpr_on_reals"  # the rule of ``i2p calibrate``: a point that must carry its digest
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """A named threshold and how it was chosen, with what it gave on the validation set.
 
-    Only ``threshold`` is required: artifacts written before the other fields existed still load.
+    Only ``threshold`` is required: artifacts written before the other fields existed still load. The
+    last four are written by ``i2p calibrate`` (rule ``fpr_on_reals``) and omitted from JSON when unset.
     """
 
     threshold: float
-    rule: str = ""  # "balanced_accuracy" | "max_tpr_at_fpr"
+    rule: str = ""  # "balanced_accuracy" | "max_tpr_at_fpr" | "fpr_on_reals"
     target_fpr: float | None = None
-    val_fpr: float | None = None  # fraction of validation reals called fake at the threshold
+    val_fpr: float | None = None  # fraction of validation (calibration) reals called fake at the threshold
     val_tpr: float | None = None  # fraction of validation fakes caught
     n_real: int | None = None
     n_fake: int | None = None
+    fpr_ci95: tuple[float, float] | None = None  # two-sided 95% Clopper-Pearson interval of val_fpr
+    files_sha256: str | None = None  # the calibration files (i2p.evaluation.calibrate.files_digest)
+    model_sha256: str | None = None  # the model file that scored them (backend and precision of deployment)
+    digest: str | None = None  # sha256 of the point's canonical JSON (``point_digest``)
 
     def __post_init__(self) -> None:
         _point_fields(asdict(self), "operating point")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in _CALIBRATION:
+            if d[key] is None:
+                del d[key]
+        if d.get("fpr_ci95") is not None:
+            d["fpr_ci95"] = list(d["fpr_ci95"])
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, field: str = "operating point") -> OperatingPoint:
@@ -102,11 +119,14 @@ class OperatingPoint:
         if unknown:
             raise SchemaError(f"field {field!r}: unknown key(s) {unknown}")
         _point_fields(d, field)
+        if d.get("fpr_ci95") is not None:
+            d = {**d, "fpr_ci95": tuple(d["fpr_ci95"])}
         return cls(**d)
 
 
 _RATES = ("target_fpr", "val_fpr", "val_tpr")
 _COUNTS = ("n_real", "n_fake")
+_CALIBRATION = ("fpr_ci95", "files_sha256", "model_sha256", "digest")
 
 
 def _point_fields(d: dict[str, Any], field: str) -> None:
@@ -119,6 +139,50 @@ def _point_fields(d: dict[str, Any], field: str) -> None:
     for key in _COUNTS:
         if d.get(key) is not None:
             integer(d[key], f"{field}.{key}", 0, 1 << 40)
+    interval = d.get("fpr_ci95")
+    if interval is not None:
+        if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+            raise SchemaError(f"field '{field}.fpr_ci95' must be a [low, high] pair, got {interval!r:.80}")
+        low, high = (probability(v, f"{field}.fpr_ci95") for v in interval)
+        if low > high:
+            raise SchemaError(f"field '{field}.fpr_ci95': low {low!r} is above high {high!r}")
+    for key in ("files_sha256", "model_sha256", "digest"):
+        if d.get(key) is not None and not (isinstance(d[key], str) and _SHA256.fullmatch(d[key])):
+            raise SchemaError(f"field '{field}.{key}' must be a lowercase hex sha256, got {d[key]!r:.80}")
+
+
+def point_digest(name: str, point: OperatingPoint) -> str:
+    """sha256 of the point's canonical JSON, its name included and ``digest`` left out.
+
+    Canonical: ``{"name": NAME, **fields}`` with unset calibration fields omitted, numbers as floats
+    (rates) or integers (counts), ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True)``.
+    It detects a point edited by hand or corrupted after ``i2p calibrate`` wrote it, not a forger:
+    anyone can recompute it (nothing in the manifest is signed).
+    """
+    d = {k: v for k, v in point.to_dict().items() if k != "digest"}
+    for key in ("threshold", *_RATES):
+        if d.get(key) is not None:
+            d[key] = float(d[key])
+    if d.get("fpr_ci95") is not None:
+        d["fpr_ci95"] = [float(v) for v in d["fpr_ci95"]]
+    text = json.dumps({"name": name, **d}, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def check_digest(name: str, point: OperatingPoint, field: str) -> None:
+    """A calibrated point (rule ``fpr_on_reals``) must carry its digest, and any digest must match."""
+    if point.digest is None and point.rule != CALIBRATED:
+        return
+    if point.digest is None:
+        raise SchemaError(
+            f"field {field!r}: a point of rule {CALIBRATED!r} must carry its 'digest'; it was removed or the "
+            "point was written by hand. Re-run `i2p calibrate` to make it again"
+        )
+    if point_digest(name, point) != point.digest:
+        raise SchemaError(
+            f"field {field!r} was edited after it was calibrated (its fields no longer match its digest: "
+            f"threshold {point.threshold!r}); re-run `i2p calibrate` rather than editing the manifest"
+        )
 
 
 def operating_points(value: Any, field: str = "operating_points") -> dict[str, OperatingPoint]:
@@ -131,6 +195,7 @@ def operating_points(value: Any, field: str = "operating_points") -> dict[str, O
     for name, point in value.items():
         where = f"{field}.{point_name(name, field)}"
         points[name] = point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point, where)
+        check_digest(name, points[name], where)
     return points
 
 

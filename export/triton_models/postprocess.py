@@ -1,7 +1,8 @@
 """Triton Python-backend model ``<ensemble>_postprocess``: logit + decode error -> probability, label, error.
 
 Copied by ``i2p-export --triton`` as ``1/model.py``. The sigmoid and the threshold rule are the
-Detector's (``i2p.runtime.serving.verdicts``); the threshold is the artifact's calibrated one.
+Detector's (``i2p.runtime.serving.verdicts``); the threshold is the artifact's default one, or the
+operating point named by the request parameter ``operating_point`` (forwarded by the ensemble).
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.threshold = float(config["parameters"]["threshold"]["string_value"])
+        points = config["parameters"].get("operating_points", {}).get("string_value", "{}")
+        self.points = {name: float(t) for name, t in json.loads(points).items()}
+
+    def _threshold(self, request: object) -> float:
+        """The default threshold, or that of the point the request's ``operating_point`` parameter names."""
+        name = json.loads(request.parameters() or "{}").get("operating_point")
+        if name is None:
+            return self.threshold
+        if not isinstance(name, str) or name not in self.points:
+            known = ", ".join(sorted(self.points)) or "none"
+            raise ValueError(f"no operating point {str(name)[:80]!r} in this model; it has: {known}")
+        return self.points[name]
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -25,7 +38,7 @@ class TritonPythonModel:
                 logits = pb_utils.get_input_tensor_by_name(request, LOGIT).as_numpy()
                 raw = pb_utils.get_input_tensor_by_name(request, DECODE_ERROR).as_numpy().reshape(-1)
                 errors = [e.decode("utf-8", "replace") for e in raw]
-                probabilities, labels, reasons = verdicts(logits, errors, self.threshold)
+                probabilities, labels, reasons = verdicts(logits, errors, self._threshold(request))
                 outputs = [
                     pb_utils.Tensor("probability", probabilities.reshape(-1, 1)),
                     pb_utils.Tensor("label", text_tensor(labels)),
