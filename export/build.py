@@ -78,8 +78,8 @@ def load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
     if meta.threshold is None:
         raise ExportError(f"{opts.ckpt}: the checkpoint has no calibrated threshold; finish training first")
     spec = meta.preprocess
-    size = model.tower.image_size
-    if (spec.size, spec.size) != (size if isinstance(size, tuple) else (size, size)):
+    size = model.family.image_size(model.tower)
+    if spec.size != size:
         raise ExportError(
             f"{opts.ckpt}: preprocessing makes {spec.size}x{spec.size} images but the network takes {size}"
         )
@@ -116,7 +116,7 @@ def write_models(build: Build, staging: Path, progress: Progress) -> Produced:
     opts, net = build.opts, build.net
     with progress.step(f"ONNX export (opset {opts.opset}, dynamic batch)"):
         export_onnx(net, staging / FP32_ONNX, opts.opset)
-        summary = check_graph(staging / FP32_ONNX, net.layer)
+        summary = check_graph(staging / FP32_ONNX, net.layer, net.maps_per_block)
     note = f"graph: {summary.blocks} transformer blocks, {summary.linear_maps} linear maps, no adapter ops"
     if not opts.fp16:
         return Produced(kept=(FP32,), notes=(note,))

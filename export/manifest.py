@@ -46,6 +46,7 @@ def describe(
         extra=_extra(build, parity),
         operating_points=dict(meta.operating_points or {}),  # calibrated on validation at training
         operating_point=meta.operating_point if meta.operating_points else "",
+        pool=net.pool,
     )
 
 
@@ -71,6 +72,7 @@ def _extra(build: Build, parity: ParityReport) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "checkpoint": {"file": opts.ckpt.name, "sha256": build.checkpoint_sha256},
         "backbone_weights": {"pretrained": meta.backbone.pretrained, "sha256": meta.backbone.sha256},
+        "backbone_family": meta.backbone.family,
         "baseline": meta.baseline,
         "metrics": meta.metrics,
         "compute_kept": f"{net.layer}/{net.num_layers} transformer blocks",
@@ -91,7 +93,7 @@ def _extra(build: Build, parity: ParityReport) -> dict[str, Any]:
 
 def tool_versions() -> dict[str, str]:
     tools = {"python": platform.python_version()}
-    for dist in ("i2p-detector", "torch", "open_clip_torch", "onnx", "onnxruntime", "tensorrt"):
+    for dist in ("i2p-detector", "torch", "open_clip_torch", "timm", "onnx", "onnxruntime", "tensorrt"):
         try:
             tools[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

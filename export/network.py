@@ -1,7 +1,7 @@
 """The deployed network: the trained detector with its deltas merged, truncated at L*, head folded in.
 
-``DeployedDetector`` is the model that gets exported: plain open_clip ViT blocks (no adapter ops, no
-low-rank branches), float32 NCHW image in, ``(logit [N], probability [N])`` out. Like timm's
+``DeployedDetector`` is the model that gets exported: the backbone library's own blocks (no adapter ops,
+no low-rank branches), float32 NCHW image in, ``(logit [N], probability [N])`` out. Like timm's
 ``exportable`` layers it reuses the training modules as they are rather than forking the ViT code; it
 only drops what deployment does not need and fixes the output signature.
 """
@@ -9,9 +9,9 @@ only drops what deployment does not need and fixes the output signature.
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from i2p.train import backbones, subspace
 from i2p.train.model import I2PModel
 
 
@@ -22,23 +22,34 @@ class ExportError(RuntimeError):
 class DeployedDetector(nn.Module):
     """float32 [N, 3, S, S] -> (logit [N], probability [N]): embeddings, L* blocks, LayerNorm + Linear."""
 
-    def __init__(self, tower: VisionTransformer, head: nn.Sequential, layer: int, num_layers: int):
+    def __init__(self, tower: nn.Module, head: nn.Sequential, layer: int, num_layers: int):
         super().__init__()
         self.tower, self.head = tower, head
         self.layer, self.num_layers = layer, num_layers
+        self.family = backbones.for_tower(tower)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.tower.transformer.resblocks
+        return self.family.blocks(self.tower)
 
     @property
     def image_size(self) -> int:
-        size = self.tower.image_size
-        return size if isinstance(size, int) else size[0]
+        return self.family.image_size(self.tower)
+
+    @property
+    def pool(self) -> str:
+        return self.family.pool(self.tower)
+
+    @property
+    def maps_per_block(self) -> int:
+        """Weight-bearing linear maps of one block: what the exported graph must hold per block."""
+        return len(subspace.linear_maps(self.blocks[0]))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cls = self.tower(image)  # the truncated tower ends in the CLS token (I2PModel.forward_features)
-        z = self.head(cls)  # [N, 1]
+        feature = self.tower(
+            image
+        )  # the truncated tower ends in the layer feature (I2PModel.forward_features)
+        z = self.head(feature)  # [N, 1]
         # The probability is computed from z, not from the logit output: a graph output that another node
         # also reads is a case FP16 converters get wrong (onnxconverter-common keep_io_types).
         return z.squeeze(-1), torch.sigmoid(z).squeeze(-1)

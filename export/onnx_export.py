@@ -22,9 +22,9 @@ from .network import DeployedDetector, ExportError
 
 INPUT = "image"
 OUTPUTS = ("logit", "probability")
-LINEAR_MAPS_PER_BLOCK = 4  # attention in/out projections, MLP fc/proj
+LINEAR_MAPS_PER_BLOCK = 4  # attention in/out projections, MLP fc/proj (a plain ViT block)
 PROTOBUF_LIMIT = 2**31 - 1  # one ONNX file without external data
-_BLOCK = re.compile(r"resblocks\.(\d+)/")
+_BLOCK = re.compile(r"blocks\.(\d+)/")  # open_clip's resblocks.N/, timm's blocks.N/
 
 
 @contextmanager
@@ -103,13 +103,14 @@ def summarize_graph(model: onnx.ModelProto) -> GraphSummary:
     )
 
 
-def check_graph(path: Path, layer: int) -> GraphSummary:
-    """The graph holds exactly ``layer`` ViT blocks, 4 linear maps each plus the head, no adapter ops.
+def check_graph(path: Path, layer: int, maps_per_block: int = LINEAR_MAPS_PER_BLOCK) -> GraphSummary:
+    """The graph holds exactly ``layer`` ViT blocks, ``maps_per_block`` linear maps each plus the head, no
+    adapter ops.
 
     An adapter left in the graph (a low-rank branch beside a weight) shows up as extra weight MatMuls.
     """
     summary = summarize_graph(onnx.load(str(path), load_external_data=False))
-    expected = LINEAR_MAPS_PER_BLOCK * layer + 1
+    expected = maps_per_block * layer + 1
     problems = []
     if summary.blocks != layer:
         problems.append(f"{summary.blocks} transformer blocks instead of L*={layer}")

@@ -49,7 +49,7 @@ QUANTIZED_OPS = ("MatMul", "Attention")
 # deviation (or the INT8 logit tolerance, whichever is larger). Measured: 0.056 on the real ViT-B/16.
 MAX_MEAN_ERROR = 0.1
 MAX_FP32_BLOCKS = 0.5  # fraction of blocks the sensitivity fallback may keep in FP32
-_BLOCK = re.compile(r"resblocks\.(\d+)/")
+_BLOCK = re.compile(r"blocks\.(\d+)/")  # open_clip's resblocks.N/, timm's blocks.N/
 
 Check = Callable[[Path], Comparison]  # parity of a candidate file on the calibration images
 

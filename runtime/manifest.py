@@ -69,6 +69,9 @@ class Manifest:
     # ``operating_point`` names (checked at load).
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     operating_point: str = ""
+    # The layer feature the network reads after block L*: "cls" token or "mean" of the patch tokens
+    # (a backbone without a class token); artifacts exported before backbone families mean "cls".
+    pool: str = "cls"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -143,6 +146,7 @@ class Manifest:
             extra=_object(d.get("extra", {}), "extra"),
             operating_points=points,
             operating_point=default,
+            pool=schema.pool(d.get("pool", "cls")),
             format=FORMAT,
             format_version=version,
         )

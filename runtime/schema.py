@@ -63,6 +63,16 @@ def preprocess(value: Any) -> PreprocessSpec:
         raise SchemaError(f"field 'preprocess': {e}") from e
 
 
+POOLS = ("cls", "mean")  # the layer feature: class token, or mean of the patch tokens (registers excluded)
+
+
+def pool(value: Any) -> str:
+    """How the network reads its layer feature (one of ``POOLS``); artifacts without the field mean "cls"."""
+    if value not in POOLS:
+        raise SchemaError(f"field 'pool' must be one of {list(POOLS)}, got {value!r:.80}")
+    return value
+
+
 def point_name(value: Any, field: str) -> str:
     """1 to 64 letters, digits and ``_ . + -``: names end up in tables, CSV headers and file names."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME or not POINT_NAME.fullmatch(value):

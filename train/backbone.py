@@ -1,84 +1,46 @@
-"""The frozen CLIP image tower: built from an open_clip config, weights from a local file (or a tag on request).
+"""The frozen image tower of any supported family: built from its library's config, weights from a local file
+(or a library tag on request).
 
-Only the vision tower is built (no text tower), and nothing is downloaded unless the user names an
-open_clip pretrained tag. Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+Families (``i2p.train.backbones``): open_clip ViTs, timm ViTs (DINOv2) and timm Evas. Only the image
+tower is built (no text tower), and nothing is downloaded unless the user names a library tag. Loading
+never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
 
 from i2p.base.files import sha256_file
-from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
+from i2p.runtime.preprocess import PreprocessSpec
 
+from . import backbones
+from .backbones import BackboneError
 from .metadata import BackboneInfo
 
-CONFIG_DIR = Path(__file__).with_name("model_configs")
-open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the demo
+__all__ = ["BackboneError", "build_tower", "load_backbone", "preprocess_spec", "read_state_dict"]
 
 
-class BackboneError(ValueError):
-    """The backbone name, its weights file or its architecture cannot be used."""
-
-
-# The text tower is never used: ``create_model`` builds this stand-in instead of the configured one (a
-# large transformer, or a Hugging Face model whose config would be downloaded).
-NO_TEXT_TOWER = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
-
-
-class _NoRandomInitNotice(logging.Filter):
-    """open_clip warns that an unloaded model is random; ours gets its weights right after."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-def build_tower(model: str) -> VisionTransformer:
-    """An open_clip ViT image tower with random weights, checked to be one this package can adapt."""
-    cfg = open_clip.get_model_config(model)
-    if cfg is None:
-        raise BackboneError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
-    quiet = _NoRandomInitNotice()
-    logging.getLogger().addFilter(quiet)
-    try:
-        tower = open_clip.create_model(model, pretrained=None, text_cfg=NO_TEXT_TOWER).visual
-    except Exception as e:  # open_clip raises many types for configs it cannot build
-        raise BackboneError(f"{model}: open_clip cannot build this model ({type(e).__name__}: {e})") from e
-    finally:
-        logging.getLogger().removeFilter(quiet)
-    if not isinstance(tower, VisionTransformer) or tower.attn_pool is not None or tower.pool_type != "tok":
-        raise BackboneError(f"{model}: only plain open_clip ViT image towers are supported")
-    if not all(type(b) is ResidualAttentionBlock for b in tower.transformer.resblocks):
-        raise BackboneError(
-            f"{model}: custom attention blocks are not supported (need nn.MultiheadAttention)"
-        )
-    if getattr(tower, "class_embedding", None) is None:
-        raise BackboneError(f"{model}: the tower has no class token, which the detector head reads")
-    return tower
+def build_tower(model: str) -> nn.Module:
+    """The image tower of ``model`` with random weights, checked to be one this package can adapt."""
+    return backbones.for_model(model).build(model)
 
 
 def preprocess_spec(model: str) -> PreprocessSpec:
-    cfg = open_clip.get_model_config(model)
-    size = cfg["vision_cfg"]["image_size"]
-    size = size if isinstance(size, int) else size[0]
-    pp = cfg.get("preprocess_cfg", {})
-    return PreprocessSpec(
-        size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD))
-    )
+    """The preprocessing ``model`` was trained with, from its library's config."""
+    return backbones.for_model(model).preprocess(model)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """An open_clip full-model or visual-only state dict as the ``visual`` tower's keys, every tensor checked.
+def read_state_dict(path: Path, prefix: str = "visual.") -> dict[str, torch.Tensor]:
+    """A full-model or tower-only state dict as the tower's keys, every tensor checked.
 
-    In a full CLIP state dict only the ``visual.`` tensors are read and checked: the text tower (and
-    ``logit_scale``) is never loaded, so what it holds cannot change the detector.
+    In a full model's state dict (open_clip CLIP: ``prefix`` "visual.") only the tower's tensors are read
+    and checked: the text tower (and ``logit_scale``) is never loaded, so what it holds cannot change the
+    detector. ``prefix`` "" reads a tower-only file (timm) as it is.
     """
     if not path.is_file():
         raise BackboneError(f"{path}: backbone weights file not found")
@@ -99,8 +61,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise BackboneError(f"{path}: not a state dict (a mapping of names to tensors)")
     names = {k.removeprefix("module."): k for k in sd}  # tower key -> key in the file
-    if any(k.startswith("visual.") for k in names):
-        names = {k[len("visual.") :]: f for k, f in names.items() if k.startswith("visual.")}
+    if prefix and any(k.startswith(prefix) for k in names):
+        names = {k[len(prefix) :]: f for k, f in names.items() if k.startswith(prefix)}
     check_weights(path, {names[k]: sd[names[k]] for k in names})
     return {k: sd[f] for k, f in names.items()}
 
@@ -179,28 +141,23 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
 
 
 def resolve_weights(model: str, pretrained: str) -> Path | None:
-    """A local path stays as it is; an open_clip tag is downloaded (the user asked for it); "none" -> None."""
+    """A local path stays as it is; a library tag is downloaded (the user asked for it); "none" -> None."""
     if pretrained == "none":
         return None
     path = Path(pretrained).expanduser()
     if path.exists() or path.suffix in (".pt", ".bin", ".safetensors", ".pth"):
         return path
-    cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        raise BackboneError(
-            f"--pretrained {pretrained!r} is neither a file nor an open_clip tag for {model} (tags: {tags})"
-        )
-    return Path(open_clip.download_pretrained(cfg))
+    return backbones.for_model(model).download(model, pretrained)
 
 
-def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[VisionTransformer, BackboneInfo]:
+def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[nn.Module, BackboneInfo]:
     """The frozen tower in eval mode, and the record a checkpoint keeps of it."""
     torch.manual_seed(seed)  # random init ("none") must be reproducible across resume
-    tower = build_tower(model)
+    family = backbones.for_model(model)
+    tower = family.build(model)
     weights = resolve_weights(model, pretrained)
     if weights is not None:
-        sd = read_state_dict(weights)
+        sd = read_state_dict(weights, family.weights_prefix)
         if problems := misfit(sd, tower.state_dict()):
             raise BackboneError(f"{weights}: weights do not fit {model}: {'; '.join(problems[:5])}")
         tower.load_state_dict(sd)
@@ -212,7 +169,9 @@ def load_backbone(model: str, pretrained: str, seed: int = 0) -> tuple[VisionTra
         model=model,
         pretrained=str(weights) if weights else "none",
         sha256=digest,
-        num_layers=len(tower.transformer.resblocks),
-        width=tower.transformer.width,
+        num_layers=len(family.blocks(tower)),
+        width=family.width(tower),
+        family=family.name,
+        pool=family.pool(tower),
     )
     return tower, info

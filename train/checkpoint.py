@@ -1,6 +1,6 @@
 """``checkpoint.safetensors``: the trained deltas and head, resume state, and typed metadata in one file.
 
-The frozen base is referenced (open_clip name, weights path, sha256), not copied, except when it is
+The frozen base is referenced (model name, weights path, sha256), not copied, except when it is
 not a file (random init) or the user asks for ``--embed-base``. Loading is safetensors + JSON only:
 nothing in a checkpoint can run code. Every way a checkpoint can be wrong (metadata, tensor names or
 shapes, base weights) is a ``CheckpointError`` that names the file and the problem.
@@ -19,7 +19,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from i2p.base.files import sha256_file, write_bytes_atomic
 
-from .backbone import BackboneError, build_tower, check_weights, misfit, read_state_dict
+from . import backbones
+from .backbone import BackboneError, check_weights, misfit, read_state_dict
 from .metadata import CheckpointError, CheckpointMeta
 from .model import I2PModel
 
@@ -75,7 +76,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, CheckpointMeta.from_json(raw, path), tensors)
 
 
-def base_state(ckpt: Checkpoint, backbone: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+def base_state(
+    ckpt: Checkpoint, backbone: str | os.PathLike | None, prefix: str = "visual."
+) -> dict[str, torch.Tensor]:
     """The frozen base's weights: embedded in the checkpoint, or read from disk and checked by sha256."""
     embedded = ckpt.section(BASE)
     if embedded and backbone is None:
@@ -98,7 +101,7 @@ def base_state(ckpt: Checkpoint, backbone: str | os.PathLike | None) -> dict[str
             "these are not the weights the detector was trained on"
         )
     try:
-        return read_state_dict(path)
+        return read_state_dict(path, prefix)
     except BackboneError as e:
         raise CheckpointError(str(e)) from e
 
@@ -132,23 +135,27 @@ def build_model(ckpt: Checkpoint, backbone: str | os.PathLike | None = None) -> 
     """The detector from an already read checkpoint; tensors that do not fit are a CheckpointError."""
     meta, info = ckpt.meta, ckpt.meta.backbone
     try:
-        tower = build_tower(info.model)
+        family = backbones.for_model(info.model)
+        if family.name != info.family:
+            raise BackboneError(f"{info.model!r} is a {family.name} model, the checkpoint says {info.family}")
+        tower = family.build(info.model)
     except BackboneError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from e
-    built = (len(tower.transformer.resblocks), tower.transformer.width)
-    if built != (info.num_layers, info.width):
+    built = (len(family.blocks(tower)), family.width(tower), family.pool(tower))
+    if built != (info.num_layers, info.width, info.pool):
         raise CheckpointError(
-            f"{ckpt.path}: backbone {info.model!r} has {built[0]} blocks of width {built[1]}, but the "
-            f"checkpoint says {info.num_layers} of width {info.width}"
+            f"{ckpt.path}: backbone {info.model!r} has {built[0]} blocks of width {built[1]} pooled by "
+            f"{built[2]}, but the checkpoint says {info.num_layers} of width {info.width} pooled by {info.pool}"
         )
     # the model's own tensors (resume state is checked where it is used, by resume.restore_state)
     check_weights(
         ckpt.path, {k: v for k, v in ckpt.tensors.items() if not k.startswith(RESUME)}, CheckpointError
     )
-    base = base_state(ckpt, backbone)
-    dropped = tuple(f"transformer.resblocks.{i}." for i in range(meta.layer, info.num_layers))
-    # blocks after L* never run; the head holds what it needs of ln_post and proj
-    if problems := misfit(base, tower.state_dict(), may_lack=(*dropped, "ln_post", "proj")):
+    base = base_state(ckpt, backbone, family.weights_prefix)
+    # blocks after L* never run; the head holds what it needs of the final norm and projection
+    if problems := misfit(
+        base, tower.state_dict(), may_lack=family.dropped_keys(meta.layer, info.num_layers)
+    ):
         raise CheckpointError(f"{ckpt.path}: base weights do not fit {info.model}: {'; '.join(problems[:5])}")
     tower.load_state_dict(base, strict=False)
     model = I2PModel(tower, meta.layer, baseline=meta.baseline)

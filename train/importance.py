@@ -1,6 +1,7 @@
-"""Stage 1, critical-layer perception: how well each block's CLS token separates real from generated.
+"""Stage 1, critical-layer perception: how well each block's layer feature separates real from generated.
 
-Scores per block, on CLS features of a calibration subset (fit) and the validation images (score):
+The layer feature is the CLS token (the mean patch token for a tower without one; see
+``i2p.train.backbones``). Scores per block, on those features of a calibration subset (fit) and the validation images (score):
 
 * **Fisher ratio** (training-free): mean over feature dimensions of (μ_fake − μ_real)² / (σ²_real + σ²_fake).
 * **Linear-probe AUC**: a logistic regression on the LayerNorm'ed CLS token (the head's own form),
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
 
 from i2p.base.files import write_json_atomic
 from i2p.base.tables import format_table
 from i2p.evaluation.metrics import roc_auc
+
+from . import backbones
 
 LAYER_RULE = (
     "(``--layer auto``): min-max normalize the scores across layers into an importance and take\n"
@@ -110,15 +112,14 @@ class ImportanceProfile:
 
 @torch.no_grad()
 def block_cls_features(
-    tower: VisionTransformer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    tower: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS token after every block: features [L, N, width] (float32, CPU) and labels [N]."""
+    """The layer feature (CLS token, or mean patch token: the family's pool) after every block:
+    features [L, N, width] (float32, CPU) and labels [N]."""
+    family = backbones.for_tower(tower)
     feats, labels = [], []
     for x, y in batches:
-        out = tower.forward_intermediates(
-            x.to(device), intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
-        )
-        feats.append(torch.stack([t[:, 0].float().cpu() for t in out["image_intermediates_prefix"]]))
+        feats.append(torch.stack([t.float().cpu() for t in family.layer_features(tower, x.to(device))]))
         labels.append(y.float())
     return torch.cat(feats, dim=1), torch.cat(labels)
 

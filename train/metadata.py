@@ -35,11 +35,19 @@ class CheckpointError(ValueError):
 class BackboneInfo:
     """What a checkpoint records about its frozen base, so export can find and verify it again."""
 
-    model: str  # open_clip model name
-    pretrained: str  # file path, open_clip tag, or "none"
+    model: str  # model name: open_clip, timm, or an i2p config in train/model_configs
+    pretrained: str  # file path, library tag, or "none"
     sha256: str  # of the weights file; of the state dict for random init
     num_layers: int
     width: int
+    family: str = "open_clip"  # i2p.train.backbones family (checkpoints before families: open_clip)
+    pool: str = "cls"  # how the layer feature is read: "cls" token or "mean" of patch tokens
+
+    def __post_init__(self) -> None:
+        try:
+            schema.pool(self.pool)
+        except SchemaError as e:
+            raise CheckpointError(f"checkpoint metadata backbone {e}") from e
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,8 @@ def _parse(d: Any, f: _Fields) -> CheckpointMeta:
         sha256=f.get(b, "sha256", str),
         num_layers=f.get(b, "num_layers", int),
         width=f.get(b, "width", int),
+        family=f.get(b, "family", str, optional=True) or "open_clip",
+        pool=f.get(b, "pool", str, optional=True) or "cls",
     )
     num_layers = f.get(d, "num_layers", int)
     layer = f.get(d, "layer", int)

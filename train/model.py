@@ -1,7 +1,9 @@
-"""The detector: a CLIP tower truncated at the critical layer L*, subspace deltas, and a one-logit head.
+"""The detector: a ViT tower truncated at the critical layer L*, subspace deltas, and a one-logit head.
 
-Like timm models it is ``forward_features`` (CLS token after block L*) + ``forward_head`` (logit).
-Blocks after L* are dropped at construction, so they are never run in training or deployment.
+Like timm models it is ``forward_features`` (the layer feature after block L*: the class token, or the
+mean patch token of a tower without one) + ``forward_head`` (logit). Blocks after L* are dropped at
+construction, so they are never run in training or deployment. The tower is any family's
+(``i2p.train.backbones``); the family does the truncation through its library's public API.
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ from __future__ import annotations
 import copy
 
 import torch
-from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from . import adapters, subspace
+from . import adapters, backbones, subspace
 
 
 class Head(nn.Module):
-    """LayerNorm + Linear -> one logit, on the layer-L* CLS token.
+    """LayerNorm + Linear -> one logit, on the layer-L* feature.
 
-    The UnivFD baseline reads CLIP's final embedding instead: its head is CLIP's own ln_post and
-    projection (frozen) followed by the linear layer, which folds into the same LayerNorm + Linear.
+    The UnivFD baseline reads the tower's final embedding instead: its head is the tower's own final norm
+    (CLIP's ln_post) and projection (frozen) followed by the linear layer, which folds into the same
+    LayerNorm + Linear.
     """
 
     def __init__(self, width: int, norm: nn.LayerNorm | None = None, proj: torch.Tensor | None = None):
@@ -47,20 +49,23 @@ class Head(nn.Module):
 
 
 class I2PModel(nn.Module):
-    def __init__(self, tower: VisionTransformer, layer: int, baseline: bool = False):
+    def __init__(self, tower: nn.Module, layer: int, baseline: bool = False):
         super().__init__()
-        num_layers = len(tower.transformer.resblocks)
+        self.family = backbones.for_tower(tower)
+        num_layers = len(self.family.blocks(tower))
         if not 1 <= layer <= num_layers:
             raise ValueError(f"layer {layer} is outside 1..{num_layers}")
-        width = tower.transformer.width
+        width = self.family.width(tower)
         if baseline:  # UnivFD: frozen full tower, final embedding, linear head
+            norm, proj = self.family.final_norm(tower)
             head = Head(
-                width, norm=copy.deepcopy(tower.ln_post).requires_grad_(False), proj=tower.proj.detach()
+                width,
+                norm=copy.deepcopy(norm).requires_grad_(False),
+                proj=None if proj is None else proj.detach(),
             )
         else:
             head = Head(width)
-        tower.transformer.resblocks = tower.transformer.resblocks[:layer]
-        tower.ln_post, tower.proj = nn.Identity(), None
+        self.family.truncate(tower, layer)
         tower.requires_grad_(False)
         self.tower, self.head = tower, head
         self.layer, self.num_layers, self.baseline = layer, num_layers, baseline
@@ -69,7 +74,12 @@ class I2PModel(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.tower.transformer.resblocks
+        return self.family.blocks(self.tower)
+
+    @property
+    def pool(self) -> str:
+        """How the layer feature is read: "cls" or "mean" (``backbones.family``)."""
+        return self.family.pool(self.tower)
 
     def add_deltas(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Attach trainable subspace deltas to every linear map of blocks 1..L*."""
@@ -97,7 +107,7 @@ class I2PModel(nn.Module):
         self.deltas = {}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The CLS token after block L*: the truncated tower's own output (its ln_post/proj are gone)."""
+        """The layer feature after block L*: the truncated tower's own output (its final norm/proj are gone)."""
         return self.tower(x)
 
     def forward_head(self, cls: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from i2p.evaluation.perturb import parse_condition
 from i2p.runtime.preprocess import PreprocessSpec
 
-from . import adapters, importance, subspace
+from . import adapters, backbones, importance, subspace
 from .backbone import load_backbone, preprocess_spec
 from .checkpoint_scoring import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
 from .config import TrainConfig
@@ -27,12 +27,13 @@ from .model import I2PModel
 def perceive(
     cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Runtime
 ) -> tuple[importance.ImportanceProfile, torch.nn.Linear]:
-    """Stage 1: per-block CLS features on calibration/validation subsets -> (profile, probe at L*)."""
+    """Stage 1: per-block layer features on calibration/validation subsets -> (profile, probe at L*)."""
+    blocks = list(backbones.for_tower(tower).blocks(tower))
     calib = calibration_subset(splits.train, cfg.calib_size, cfg.seed)
     val = calibration_subset(splits.val, cfg.calib_size, cfg.seed)
     say(
         rt,
-        f"stage 1: scoring {len(tower.transformer.resblocks)} layers on {len(calib)} calibration / {len(val)} validation images",
+        f"stage 1: scoring {len(blocks)} layers on {len(calib)} calibration / {len(val)} validation images",
     )
     feats = []
     for name, samples in (("calibration", calib), ("validation", val)):
@@ -50,7 +51,6 @@ def perceive(
             degraded[cond.name] = importance.block_cls_features(tower, bar, rt.device)
     result, probe = importance.profile(xc, xv, cfg.layer, cfg.layer_tolerance, degraded, cfg.layer_rule)
     x, _ = next(iter(labelled_batches(eval_loader(calib[:8], spec, cfg))))
-    blocks = list(tower.transformer.resblocks)
     speed = importance.truncated_speed(blocks, lambda: tower(x.to(rt.device)))
     return dataclasses.replace(result, relative_speed=speed), probe
 
@@ -70,7 +70,7 @@ def perceive_once(
         broadcast_json(rt, profile.to_dict() if rt.main else None)
     )
     if probe is None:
-        probe = torch.nn.Linear(tower.transformer.width, 1).requires_grad_(False)
+        probe = torch.nn.Linear(backbones.for_tower(tower).width(tower), 1).requires_grad_(False)
     probe.to(rt.device)
     broadcast_tensors(rt, [probe.weight.data, probe.bias.data])
     return profile, probe
@@ -93,7 +93,7 @@ def build(
     tower.to(rt.device)
     profile, probe = None, None
     if cfg.baseline:
-        layer = len(tower.transformer.resblocks)
+        layer = info.num_layers
     else:
         profile, probe = perceive_once(cfg, tower, spec, splits, rt)
         layer = profile.layer

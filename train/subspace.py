@@ -26,13 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The linear maps of an open_clip ResidualAttentionBlock that get a delta: (module path, weight name).
-ADAPTED_MAPS = (
-    ("attn", "in_proj_weight"),
-    ("attn.out_proj", "weight"),
-    ("mlp.c_fc", "weight"),
-    ("mlp.c_proj", "weight"),
-)
 DELTA = "delta"  # the branch's submodule name on an adapted module
 
 
@@ -147,10 +140,27 @@ def projected_grad_sq(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return ((u * (grad.double() @ vh.T)).sum(0)) ** 2
 
 
-def adapted_weights(blocks: nn.ModuleList) -> Iterator[tuple[str, nn.Module, str]]:
+def linear_maps(block: nn.Module) -> list[tuple[str, str]]:
+    """(module path, weight name) of every linear map of a block, in module order: each nn.Linear, and
+    nn.MultiheadAttention's packed QKV projection (its out_proj is an nn.Linear).
+
+    Found by type, so every family's block layout is covered as its library defines it: open_clip's
+    attn.in_proj / attn.out_proj / mlp.c_fc / mlp.c_proj, timm's attn.qkv / attn.proj / mlp.fc1 / mlp.fc2,
+    an Eva's separate q/k/v projections and SwiGLU's fc1_g / fc1_x / fc2.
+    """
+    maps = []
+    for path, module in block.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            maps.append((path, "in_proj_weight"))
+        elif isinstance(module, nn.Linear):
+            maps.append((path, "weight"))
+    return maps
+
+
+def adapted_weights(blocks: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(name, module, weight attribute) for every adapted linear map in ``blocks``."""
     for i, block in enumerate(blocks):
-        for path, attr in ADAPTED_MAPS:
+        for path, attr in linear_maps(block):
             yield f"{i}.{path}.{attr}", block.get_submodule(path), attr
 
 
@@ -182,7 +192,7 @@ def attach(
 
 @torch.no_grad()
 def merge(blocks: nn.ModuleList) -> None:
-    """Fold every branch into its base weight (W' = W + ΔW); afterwards the blocks are plain open_clip."""
+    """Fold every branch into its base weight (W' = W + ΔW); afterwards the blocks are the library's own."""
     for _, module, attr in adapted_weights(blocks):
         delta = getattr(module, DELTA, None)
         if delta is None:

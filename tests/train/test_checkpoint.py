@@ -119,7 +119,7 @@ BROKEN_META = {
     "string threshold": (_set("threshold", "0.5"), "'threshold' must be"),
     "threshold above 1": (_set("threshold", 7), "probability in [0, 1]"),
     "bad preprocess": (_set("preprocess", {"size": 64, "crop": "random"}), "'preprocess'"),
-    "unknown model name": (_set("backbone.model", "no-such-model"), "unknown open_clip model"),
+    "unknown model name": (_set("backbone.model", "no-such-model"), "unknown model 'no-such-model'"),
     "a different model": (_set("backbone.model", "ViT-B-32"), "has 12 blocks of width 768"),
 }
 BROKEN_TENSORS = {

@@ -1,0 +1,88 @@
+"""Every backbone family through export and the runtime: merged, truncated ONNX == the adapted PyTorch model.
+
+Parametrized over ``MODELS`` (a new family adds its small config). open_clip's ViT has the same checks in
+test_network.py and test_runtime_vs_torch.py on the shared fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from i2p.export.pipeline import ExportOptions, ExportResult, run_export
+from i2p.runtime import Detector
+from i2p.runtime.manifest import Manifest
+from i2p.train.checkpoint import load_model
+from i2p.train.checkpoint_scoring import eval_loader, predict
+from i2p.train.config import TrainConfig
+from i2p.train.data import discover
+from i2p.train.distributed import Runtime
+from i2p.train.synthetic import make_image_folder
+from tests.support.checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.slow  # an export with FP16, CPU and INT8 files per model (~5-10 s each)
+
+MODELS = ["i2p-tiny-dinov2", "i2p-tiny-dinov2-reg"]
+LAYER = 2
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def exported(request, tmp_path_factory) -> tuple[Path, ExportResult]:
+    folder = tmp_path_factory.mktemp(request.param)
+    ckpt = make_checkpoint(folder, layer=LAYER, backbone=request.param)
+    calib = folder / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (72, 64, 3), dtype=np.uint8)).save(calib / f"{i:02d}.png")
+    opts = ExportOptions(
+        ckpt=ckpt, out=folder / "det.i2p", engine="no", fp16=True, random_samples=4, calib_images=calib
+    )
+    return ckpt, run_export(opts, echo=lambda _: None)
+
+
+def test_fp32_onnx_equals_the_unmerged_adapted_model(exported):
+    ckpt, result = exported
+    model, meta = load_model(ckpt)  # deltas unmerged, blocks after L* dropped by the library's API
+    x = torch.randn(
+        5, 3, meta.preprocess.size, meta.preprocess.size, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        reference = model.eval()(x).numpy()
+    session = ort.InferenceSession(str(result.artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, probs = session.run(None, {"image": x.numpy()})
+    assert np.abs(logits - reference).max() < 1e-4
+    assert np.abs(probs - 1 / (1 + np.exp(-reference))).max() < 1e-4
+    assert reference.std() > 1e-2  # the inputs really get different scores
+
+
+def test_every_precision_passes_its_gate_and_the_manifest_records_the_pool(exported):
+    ckpt, result = exported
+    meta = load_model(ckpt)[1]
+    kept = {m.path for m in result.manifest.models}
+    assert {"model.onnx", "model.fp16.onnx", "model.cpu.onnx", "model.int8.onnx"} <= kept
+    assert all(r["status"] == "pass" for r in result.parity.summary().values())
+    manifest = Manifest.from_dict(json.loads((result.artifact / "manifest.json").read_text()))
+    assert manifest.pool == meta.backbone.pool
+    assert manifest.extra["backbone_family"] == meta.backbone.family == "timm"
+    assert (manifest.layer, manifest.num_layers) == (LAYER, meta.num_layers)
+
+
+def test_the_runtime_scores_images_as_the_checkpoints_evaluation_does(exported, tmp_path):
+    ckpt, result = exported
+    make_image_folder(tmp_path / "images", n_per_class=4, size=(97, 71), formats=("png", "jpg"))
+    samples = discover(tmp_path / "images")
+    model, meta = load_model(ckpt)
+    loader = eval_loader(samples, meta.preprocess, TrainConfig(data="", batch_size=4, workers=0))
+    torch_probs, idx = predict(model, loader, Runtime(torch.device("cpu")))
+    det = Detector(result.artifact, backend="onnxruntime", precision="fp32")
+    runtime_probs = np.array([p.probability for p in det.predict([samples[i].path for i in idx])])
+    assert len(runtime_probs) == len(samples) == 16
+    assert np.abs(runtime_probs - torch_probs).max() < 1e-4
+    assert torch_probs.std() > 1e-4

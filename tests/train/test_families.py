@@ -1,0 +1,164 @@
+"""Backbone families: every family's tower, through the one interface, behaves as I2P needs.
+
+Parametrized over ``MODELS`` (timm style): a new family adds its small random-weight config here. Each is
+the real architecture shrunk through its library's own arguments (``train/model_configs/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from i2p.runtime.manifest import Manifest
+from i2p.train import adapters, backbones, subspace
+from i2p.train.backbone import BackboneError, load_backbone, preprocess_spec
+from i2p.train.checkpoint import load_model, read_checkpoint
+from i2p.train.metadata import CheckpointError
+from i2p.train.model import I2PModel
+from tests.support.checkpoints import make_checkpoint
+
+# (model, family, pool, linear maps of block 0)
+MODELS = [
+    (
+        "i2p-tiny-vit",
+        "open_clip",
+        "cls",
+        ["attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"],
+    ),
+    (
+        "i2p-tiny-dinov2",
+        "timm",
+        "cls",
+        ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
+    ),
+    (
+        "i2p-tiny-dinov2-reg",
+        "timm",
+        "cls",
+        ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
+    ),
+]
+NAMES = [m[0] for m in MODELS]
+
+
+def image(model: str, n: int = 2, seed: int = 0) -> torch.Tensor:
+    size = preprocess_spec(model).size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("model", "family", "pool", "maps"), MODELS, ids=NAMES)
+def test_the_family_records_itself_and_finds_each_blocks_linear_maps(model, family, pool, maps):
+    tower, info = load_backbone(model, "none", 0)
+    assert (info.family, info.pool) == (family, pool)
+    assert info.num_layers == len(backbones.for_tower(tower).blocks(tower)) >= 3
+    names = [n for n, _, _ in subspace.adapted_weights(backbones.for_tower(tower).blocks(tower))]
+    assert names[: len(maps)] == [f"0.{m}" for m in maps]
+    assert len(names) == len(maps) * info.num_layers
+
+
+@pytest.mark.parametrize("model", NAMES)
+def test_stage1_features_after_block_k_are_what_the_model_truncated_at_k_computes(model):
+    """forward_intermediates (stage 1) and prune_intermediate_layers (the model) agree on every block."""
+    x = image(model)
+    tower, info = load_backbone(model, "none", 0)
+    family = backbones.for_tower(tower)
+    with torch.no_grad():
+        features = family.layer_features(tower, x)
+        assert len(features) == info.num_layers
+        for k in range(1, info.num_layers + 1):
+            truncated = I2PModel(load_backbone(model, "none", 0)[0], k).eval()
+            assert len(truncated.blocks) == k
+            torch.testing.assert_close(truncated.forward_features(x), features[k - 1], atol=1e-6, rtol=0)
+    assert not torch.allclose(features[0], features[-1])  # the blocks do something
+
+
+@pytest.mark.parametrize("model", NAMES)
+@pytest.mark.parametrize("adapter", ["subspace", "lora", "full"])
+def test_each_adapter_trains_merges_exactly_and_reloads(model, adapter):
+    torch.manual_seed(0)
+    x = image(model)
+    net = I2PModel(load_backbone(model, "none", 0)[0], 2).eval()
+    torch.nn.init.normal_(net.head.fc.weight)
+    before = net(x).detach()
+    if adapter == "subspace":
+        net.add_deltas(subspace.choose_bases(net.blocks, 2))
+    elif adapter == "lora":
+        net.deltas = adapters.attach_lora(net.blocks, 2, seed=0)
+    else:
+        net.tune_blocks()
+    torch.testing.assert_close(net(x).detach(), before)  # every adapter starts at the base function
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad and not name.startswith("head."):
+                p.add_(0.05 * torch.randn_like(p))
+    tuned = net(x).detach()
+    assert (tuned - before).abs().max() > 1e-3
+    state = net.trainable_state()
+    fresh = I2PModel(load_backbone(model, "none", 0)[0], 2).eval()
+    assert fresh.trainable_state_problems(state) == []
+    fresh.load_trainable_state(state)
+    torch.testing.assert_close(fresh(x).detach(), tuned, atol=1e-5, rtol=0)
+    net.merge()
+    torch.testing.assert_close(net(x).detach(), tuned, atol=1e-5, rtol=0)
+    for _, module, _ in subspace.adapted_weights(net.blocks):  # the library's own classes again
+        assert type(module).__module__.startswith(("torch.", "open_clip", "timm"))
+
+
+@pytest.mark.parametrize("model", NAMES)
+def test_checkpoint_round_trip_records_family_and_pool(tmp_path, model):
+    ckpt = make_checkpoint(tmp_path, layer=2, backbone=model)
+    meta = read_checkpoint(ckpt).meta
+    _, info = load_backbone(model, "none", 0)
+    assert (meta.backbone.family, meta.backbone.pool) == (info.family, info.pool)
+    loaded, _ = load_model(ckpt)
+    assert len(loaded.blocks) == 2 and loaded.pool == info.pool
+    x = image(model)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(x)).all()
+
+
+@pytest.mark.parametrize("model", NAMES)
+def test_a_local_weights_file_loads_and_one_that_does_not_fit_is_named(tmp_path, model):
+    tower, _ = load_backbone(model, "none", 3)
+    sd = {k: v.contiguous() for k, v in tower.state_dict().items()}
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save(sd, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        loaded, info = load_backbone(model, str(tmp_path / name), 0)
+        assert info.pretrained == str(tmp_path / name)
+        for k, v in loaded.state_dict().items():
+            torch.testing.assert_close(v, sd[k], atol=0, rtol=0)
+    prefix = backbones.for_tower(tower).block_prefix()
+    broken = {k: v for k, v in sd.items() if not k.startswith(f"{prefix}1.")}
+    broken["extra.weight"] = torch.zeros(2)
+    save_file(broken, tmp_path / "bad.safetensors")
+    with pytest.raises(BackboneError, match=rf"missing \['{prefix}1\..*1 unexpected \['extra.weight'\]"):
+        load_backbone(model, str(tmp_path / "bad.safetensors"), 0)
+
+
+def test_unknown_models_and_non_vit_timm_towers_are_refused():
+    with pytest.raises(BackboneError, match="unknown model 'no_such_net'"):
+        load_backbone("no_such_net", "none")
+    with pytest.raises(BackboneError, match="timm builds a ResNet; supported are VisionTransformer, Eva"):
+        load_backbone("resnet18", "none")
+    assert isinstance(backbones.for_model("vit_small_patch14_dinov2"), backbones.Family)
+    with pytest.raises(BackboneError, match="not a tower of a supported backbone family"):
+        backbones.for_tower(nn.Linear(2, 2))
+
+
+def test_pool_is_checked_and_checkpoints_before_families_read_as_open_clip_cls():
+    from tests.fixtures.v0 import __file__ as v0
+
+    meta = read_checkpoint(Path(v0).parent / "checkpoint.safetensors").meta
+    assert (meta.backbone.family, meta.backbone.pool) == ("open_clip", "cls")
+    for bad in ("max", "", "CLS"):
+        with pytest.raises(CheckpointError, match="field 'pool' must be one of"):
+            dataclasses.replace(meta.backbone, pool=bad)
+    manifest = json.loads((Path(v0).parent / "artifact" / "manifest.json").read_text())
+    assert "pool" not in manifest and Manifest.from_dict(manifest).pool == "cls"

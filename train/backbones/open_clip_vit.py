@@ -1,0 +1,120 @@
+"""open_clip's own ``VisionTransformer`` (OpenAI CLIP, LAION, MetaCLIP): class token, nn.MultiheadAttention.
+
+The tower is built from an open_clip config with a stand-in text tower (never used, never downloaded);
+``model_configs/`` adds the tiny ``i2p-tiny-vit`` for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
+
+from .family import BackboneError, Family
+
+CONFIG_DIR = Path(__file__).parent.parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the demo
+
+# The text tower is never used: ``create_model`` builds this stand-in instead of the configured one (a
+# large transformer, or a Hugging Face model whose config would be downloaded).
+NO_TEXT_TOWER = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
+
+
+class _NoRandomInitNotice(logging.Filter):
+    """open_clip warns that an unloaded model is random; ours gets its weights right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+class OpenClipViT(Family):
+    name = "open_clip"
+    weights_prefix = "visual."
+
+    def knows(self, model: str) -> bool:
+        cfg = open_clip.get_model_config(model)
+        return cfg is not None and not cfg.get("vision_cfg", {}).get("timm_model_name")
+
+    def build(self, model: str) -> VisionTransformer:
+        quiet = _NoRandomInitNotice()
+        logging.getLogger().addFilter(quiet)
+        try:
+            tower = open_clip.create_model(model, pretrained=None, text_cfg=NO_TEXT_TOWER).visual
+        except Exception as e:  # open_clip raises many types for configs it cannot build
+            raise BackboneError(
+                f"{model}: open_clip cannot build this model ({type(e).__name__}: {e})"
+            ) from e
+        finally:
+            logging.getLogger().removeFilter(quiet)
+        if (
+            not isinstance(tower, VisionTransformer)
+            or tower.attn_pool is not None
+            or tower.pool_type != "tok"
+        ):
+            raise BackboneError(f"{model}: only plain open_clip ViT image towers are supported")
+        if not all(type(b) is ResidualAttentionBlock for b in tower.transformer.resblocks):
+            raise BackboneError(
+                f"{model}: custom attention blocks are not supported (need nn.MultiheadAttention)"
+            )
+        if getattr(tower, "class_embedding", None) is None:
+            raise BackboneError(f"{model}: the tower has no class token, which the detector head reads")
+        return tower
+
+    def preprocess(self, model: str) -> PreprocessSpec:
+        cfg = open_clip.get_model_config(model)
+        size = cfg["vision_cfg"]["image_size"]
+        size = size if isinstance(size, int) else size[0]
+        pp = cfg.get("preprocess_cfg", {})
+        return PreprocessSpec(
+            size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD))
+        )
+
+    def download(self, model: str, tag: str) -> Path:
+        cfg = open_clip.get_pretrained_cfg(model, tag)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            raise BackboneError(
+                f"--pretrained {tag!r} is neither a file nor an open_clip tag for {model} (tags: {tags})"
+            )
+        return Path(open_clip.download_pretrained(cfg))
+
+    def owns(self, tower: nn.Module) -> bool:
+        return isinstance(tower, VisionTransformer)
+
+    def blocks(self, tower: VisionTransformer) -> nn.ModuleList:
+        return tower.transformer.resblocks
+
+    def block_prefix(self) -> str:
+        return "transformer.resblocks."
+
+    def width(self, tower: VisionTransformer) -> int:
+        return tower.transformer.width
+
+    def image_size(self, tower: VisionTransformer) -> int:
+        size = tower.image_size
+        return size if isinstance(size, int) else size[0]
+
+    def pool(self, tower: VisionTransformer) -> str:
+        return "cls"
+
+    def layer_features(self, tower: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
+        out = tower.forward_intermediates(
+            x, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+        )
+        return [t[:, 0] for t in out["image_intermediates_prefix"]]
+
+    def final_norm(self, tower: VisionTransformer) -> tuple[nn.Module, torch.Tensor | None]:
+        return tower.ln_post, tower.proj
+
+    def truncate(self, tower: VisionTransformer, layer: int) -> None:
+        tower.transformer.resblocks = tower.transformer.resblocks[:layer]
+        tower.ln_post, tower.proj = nn.Identity(), None
+
+    def head_keys(self) -> tuple[str, ...]:
+        return ("ln_post", "proj")
