@@ -343,14 +343,42 @@ def test_old_artifacts_still_load_and_keep_their_json(tmp_path):
             assert not {"fpr_ci95", "files_sha256", "model_sha256", "digest"} & set(point)
 
 
-@pytest.mark.slow  # writes a whole Triton repository (copies the models)
-def test_triton_repository_carries_every_point(calibrated, tmp_path):
-    pytest.importorskip("tritonclient.grpc")
+@pytest.mark.slow  # starts a real tritonserver
+def test_triton_ensemble_serves_every_point(calibrated, data, tmp_path):
+    """The ensemble labels by the default point, or by the point a request's ``operating_point`` names."""
+    from tests.support.triton_server import TritonServer, missing_reason
+
+    if missing_reason() is not None:
+        pytest.skip(str(missing_reason()))
+    import tritonclient.grpc as tc
+
     from i2p.export.triton import TritonOptions, write_repository
 
     manifest = read_manifest(calibrated)
     write_repository(tmp_path / "repo", calibrated, manifest, TritonOptions(backend="python"), force=False)
-    for model in ("i2p", "i2p_postprocess"):
-        config = (tmp_path / "repo" / model / "config.pbtxt").read_text()
-        assert "operating_points" in config and "uploads" in config
-        assert repr(manifest.operating_points["uploads"].threshold) in config.replace('\\"', '"')
+    config = (tmp_path / "repo" / "i2p" / "config.pbtxt").read_text()
+    assert "operating_points" in config and "uploads" in config
+    with Detector(calibrated, precision="fp32") as det:  # the reals nearest the point, within one batch
+        reals = sorted((data / "0_real").iterdir(), key=lambda f: -det.predict(str(f))[0].probability)
+    files = reals[:24] + sorted((data / "1_fake").iterdir())[:8]
+    blobs = np.array([f.read_bytes() for f in files], dtype=np.object_).reshape(-1, 1)
+    with TritonServer(tmp_path / "repo", tmp_path / "server") as server:
+        client = tc.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
+
+        def ask(**parameters):
+            tensor = tc.InferInput("image", list(blobs.shape), "BYTES")
+            tensor.set_data_from_numpy(blobs)
+            result = client.infer("i2p", [tensor], parameters=parameters or None)
+            labels = [v.decode() for v in result.as_numpy("label").reshape(-1)]
+            return result.as_numpy("probability").reshape(-1).astype(np.float64), labels
+
+        p, default = ask()
+        _, point = ask(operating_point="uploads")
+        with pytest.raises(tc.InferenceServerException, match="no operating point 'nope'.*uploads"):
+            ask(operating_point="nope")
+    t_default, t_point = manifest.threshold, manifest.operating_points["uploads"].threshold
+    assert default == ["fake" if x >= t_default else "real" for x in p]
+    assert point == ["fake" if x >= t_point else "real" for x in p] and point != default
+    with Detector(calibrated, precision="fp32", operating_point="uploads") as det:
+        local = det.predict([str(f) for f in files])
+    assert np.abs(p - [r.probability for r in local]).max() <= 1e-6
