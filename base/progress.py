@@ -48,6 +48,7 @@ class Progress:
         interval: float = HEARTBEAT_SECONDS,
         step: float = HEARTBEAT_FRACTION,
         clock: Callable[[], float] = time.monotonic,
+        quiet_below: float = 0.0,
         **_ignored: Any,  # tqdm keywords (leave, dynamic_ncols): nothing to do here
     ) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
@@ -57,6 +58,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.terminal = self._isatty() if terminal is None else terminal
         self.interval, self.step, self.clock = interval, step, clock
+        self.quiet_below = quiet_below  # seconds: work expected to take less says nothing in a log
         self.n = 0
         self.postfix = ""
         self.start = clock()
@@ -102,9 +104,18 @@ class Progress:
         due = now - last_time >= self.interval
         if self.total:
             due = due and self.n - last_n >= self.step * self.total
+        if first and self._expected(now) < self.quiet_below:
+            self._last_line = (last_time, self.n)  # short work: no estimate line, heartbeats as usual
+            return
         if first or due:
             self._line(self.status(now) + (" (estimate from the first step)" if first else ""))
             self._last_line = (now, self.n)
+
+    def _expected(self, now: float) -> float:
+        """The whole work's expected seconds at the rate so far (infinite without a total)."""
+        if not self.total:
+            return math.inf
+        return (now - self.start) * self.total / max(self.n, 1)
 
     def set_postfix(self, **values: object) -> None:
         """Figures shown after the rate (``loss=0.3121``), in the next line or redraw."""
@@ -121,7 +132,7 @@ class Progress:
         if self.terminal:
             self.stream.write("\r\033[K")
             self.stream.flush()
-        elif self.n:
+        elif self.n and self.clock() - self.start >= self.quiet_below:
             self._line(f"{self.desc}: {self.n} {self.unit} in {duration(self.clock() - self.start)}")
 
     # -- text ------------------------------------------------------------------------------------------

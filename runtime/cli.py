@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -18,6 +19,7 @@ import click
 import numpy as np
 
 from i2p.base.files import sha256_file
+from i2p.base.progress import HEARTBEAT_SECONDS, Progress
 from i2p.base.tables import format_table
 
 from . import schema
@@ -255,7 +257,7 @@ def _score(
             stream = (
                 detector.predict_stream(sources) if remote else predict_stream(detector, sources, workers)
             )
-            with _progress(stream) as bar:
+            with _progress(stream, paths, recursive, skipped) as bar:
                 for prediction in bar:
                     write(_row(prediction))
                     counts[prediction.label or "error"] += 1
@@ -343,12 +345,21 @@ def _row_sink(
 
 
 @contextmanager
-def _progress(stream: Iterator[Prediction]) -> Iterator[Iterator[Prediction]]:
-    """A progress bar on stderr when it is a terminal (a pulse and a count: files stream in, no total)."""
-    if not sys.stderr.isatty():
-        yield stream
-        return
-    with click.progressbar(stream, label="detect", file=sys.stderr, show_pos=True) as bar:
+def _progress(
+    stream: Iterator[Prediction], paths: tuple[str, ...], recursive: bool, done: int
+) -> Iterator[Progress]:
+    """Files stream in as the folders are walked; a second walk counts them meanwhile for the total and ETA.
+
+    A bar on a terminal; in a log, heartbeat lines once the run is expected to take over 30 s.
+    """
+    with Progress(stream, desc="detect", unit="img", quiet_below=HEARTBEAT_SECONDS) as bar:
+
+        def count() -> None:
+            bar.total = max(
+                sum(1 for _ in iter_images(paths, recursive)) - done, 0
+            )  # less what --resume skips
+
+        threading.Thread(target=count, name="i2p-count-inputs", daemon=True).start()
         yield bar
 
 

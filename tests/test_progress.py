@@ -51,3 +51,17 @@ def test_a_terminal_gets_one_redrawn_line_and_durations_read_well():
         clock.now += 1
     assert "\n" not in stream.getvalue() and "t: 1/3 it (33%)" in stream.getvalue()
     assert [duration(s) for s in (3.25, 75, 3725, float("nan"))] == ["3.2s", "1m15s", "1h02m", "?"]
+
+
+def test_quiet_below_keeps_short_work_out_of_a_log_and_estimates_long_work():
+    def lines(seconds_per_item: float) -> list[str]:
+        stream, clock = io.StringIO(), Clock()
+        with Progress(desc="d", total=10, stream=stream, terminal=False, clock=clock, quiet_below=30) as bar:
+            for _ in range(10):
+                clock.now += seconds_per_item
+                bar.update()
+        return stream.getvalue().splitlines()
+
+    assert lines(1.0) == []  # 10 s of work: nothing
+    long = lines(4.0)  # 40 s: the estimate, then the closing line
+    assert "estimate" in long[0] and "ETA 36s" in long[0] and long[-1] == "d: 10 it in 40s"

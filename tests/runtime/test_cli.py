@@ -220,3 +220,24 @@ def test_bench_reports_percentiles_and_throughput(artifact: Path) -> None:
 def test_bench_rejects_bad_batch_sizes(artifact: Path, sizes: str) -> None:
     code, _, err = run(bench, ["--model", artifact, "--batch-sizes", sizes])
     assert code == 2 and "positive integers separated by commas" in err
+
+
+def test_detect_progress_has_a_total_and_an_eta(tmp_path, monkeypatch):
+    """The bar's total comes from a second walk of the inputs, so a terminal shows done/total and an ETA."""
+    from click.testing import CliRunner
+
+    from i2p.base.progress import Progress
+    from i2p.cli import main
+    from tests.support.fake_artifact import make_artifact
+    from tests.support.images import make_image_folder
+
+    make_image_folder(tmp_path / "imgs", n_per_class=3, size=(40, 32))
+    artifact = make_artifact(tmp_path / "m.i2p", size=32)
+    monkeypatch.setattr(Progress, "_isatty", lambda self: True)
+    monkeypatch.setattr("i2p.base.progress._REDRAW_SECONDS", 0.0)
+    res = CliRunner().invoke(
+        main, ["detect", str(tmp_path / "imgs"), "-r", "--model", str(artifact), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "detect: 12/12 img (100%)" in res.stderr and "ETA" in res.stderr
+    assert len(res.stdout.splitlines()) == 12  # the rows alone on stdout
