@@ -15,21 +15,66 @@ import pytest
 import torch
 from PIL import Image
 
+from i2p.export.network import deploy
+from i2p.export.onnx_export import check_graph, export_onnx
 from i2p.export.pipeline import ExportOptions, ExportResult, run_export
 from i2p.runtime import Detector
 from i2p.runtime.manifest import Manifest
+from i2p.train import subspace
+from i2p.train.backbone import load_backbone
 from i2p.train.checkpoint import load_model
 from i2p.train.checkpoint_scoring import eval_loader, predict
 from i2p.train.config import TrainConfig
 from i2p.train.data import discover
 from i2p.train.distributed import Runtime
+from i2p.train.model import I2PModel
 from i2p.train.synthetic import make_image_folder
 from tests.support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.slow  # an export with FP16, CPU and INT8 files per model (~5-10 s each)
 
-MODELS = ["i2p-tiny-dinov2", "i2p-tiny-dinov2-reg"]
+MODELS = [
+    "i2p-tiny-dinov2",
+    "i2p-tiny-dinov2-reg",
+    "i2p-tiny-dinov3",
+]  # the runtime reproduces their preprocessing
+# Every family's network, exported without a checkpoint (their preprocessing is refused before training)
+NETWORKS = [*MODELS, "i2p-tiny-siglip2", "i2p-tiny-pe-core", "i2p-tiny-eva02"]
 LAYER = 2
+
+
+@pytest.mark.parametrize("model", NETWORKS)
+def test_the_merged_network_exports_to_plain_onnx_that_onnx_runtime_runs_at_fp32_parity(model, tmp_path):
+    """RoPE (DINOv3, EVA-02, PE-Core), registers, attention-pool towers cut before their pool: standard
+    ONNX ops at opset 17, run by ONNX Runtime within 1e-4 of the unmerged adapted model."""
+    tower, _ = load_backbone(model, "none", 0)
+    net = I2PModel(tower, LAYER).eval()
+    torch.nn.init.normal_(net.head.fc.weight)
+    net.add_deltas(subspace.choose_bases(net.blocks, 4))
+    with torch.no_grad():
+        for d in net.deltas.values():
+            d.A.normal_()
+    size = net.family.image_size(net.tower)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = net(x).numpy()
+    deployed = deploy(net)
+    export_onnx(deployed, tmp_path / "model.onnx")
+    summary = check_graph(tmp_path / "model.onnx", LAYER, deployed.maps_per_block)
+    assert set(summary.ops) <= PLAIN_OPS, set(summary.ops) - PLAIN_OPS
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, _ = session.run(None, {"image": x.numpy()})
+    assert np.abs(logits - reference).max() < 1e-4
+    assert reference.std() > 1e-2
+
+
+# ONNX's standard domain, all in TensorRT 8.6's supported-ops list (no custom or contrib op)
+PLAIN_OPS = {
+    "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "Div", "Equal", "Erf", "Expand",
+    "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization", "MatMul", "Mul", "Neg", "Range",
+    "ReduceMean", "Reshape", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze",
+    "Sub", "Transpose", "Unsqueeze", "Where",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=MODELS)

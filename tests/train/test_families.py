@@ -24,6 +24,7 @@ from i2p.train.model import I2PModel
 from tests.support.checkpoints import make_checkpoint
 
 # (model, family, pool, linear maps of block 0)
+PLAIN = ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
 MODELS = [
     (
         "i2p-tiny-vit",
@@ -31,24 +32,27 @@ MODELS = [
         "cls",
         ["attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"],
     ),
+    ("i2p-tiny-dinov2", "timm", "cls", PLAIN),
+    ("i2p-tiny-dinov2-reg", "timm", "cls", PLAIN),  # 4 register tokens, layer scale
+    ("i2p-tiny-dinov3", "timm", "cls", PLAIN),  # Eva: RoPE, 4 registers, layer scale
     (
-        "i2p-tiny-dinov2",
+        "i2p-tiny-eva02",
         "timm",
         "cls",
         ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
     ),
-    (
-        "i2p-tiny-dinov2-reg",
-        "timm",
-        "cls",
-        ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
-    ),
+    ("i2p-tiny-siglip2", "open_clip_timm", "mean", PLAIN),  # no class token
+    ("i2p-tiny-pe-core", "open_clip_timm", "cls", PLAIN),  # Eva: RoPE
 ]
+# Models whose preprocessing the runtime reproduces today (the others: open_clip's squash resize, or timm's
+# crop_pct 0.9), so a checkpoint can be written for them.
+DEPLOYABLE = ["i2p-tiny-vit", "i2p-tiny-dinov2", "i2p-tiny-dinov2-reg", "i2p-tiny-dinov3"]
 NAMES = [m[0] for m in MODELS]
 
 
 def image(model: str, n: int = 2, seed: int = 0) -> torch.Tensor:
-    size = preprocess_spec(model).size
+    family = backbones.for_model(model)
+    size = family.image_size(family.build(model))
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -76,6 +80,22 @@ def test_stage1_features_after_block_k_are_what_the_model_truncated_at_k_compute
             assert len(truncated.blocks) == k
             torch.testing.assert_close(truncated.forward_features(x), features[k - 1], atol=1e-6, rtol=0)
     assert not torch.allclose(features[0], features[-1])  # the blocks do something
+
+
+@pytest.mark.parametrize("model", NAMES)
+def test_every_adapted_map_is_one_the_forward_runs(model):
+    """A delta on any one map changes the output: no map's weight is read around its module (EVA-02's
+    fused q/v bias did that, so its branch would have merged without ever training)."""
+    x = image(model)
+    net = I2PModel(load_backbone(model, "none", 0)[0], 2).eval()
+    torch.nn.init.normal_(net.head.fc.weight)
+    net.add_deltas(subspace.choose_bases(net.blocks, 2))
+    with torch.no_grad():
+        base = net(x)
+        for name, delta in net.deltas.items():
+            delta.A.fill_(1.0)
+            assert (net(x) - base).abs().max() > 1e-6, name
+            delta.A.zero_()
 
 
 @pytest.mark.parametrize("model", NAMES)
@@ -110,7 +130,7 @@ def test_each_adapter_trains_merges_exactly_and_reloads(model, adapter):
         assert type(module).__module__.startswith(("torch.", "open_clip", "timm"))
 
 
-@pytest.mark.parametrize("model", NAMES)
+@pytest.mark.parametrize("model", DEPLOYABLE)
 def test_checkpoint_round_trip_records_family_and_pool(tmp_path, model):
     ckpt = make_checkpoint(tmp_path, layer=2, backbone=model)
     meta = read_checkpoint(ckpt).meta
@@ -140,6 +160,19 @@ def test_a_local_weights_file_loads_and_one_that_does_not_fit_is_named(tmp_path,
     save_file(broken, tmp_path / "bad.safetensors")
     with pytest.raises(BackboneError, match=rf"missing \['{prefix}1\..*1 unexpected \['extra.weight'\]"):
         load_backbone(model, str(tmp_path / "bad.safetensors"), 0)
+
+
+@pytest.mark.parametrize(
+    ("model", "why"),
+    [
+        ("i2p-tiny-siglip2", "resize_mode 'squash' and bicubic"),
+        ("i2p-tiny-pe-core", "resize_mode 'squash' and bilinear"),
+        ("i2p-tiny-eva02", "bicubic resizing with crop_pct 0.9"),
+    ],
+)
+def test_preprocessing_the_runtime_cannot_reproduce_is_refused_before_training(model, why):
+    with pytest.raises(BackboneError, match=why):
+        preprocess_spec(model)
 
 
 def test_unknown_models_and_non_vit_timm_towers_are_refused():

@@ -7,10 +7,11 @@ from torch import nn
 from i2p.runtime.schema import POOLS
 
 from .family import BackboneError, Family
+from .open_clip_timm import OpenClipTimm
 from .open_clip_vit import OpenClipViT
 from .timm_vit import TimmViT
 
-FAMILIES: tuple[Family, ...] = (OpenClipViT(), TimmViT())
+FAMILIES: tuple[Family, ...] = (OpenClipViT(), TimmViT(), OpenClipTimm())
 
 __all__ = ["FAMILIES", "POOLS", "BackboneError", "Family", "for_model", "for_tower", "named"]
 

@@ -49,6 +49,18 @@ def architecture(model: str) -> tuple[str, dict[str, Any]]:
     return model, {}
 
 
+def separate_qkv_bias(tower: nn.Module) -> None:
+    """Make an Eva attention with q/v biases (EVA-02) call its ``qkv`` module, then add the bias.
+
+    By default it computes ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``, reading the weight
+    without calling the module, so a low-rank branch on ``qkv`` would train nowhere yet merge into the
+    weight. ``qkv_bias_separate`` is timm's own switch for the same function as ``qkv(x) + bias``.
+    """
+    for module in tower.modules():
+        if getattr(module, "q_bias", None) is not None and getattr(module, "qkv", None) is not None:
+            module.qkv_bias_separate = True
+
+
 class TimmViT(Family):
     name = "timm"
 
@@ -69,6 +81,7 @@ class TimmViT(Family):
         size = tower.patch_embed.img_size
         if size is None or size[0] != size[1]:
             raise BackboneError(f"{model}: the input must be square, timm builds it for {size}")
+        separate_qkv_bias(tower)
         return tower
 
     def preprocess(self, model: str) -> PreprocessSpec:
