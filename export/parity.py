@@ -78,6 +78,10 @@ class Comparison:
     flips: int = 0  # decisions that differ from the reference
     decisive_flips: int = 0  # ... on samples farther than prob_atol from the threshold
     note: str = ""
+    # The limit the verdict applied, as the table shows it; a gate of its own (INT8) replaces the default
+    # "max |Δlogit| <= atol" and marks the max as on record only.
+    limit: str = ""
+    max_gated: bool = True
 
     @classmethod
     def measure(
@@ -143,11 +147,12 @@ class Comparison:
         return {
             "model": self.model,
             "inputs": f"{self.inputs} ({self.samples})",
-            "max|Δlogit|": _num(self.logit.max_abs if self.logit else None),
+            "max|Δlogit|": _num(self.logit.max_abs if self.logit else None)
+            + ("" if self.max_gated or self.logit is None else " (not gated)"),
             "mean|Δlogit|": _num(self.logit.mean_abs if self.logit else None),
             "max|Δprob|": _num(self.probability.max_abs if self.probability else None),
             "agree": _num(self.agreement),
-            "atol": f"{self.tolerances.logit_atol:g}",
+            "limit": self.limit or f"max {self.tolerances.logit_atol:g}",
             "status": self.status,
         }
 
@@ -171,8 +176,8 @@ class Comparison:
             f"  decisions at threshold {self.threshold:.4g}: agreement {_num(self.agreement)}, "
             f"{self.flips} flipped, {self.decisive_flips} beyond the borderline band (limit 0)"
         )
-        if self.note:
-            lines.append(f"  note: {self.note}")
+        if self.note:  # on a pass it is context (what ran, what was on record), not an alarm
+            lines.append(f"  {'note' if self.status == FAIL else 'info'}: {self.note}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

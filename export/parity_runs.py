@@ -83,7 +83,8 @@ def run_ort(model: Path, images: np.ndarray, batch: int) -> tuple[RunResult, str
             )
             continue
         note = (
-            f"{failures[0]}; rerun with {', '.join(disabled)} disabled (onnxruntime#28392)"
+            f"checked with ONNX Runtime's {', '.join(disabled)} disabled, as the runtime loads this file: "
+            f"that optimizer is known to crash on such graphs (onnxruntime#28392; here: {failures[0]})"
             if failures
             else ""
         )

@@ -132,7 +132,8 @@ def gate(c: Comparison, max_mean_error: float, min_agreement: float = MIN_AGREEM
     )
     verdict = f"failed: {'; '.join(failed)}" if failed else "passed"
     note = "; ".join(filter(None, [c.note, f"{applied}: {verdict}"]))
-    return dataclasses.replace(c, status=FAIL if failed else PASS, note=note)
+    limit = f"mean {_mean_limit(c, max_mean_error):.3g}, agree {min_agreement:g}"
+    return dataclasses.replace(c, status=FAIL if failed else PASS, note=note, limit=limit, max_gated=False)
 
 
 def gate_failures(c: Comparison, max_mean_error: float, min_agreement: float = MIN_AGREEMENT) -> list[str]:

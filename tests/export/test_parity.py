@@ -94,3 +94,22 @@ def test_runner_reports_a_model_it_cannot_load(tmp_path):
     bad.write_bytes(b"not onnx")
     with pytest.raises(RunnerError, match="(?i)protobuf|parse|load"):
         run_onnx(bad, np.zeros((1, 3, 8, 8), np.float32), batch=1)
+
+
+def test_a_crash_retried_with_the_known_bad_optimizer_off_reads_as_information(monkeypatch, tmp_path):
+    """The retry is how the runtime loads such a file: the note explains, it does not alarm."""
+    from i2p.export import parity_runs
+
+    calls = []
+
+    def fake_run(model, images, batch, disabled):
+        calls.append(disabled)
+        if not disabled:
+            raise RunnerError("onnxruntime crashed (SIGSEGV) while loading or running the model")
+        return "result"
+
+    monkeypatch.setattr(parity_runs, "run_onnx", fake_run)
+    result, note = parity_runs.run_ort(tmp_path / "model.fp16.onnx", np.zeros((1, 3, 4, 4)), 1)
+    assert result == "result" and calls == [(), ("NchwcTransformer",)]
+    assert note.startswith("checked with ONNX Runtime's NchwcTransformer disabled, as the runtime loads")
+    assert "SIGSEGV" in note and "rerun" not in note

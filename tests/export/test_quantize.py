@@ -85,6 +85,10 @@ def test_gate_passes_large_single_errors_without_flips_and_says_which_conditions
     gated = quantize.gate(c, max_mean_error=0.1 * float(ref.std()))
     assert gated.status == PASS and "max |Δlogit| not gated" in gated.note and gated.note.endswith("passed")
     assert "agreement >= 0.99" in gated.note and "0 decisive flips" in gated.note
+    # the table says so on the row itself: the large max is on record, the gate's own limit is shown
+    assert c.row()["limit"] == "max 0.25" and "not gated" not in c.row()["max|Δlogit|"]
+    assert gated.row()["max|Δlogit|"] == "1.2000 (not gated)" and gated.row()["limit"].startswith("mean ")
+    assert "\n  info: INT8 gate" in gated.report() and "\n  note:" not in gated.report()
 
 
 @pytest.mark.parametrize(
