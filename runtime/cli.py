@@ -93,8 +93,8 @@ def _load(
         raise click.UsageError("Missing option '--model' / '-m'.")
     try:
         return Detector(model, backend=backend, device=device, precision=precision, threads=threads, **kw)
-    except ArtifactError as e:
-        raise click.BadParameter(str(e), param_hint="--model") from e
+    except ArtifactError as e:  # a bad input file, not a misused option: exit 1 (README: exit codes)
+        raise click.ClickException(f"--model: {e}") from e
     except BackendUnavailableError as e:
         raise click.BadParameter(str(e), param_hint="--backend") from e
     except ValueError as e:  # an option combination the Detector refuses

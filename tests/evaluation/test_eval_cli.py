@@ -128,3 +128,19 @@ def test_json_stays_valid_with_skipped_files_and_progress_goes_to_stderr(
     body = json.loads(res.stdout)
     assert body["metrics"]["mean"]["n"] == 8 and "broken.png" in res.stderr + json.dumps(body["skipped"])
     assert any(line.startswith("evaluating: ") and "ETA" in line for line in res.stderr.splitlines())
+
+
+def test_the_same_mistake_exits_with_the_same_code_in_every_command(tmp_path, data_dir):
+    """A checkpoint given as --model is a bad input file: exit 1 from i2p detect and i2p eval alike."""
+    from i2p.cli import main
+
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(b"\x02\0\0\0\0\0\0\0{}")
+    runs = {
+        "detect": CliRunner().invoke(main, ["detect", str(data_dir), "-r", "--model", str(ckpt)]),
+        "eval": _eval("--model", str(ckpt), "--data", str(data_dir), lean=True),
+    }
+    for name, res in runs.items():
+        assert res.exit_code == 1 and "training checkpoint" in res.output, (name, res.output)
+    misuse = CliRunner().invoke(main, ["detect", str(data_dir), "--model", str(ckpt), "--batch-size", "0"])
+    assert misuse.exit_code == 2  # a usage error stays 2

@@ -149,7 +149,6 @@ def test_the_i2p_group_runs_detect(artifact: Path, tree: Path) -> None:
         (["{tree}"], "Missing option '--model'"),
         (["{tree}/nope.jpg", "--model", "{artifact}"], "does not exist"),
         (["--model", "{artifact}"], "Missing argument 'PATHS...'"),
-        (["{tree}", "--model", "{tree}"], "no manifest.json here"),
         (["{tree}", "--model", "{artifact}", "--csv", "a.csv", "--jsonl", "a.jsonl"], "exclusive"),
         (["{tree}", "--model", "{artifact}", "--batch-size", "0"], "0 is not in the range x>=1"),
         (["{tree}", "--model", "{artifact}", "--backend", "cuda"], "'cuda' is not one of"),
@@ -164,13 +163,18 @@ def test_detect_misuse_exits_nonzero_with_a_message(artifact: Path, tree: Path, 
     assert code == 2 and message in err
 
 
+def test_a_folder_that_is_not_an_artifact_is_a_bad_input_file(tree: Path) -> None:
+    code, _, err = run(detect, [tree, "--model", tree])
+    assert code == 1 and "--model: " in err and "no manifest.json here" in err
+
+
 def test_detect_refuses_a_tampered_model(tmp_path: Path, tree: Path) -> None:
     art = make_artifact(tmp_path / "t.i2p")
     data = bytearray((art / "model.onnx").read_bytes())
     data[-10] ^= 1
     (art / "model.onnx").write_bytes(bytes(data))
     code, _, err = run(detect, [tree, "--model", art])
-    assert code == 2 and "does not match the manifest" in err
+    assert code == 1 and "does not match the manifest" in err  # a bad input file: exit 1
 
 
 def test_detect_model_the_backend_cannot_load(tmp_path: Path, tree: Path) -> None:
@@ -181,8 +185,8 @@ def test_detect_model_the_backend_cannot_load(tmp_path: Path, tree: Path) -> Non
     manifest["files"]["model.onnx"] = sha256_file(art / "model.onnx")
     (art / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(detect, [tree, "--model", art, "--precision", "fp32"])
-    # refused at load with the artifact's other checks (model_check reads it first): exit 2, like a bad hash
-    assert code == 2 and "model.onnx: ONNX Runtime cannot load this model" in err
+    # refused at load with the artifact's other checks (model_check reads it first): exit 1, like a bad hash
+    assert code == 1 and "model.onnx: ONNX Runtime cannot load this model" in err
 
 
 def test_detect_unwritable_output_is_a_clear_error(artifact: Path, tree: Path, tmp_path: Path) -> None:

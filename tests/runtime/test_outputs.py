@@ -274,7 +274,7 @@ def test_a_checkpoint_given_as_model_is_named(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoint.safetensors"
     ckpt.write_bytes(b"\x02\0\0\0\0\0\0\0{}")
     code, _, err = run([png(tmp_path / "x.png"), "--model", ckpt])
-    assert code == 2 and "training checkpoint" in err and "i2p-export --ckpt" in err
+    assert code == 1 and "training checkpoint" in err and "i2p-export --ckpt" in err  # as in i2p eval
 
 
 def test_resume_refuses_a_file_that_is_not_its_output(artifact: Path, tmp_path: Path) -> None:
