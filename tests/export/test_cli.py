@@ -180,6 +180,7 @@ def test_existing_outputs_are_replaced_only_with_force(tmp_path):
     assert (precious / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_baseline_checkpoint_exports(tmp_path):
     """UnivFD baseline: all N blocks, CLIP's ln_post + proj folded into the head's Linear."""
     ckpt = make_checkpoint(tmp_path, layer=4, baseline=True)

@@ -93,6 +93,7 @@ def test_v1_checkpoint_loads_with_its_operating_points_and_gives_the_recorded_lo
     np.testing.assert_allclose(logits, want["logits"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_v1_checkpoint_exports_the_same_model_files_and_outputs(tmp_path):
     from i2p.export.pipeline import ExportOptions, run_export
 

@@ -30,6 +30,7 @@ def export_artifact(ckpt: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_operating_points_round_trip_checkpoint_manifest_runtime(tmp_path, data_dir):
     ckpt = train(data_dir, tmp_path / "run", "--rank", "2", "--target-fpr", "0.05")
     meta = read_checkpoint(ckpt).meta
@@ -60,6 +61,7 @@ def test_operating_points_round_trip_checkpoint_manifest_runtime(tmp_path, data_
         assert json.loads(res.stdout)["threshold"] == points["balanced"].threshold
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_lora_and_full_fine_tuning_train_merge_and_export(tmp_path, data_dir, adapter):
     ckpt = train(data_dir, tmp_path / adapter, "--adapter", adapter, "--rank", "2", "--lr", "0.01")

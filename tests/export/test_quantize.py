@@ -227,6 +227,7 @@ def test_no_cpu_and_no_calibration_images_mean_no_int8(checkpoint_l2: Path, tmp_
     assert any("--calib-images" in n for n in uncalibrated.notes)
 
 
+@pytest.mark.slow
 def test_a_dropped_int8_model_is_recorded_but_does_not_fail_the_export(
     checkpoint_l2: Path, calibration_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

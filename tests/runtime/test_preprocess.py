@@ -167,6 +167,7 @@ def test_a_16_bit_image_stays_within_the_documented_cost(tmp_path: Path) -> None
     assert peak < bound
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_decoding_threads_share_one_memory_budget(tmp_path: Path) -> None:
     """4 threads decoding 4 such images at once: with a budget of one image, the peak is one image's,

@@ -60,6 +60,7 @@ def _sizes(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
     return sizes
 
 
+@pytest.mark.slow
 def test_reference_is_bit_exact_with_pillow_on_mixed_sizes() -> None:
     rng = np.random.default_rng(20260917)
     for w, h in EDGE_SIZES + _sizes(rng, 60):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,7 @@ def step(model: I2PModel, x: torch.Tensor) -> None:
     opt.step()
 
 
+@pytest.mark.slow
 def test_lora_starts_at_zero_trains_u_and_v_and_merges_exactly():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)

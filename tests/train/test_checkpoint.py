@@ -192,6 +192,7 @@ def test_i2p_train_resume_refuses_each_broken_checkpoint(broken, data_dir):
     _no_traceback(CliRunner().invoke(main, args), path, expected)
 
 
+@pytest.mark.slow
 def test_the_good_checkpoint_passes_the_same_paths(good, data_dir, tmp_path):
     """The tampering helper itself breaks nothing: the untouched copy loads, evaluates and resumes."""
     model, meta = load_model(good)

@@ -93,6 +93,7 @@ def test_json_prints_the_metadata_alone_and_the_checkpoint_is_shared(tmp_path: P
     assert (os.stat(out / "checkpoint.safetensors").st_mode & 0o777) == 0o644
 
 
+@pytest.mark.slow
 def test_stage_1_shows_progress_on_a_terminal(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -96,6 +96,7 @@ def test_the_stored_layer_rule_is_a_constant_that_checkpoints_already_hold():
     assert profile.to_dict()["rule"] == stored
 
 
+@pytest.mark.slow
 def test_the_profile_is_written_under_python_OO():
     """``-OO`` drops docstrings: the old to_dict sliced the module docstring and crashed there."""
     import subprocess

@@ -10,6 +10,7 @@ from i2p.train.model import I2PModel
 from tests.support.checkpoints import tiny_model
 
 
+@pytest.mark.slow
 def test_blocks_after_the_critical_layer_are_dropped():
     model = tiny_model(layer=2)
     assert len(model.blocks) == 2 and model.num_layers == 4
