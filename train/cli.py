@@ -33,7 +33,12 @@ def data_options(f):
             "--val", type=click.Path(exists=True), help="Validation folder/CSV (default: split --data)."
         ),
         click.option("--val-fraction", default=DEFAULTS.val_fraction, show_default=True),
-        click.option("--model", default=DEFAULTS.model, show_default=True, help="open_clip model name."),
+        click.option(
+            "--model",
+            default=DEFAULTS.model,
+            show_default=True,
+            help="Backbone: an open_clip or timm model name or an i2p config (`i2p backbones` lists them).",
+        ),
         click.option(
             "--pretrained",
             required=True,
@@ -154,7 +159,7 @@ def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # open_clip's INFO chatter stays out
     logging.getLogger("i2p").setLevel(logging.INFO)
     with (
-        _sigterm_as_exit(),
+        _exit_on_signals(),
         _removed_if_left_empty(Path(cfg.out)),
         redirect_stdout(sys.stderr if as_json else sys.stdout),
     ):
@@ -164,20 +169,21 @@ def train(no_augment: bool, no_amp: bool, resume: bool, as_json: bool, **kw) -> 
 
 
 @contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: cleanups run, exit status 143."""
+def _exit_on_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (``kill``, a scheduler's stop) unwind, so cleanups run: exit status 130 / 143."""
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
     try:
         yield
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -63,9 +63,12 @@ def _seconds(text: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["data:", "stage 1: calibration features"])
-def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_empty_out(
-    tmp_path: Path, data_dir: Path, when: str
+@pytest.mark.parametrize(
+    ("when", "sig"),
+    [("data:", signal.SIGTERM), ("stage 1: calibration features", signal.SIGTERM), ("data:", signal.SIGINT)],
+)
+def test_a_signal_unwinds_and_leaves_no_empty_out(
+    tmp_path: Path, data_dir: Path, when: str, sig: int
 ) -> None:
     out = tmp_path / "run"
     args = [sys.executable, "-m", "i2p.cli", "train", "--data", str(data_dir), "--out", str(out), *TINY]
@@ -75,9 +78,9 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_empty_out(
         seen.append(line)
         if line.startswith(when):
             assert out.is_dir()  # the run made it
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     rest = proc.stdout.read()
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "".join(seen) + rest
+    assert proc.wait(timeout=60) == 128 + sig, "".join(seen) + rest
     assert "Traceback" not in rest and not out.exists()
     assert "No potential checkpoint path" not in "".join(seen) + rest  # open_clip's INFO lines stay out
