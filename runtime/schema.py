@@ -236,3 +236,57 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise SchemaError(f"the key {twice!r:.80} appears twice in one object; which one holds is ambiguous")
     return d
+
+
+OOD_OUTPUT = "ood"  # the network's optional second output: one out-of-distribution score per image
+MAX_OOD = 1e30
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """The out-of-distribution score a network returns beside its logit, and when it flags an image.
+
+    ``ood`` is the squared Mahalanobis distance of the image's layer-L* feature (after the head's
+    LayerNorm) to the nearest class mean of the training features, under one shared Ledoit-Wolf-shrunk
+    covariance, divided by the feature width: about 1 for images like the training ones. ``threshold``
+    is its ``quantile`` on the validation images; above it a verdict is ``uncertain``.
+    """
+
+    threshold: float
+    quantile: float = 0.95
+    n_fit: int = 0  # training images the density was fitted on
+    n_val: int = 0  # validation images the threshold was taken from
+    shrinkage: float = 0.0  # Ledoit-Wolf weight of the scaled identity in the covariance
+    feature: str = "head_norm"  # the pooled layer-L* feature after the head's LayerNorm
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, (int, float))
+            or not math.isfinite(t)
+            or not 0 <= t <= MAX_OOD
+        ):
+            raise SchemaError(f"field 'ood.threshold' must be a finite number >= 0, got {t!r:.80}")
+        if not 0 < probability(self.quantile, "ood.quantile") <= 1:
+            raise SchemaError(f"field 'ood.quantile' must be in (0, 1], got {self.quantile!r}")
+        integer(self.n_fit, "ood.n_fit", 0, 1 << 40)
+        integer(self.n_val, "ood.n_val", 0, 1 << 40)
+        probability(self.shrinkage, "ood.shrinkage")
+        if self.feature != "head_norm":
+            raise SchemaError(f"field 'ood.feature' must be 'head_norm', got {self.feature!r:.80}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> OodSpec:
+        """The JSON object (SchemaError naming the field for a wrong or unknown key)."""
+        if not isinstance(d, dict):
+            raise SchemaError(f"field 'ood' must be an object, got {type(d).__name__}")
+        unknown = sorted(map(str, set(d) - set(cls.__dataclass_fields__)))
+        if unknown:
+            raise SchemaError(f"field 'ood': unknown key(s) {unknown}")
+        if "threshold" not in d:
+            raise SchemaError("field 'ood' must hold a 'threshold'")
+        return cls(**d)

@@ -49,9 +49,16 @@ def save_checkpoint(
     meta: CheckpointMeta,
     resume: dict[str, torch.Tensor] | None = None,
     base: dict[str, torch.Tensor] | None = None,
+    ood: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write atomically (temp file + rename): a crash leaves the previous checkpoint intact."""
+    """Write atomically (temp file + rename): a crash leaves the previous checkpoint intact.
+
+    ``ood``: the OOD density's tensors (``density.Density.tensors``, named ``ood.*``), with ``meta.ood``.
+    """
+    if (ood is None) != (meta.ood is None):
+        raise ValueError("the OOD density's tensors and its metadata (meta.ood) go together")
     tensors = dict(model.trainable_state())
+    tensors.update(ood or {})
     tensors.update({f"{RESUME}{k}": v for k, v in (resume or {}).items()})
     tensors.update({f"{BASE}{k}": v for k, v in (base or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

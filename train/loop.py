@@ -30,6 +30,7 @@ from i2p.evaluation.metrics import Metrics, metrics_table
 from i2p.runtime.preprocess import PreprocessSpec
 
 from . import data as data_mod
+from . import density as density_mod
 from . import features as features_mod
 from .augment import parse_align
 from .backbone import preprocess_spec
@@ -199,7 +200,8 @@ def _fit(run: Run) -> CheckpointMeta:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if rt.main:
-            meta = _end_epoch(run, epoch, losses, optimizer, scheduler)
+            fitted = train_ds.current if cached else None  # the head-only run's features of this epoch
+            meta = _end_epoch(run, epoch, losses, optimizer, scheduler, fitted)
         if rt.world > 1:
             dist.barrier()
     return meta
@@ -237,8 +239,18 @@ class _Stepper:
         return loss.item()
 
 
-def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) -> CheckpointMeta:
-    """Validate, calibrate the threshold, and write the checkpoint (with resume state) atomically."""
+def _end_epoch(
+    run: Run,
+    epoch: int,
+    losses: list[float],
+    optimizer,
+    scheduler,
+    train_features: features_mod.Features | None = None,
+) -> CheckpointMeta:
+    """Validate, calibrate the threshold, and write the checkpoint (with resume state) atomically.
+
+    After the last epoch the OOD density is fitted too (``density.fit_run``) and stored with it.
+    """
     cfg, model = run.cfg, run.model
     scores = run.val_scores() if run.val_scores is not None else None
     metrics, points, chosen = validate(model, run.splits.val, run.spec, cfg, run.rt, scores)
@@ -246,6 +258,12 @@ def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) 
     trainable, total = model.parameter_counts()
     tensors, resume = resume_state(optimizer, scheduler, epoch)
     earlier = run.previous.meta.wall_time_s if run.previous is not None else 0.0
+    complete = epoch == cfg.epochs - 1
+    density, ood = None, None
+    if complete:
+        density, ood = density_mod.fit_run(
+            model, run.splits.train, run.splits.val, run.spec, cfg, run.rt.device, train_features
+        )
     meta = CheckpointMeta(
         backbone=run.info,
         layer=model.layer,
@@ -258,14 +276,17 @@ def _end_epoch(run: Run, epoch: int, losses: list[float], optimizer, scheduler) 
         metrics={"val": {g: m.to_dict() for g, m in metrics.items()}},
         parameters={"trainable": trainable, "total": total},
         train_loss=float(np.mean(losses)) if losses else None,
-        complete=epoch == cfg.epochs - 1,
+        complete=complete,
         wall_time_s=time.time() - run.started + earlier,
         versions={"torch": torch.__version__},
         resume=resume,
         operating_points=points,
         operating_point=chosen,
+        ood=ood,
     )
-    save_checkpoint(run.checkpoint, model, meta, resume=tensors, base=run.base)
+    save_checkpoint(
+        run.checkpoint, model, meta, resume=tensors, base=run.base, ood=density.tensors() if density else None
+    )
     say(
         run.rt,
         f"epoch {epoch + 1}/{cfg.epochs}: loss {meta.train_loss or float('nan'):.4f}, "

@@ -20,7 +20,7 @@ from typing import Any
 
 from i2p.runtime import schema
 from i2p.runtime.preprocess import PreprocessSpec
-from i2p.runtime.schema import OperatingPoint, SchemaError
+from i2p.runtime.schema import OodSpec, OperatingPoint, SchemaError
 
 FORMAT = "i2p-checkpoint"
 FORMAT_VERSION = 2
@@ -81,6 +81,9 @@ class CheckpointMeta:
     # Named thresholds calibrated on validation, and the one ``threshold`` is.
     operating_points: dict[str, OperatingPoint] | None = None
     operating_point: str = "balanced"
+    # The out-of-distribution density's threshold (its tensors are ``ood.*``); None before it was fitted
+    # (checkpoints written before the OOD score, and every epoch but the last).
+    ood: OodSpec | None = None
 
     def __post_init__(self) -> None:
         """The manifest's rules for the fields it shares (JSON points become typed ones here)."""
@@ -93,6 +96,8 @@ class CheckpointMeta:
                 object.__setattr__(self, "operating_points", schema.operating_points(self.operating_points))
                 schema.point_name(self.operating_point, "operating_point")
             schema.default_point(self.threshold, self.operating_points, self.operating_point)
+            if isinstance(self.ood, dict):
+                object.__setattr__(self, "ood", OodSpec.from_dict(self.ood))
         except SchemaError as e:
             raise CheckpointError(f"checkpoint metadata {e}") from e
 
@@ -184,6 +189,7 @@ def _parse(d: Any, f: _Fields) -> CheckpointMeta:
         resume=_resume(d, f),
         operating_points=f.get(d, "operating_points", dict, optional=True),
         operating_point=f.get(d, "operating_point", str, optional=True) or "balanced",
+        ood=f.get(d, "ood", dict, optional=True),
     )
     try:
         return CheckpointMeta(**fields)

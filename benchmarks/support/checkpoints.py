@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from i2p.train import subspace
+from i2p.train import density, subspace
 from i2p.train.backbone import load_backbone, preprocess_spec
 from i2p.train.checkpoint import save_checkpoint
 from i2p.train.metadata import CheckpointMeta
@@ -41,6 +41,7 @@ def make_checkpoint(
     weights_file: bool = False,
     name: str = "checkpoint.safetensors",
     backbone: str = TINY,
+    ood: bool = False,
 ) -> Path:
     """Write ``directory/name`` and return its path.
 
@@ -70,6 +71,7 @@ def make_checkpoint(
                 1 + 0.1 * torch.randn(model.head.norm.weight.shape, generator=generator)
             )
             model.head.norm.bias.copy_(0.1 * torch.randn(model.head.norm.bias.shape, generator=generator))
+    fitted, spec = _density(model, generator) if ood else (None, None)
     meta = CheckpointMeta(
         backbone=info,
         layer=layer,
@@ -80,7 +82,19 @@ def make_checkpoint(
         config={"rank": rank, "seed": seed},
         metrics={"val": {"mean": {"auc": 0.5}}},
         complete=True,
+        ood=spec,
     )
     path = directory / name
-    save_checkpoint(path, model, meta, base=None if weights_file else base)
+    tensors = fitted.tensors() if fitted is not None else None
+    save_checkpoint(path, model, meta, base=None if weights_file else base, ood=tensors)
     return path
+
+
+@torch.no_grad()
+def _density(model: I2PModel, generator: torch.Generator) -> tuple[density.Density, object]:
+    size = model.family.image_size(model.tower)
+    images = torch.rand(96, 3, size, size, generator=generator) * 4 - 2
+    feats = density.head_features(model, model.forward_features(images))
+    labels = torch.randint(0, 2, (64,), generator=generator)
+    fitted = density.fit(feats[:64], labels)
+    return fitted, density.calibrate(fitted, feats[64:])
