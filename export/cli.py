@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from i2p.base.tables import format_table
+from i2p.runtime.model_files import TARGETS
 
 from .options import DEFAULTS, ENGINE_CHOICES, ExportOptions  # light: --help needs no torch or onnx
 
@@ -27,6 +28,14 @@ def _atol(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -
         except ValueError:
             raise click.BadParameter(f"{v!r}: {number!r} is not a number") from None
     return atol
+
+
+def _targets(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    targets = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    unknown = [t for t in targets if t not in TARGETS]
+    if not targets or unknown:
+        raise click.BadParameter(f"{value!r}: give one or more of {', '.join(TARGETS)}, separated by commas")
+    return targets
 
 
 def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -134,6 +143,15 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, .
     show_default=True,
     callback=_ops,
     help="ONNX op types kept in float32 inside the FP16 model (comma-separated, or 'none').",
+)
+@click.option(
+    "--targets",
+    default=",".join(DEFAULTS.targets),
+    show_default=True,
+    callback=_targets,
+    help="Where the artifact will run; only the model files those load are shipped (each is still checked): "
+    "cpu (the fastest CPU file that passed its gate), gpu and jetson (FP16 with --fp16, else FP32: ONNX "
+    "Runtime's and TensorRT's source), triton (its network file). E.g. --targets cpu: one model file.",
 )
 @click.option(
     "--force", is_flag=True, help="Replace an existing artifact (never a directory that is not one)."

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from i2p.runtime.model_files import TARGETS
+
 from .parity import DEFAULT_ATOL
 
 ENGINE_CHOICES = ("auto", "yes", "no")
@@ -35,6 +37,7 @@ class ExportOptions:
     keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
     force: bool = False
     seed: int = 0
+    targets: tuple[str, ...] = TARGETS  # where the artifact runs: only the files these load are shipped
 
     @property
     def target(self) -> Path:

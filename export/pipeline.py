@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from i2p.runtime.manifest import Manifest
+from i2p.runtime.model_files import for_targets
 
 from . import engine as engine_step
 from . import manifest as manifest_step
@@ -64,7 +65,7 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Expo
         merge(build, model, echo)
     reference = reference_name()
     with staged_directory(target, opts.force) as staging:
-        made = _model_files(build, staging, progress, echo, reference)
+        made = _shipped(_model_files(build, staging, progress, echo, reference), staging, opts)
         hashes = file_hashes(staging)  # the network files are final from here on
         made += _engine(build, staging, progress, echo, reference, made, hashes)
         parity = made.parity(reference)
@@ -96,6 +97,23 @@ def _model_files(
     return made
 
 
+def _shipped(made: Produced, staging: Path, opts: ExportOptions) -> Produced:
+    """Only the files ``--targets`` load stay in the artifact; every file was checked before it left."""
+    kept = for_targets(made.kept, opts.targets, opts.triton_backend)
+    left = [k for k in made.kept if k not in kept]
+    if not left:
+        return made
+    for kind in left:
+        (staging / kind.file).unlink()
+    names = {k.file for k in kept}
+    note = (
+        f"--targets {','.join(opts.targets)}: {', '.join(k.file for k in left)} checked, then left out "
+        "(no target of this artifact loads them)"
+    )
+    comparisons = tuple(c for c in made.comparisons if c.model in names)
+    return Produced(kept, comparisons, made.rejected, (*made.notes, note))
+
+
 def _engine(
     build: Build,
     staging: Path,
@@ -107,6 +125,8 @@ def _engine(
 ) -> Produced:
     """The TensorRT engine where TensorRT is here and it was not declined; its comparisons must pass."""
     opts = build.opts
+    if not {"gpu", "jetson", "triton"} & set(opts.targets):
+        return Produced(notes=("TensorRT engine: not built (no GPU target in --targets)",))
     if opts.engine == "no" or not engine_step.available():
         return Produced(
             notes=(
@@ -132,6 +152,10 @@ def _preflight(opts: ExportOptions, target: Path) -> None:
     if any(v < 0 for v in opts.atol.values()):
         raise ExportError(f"tolerances must be >= 0, got {opts.atol}")
     check_target(target, opts.force)
+    if opts.triton is not None and "triton" not in opts.targets:
+        raise ExportError(
+            f"--triton writes a Triton repository: add triton to --targets ({','.join(opts.targets)})"
+        )
     if opts.triton is not None:
         from .triton import check_repository  # only with --triton: it needs tritonclient
 

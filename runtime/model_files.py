@@ -8,7 +8,7 @@ model file is one new row, and every reader sees it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 ONNX = "onnx"  # portable ONNX: runs on every ONNX Runtime provider, and TensorRT builds engines from it
@@ -148,6 +148,33 @@ def images_per_call(precision: str, batch: int) -> int:
     """How many images one session call of a ``precision`` model may take when batches of ``batch`` come."""
     limits = [k.images_per_call for k in MANIFEST_KINDS if k.precision == precision and k.images_per_call]
     return min([batch, *limits])
+
+
+# Where an artifact is deployed (``i2p-export --targets``): each loads its device's first choice.
+TARGETS = ("cpu", "gpu", "jetson", "triton")
+
+
+def for_targets(
+    kept: Sequence[FileKind], targets: Iterable[str], triton_backend: str = "auto"
+) -> tuple[FileKind, ...]:
+    """The ``kept`` files some target loads: the Detector's first choice on the CPU (``cpu``) or a GPU
+    (``gpu``, ``jetson``: ONNX Runtime's and TensorRT's source, FP16 when exported), and for ``triton``
+    that network (FP32 for its Python backend, which runs the runtime on the server's CPU). Every target
+    at once (the default) keeps every file, the fallbacks too (FP32 where ONNX Runtime lacks a fused op)."""
+    if set(targets) >= set(TARGETS):
+        return tuple(kept)
+    needed: set[FileKind] = set()
+    for target in targets:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; the targets are {', '.join(TARGETS)}")
+        device = "cpu" if target == "cpu" or (target == "triton" and triton_backend == "python") else "gpu"
+        precision = "fp32" if target == "triton" and triton_backend == "python" else None
+        ranked = sorted(
+            (k for k in kept if k.preference(device) is not None and precision in (None, k.precision)),
+            key=lambda k: k.preference(device),
+        )
+        needed.update(ranked[:1])
+    return tuple(k for k in kept if k in needed or not k.in_manifest)
 
 
 def choose(models: Iterable[ModelFile], device: str, precision: str | None = None) -> list[ModelFile]:

@@ -278,3 +278,42 @@ def test_engine_step_glue_with_a_fake_backend(tmp_path, monkeypatch):
     config = text_format.Parse((network / "config.pbtxt").read_text(), mc.ModelConfig())
     assert config.platform == "tensorrt_plan"
     assert (network / "1" / "model.plan").read_bytes() == b"serialized engine"
+
+
+@pytest.mark.parametrize(
+    ("targets", "files"),
+    [
+        ("cpu", {"model.int8.onnx"}),  # the CPU's first choice, its gate passed: one model file
+        ("gpu", {"model.fp16.onnx"}),
+        ("jetson,cpu", {"model.fp16.onnx", "model.int8.onnx"}),
+        ("cpu,gpu,jetson,triton", {"model.onnx", "model.fp16.onnx", "model.cpu.onnx", "model.int8.onnx"}),
+    ],
+)
+def test_targets_ship_only_the_files_they_load(exported, tmp_path, targets, files):
+    from i2p.runtime import Detector
+    from i2p.runtime.model_files import TARGETS
+
+    root, ckpt, _, _ = exported
+    out = tmp_path / "t.i2p"
+    result = run(
+        "--ckpt", ckpt, "--fp16", "--out", out, "--calib-images", root / "calib", "--targets", targets
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted({"manifest.json", "parity.json", *files})
+    m = read_manifest(out)
+    assert {x.path for x in m.models} == files and set(m.files) == {"parity.json", *files}
+    parity = json.loads((out / "parity.json").read_text())
+    assert {c["model"] for c in parity["comparisons"]} <= files  # the record covers what is shipped
+    if set(targets.split(",")) != set(TARGETS):
+        assert "checked, then left out" in result.output
+    if "cpu" in targets:  # and it runs where it was meant to
+        with Detector(out, backend="onnxruntime") as det:
+            assert det.backend.precision == "int8"
+
+
+def test_targets_are_checked_before_anything_runs(exported, tmp_path):
+    root, ckpt, _, _ = exported
+    assert "give one or more of cpu, gpu" in run("--ckpt", ckpt, "--targets", "tpu", ok=False).output
+    bad = run(
+        "--ckpt", ckpt, "--out", tmp_path / "x.i2p", "--targets", "cpu", "--triton", tmp_path / "r", ok=False
+    )
+    assert "add triton to --targets" in bad.output and not (tmp_path / "x.i2p").exists()
