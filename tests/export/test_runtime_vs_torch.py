@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from i2p.export.pipeline import ExportOptions, run_export
@@ -15,6 +16,7 @@ from i2p.train.distributed import Runtime
 from i2p.train.synthetic import make_image_folder
 
 
+@pytest.mark.slow
 def test_detector_matches_the_pytorch_detector_on_images(tmp_path, checkpoint_l3):
     ckpt = checkpoint_l3
     make_image_folder(tmp_path / "images", n_per_class=5, size=(97, 71), formats=("png", "jpg"))

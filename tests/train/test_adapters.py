@@ -56,6 +56,7 @@ def test_lora_starts_at_zero_trains_u_and_v_and_merges_exactly():
     assert torch.allclose(fresh(x), tuned, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_to_lora_refuses_a_subspace_delta_that_has_trained():
     model = tiny()
     model.add_deltas(subspace.choose_bases(model.blocks, 2))

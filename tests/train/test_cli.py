@@ -82,6 +82,7 @@ def test_a_failed_run_leaves_no_empty_out(tmp_path: Path) -> None:
     assert res.exit_code == 1 and out.is_dir()
 
 
+@pytest.mark.slow
 def test_json_prints_the_metadata_alone_and_the_checkpoint_is_shared(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "run"
     args = ["--data", str(data_dir), "--out", str(out), "--epochs", "1", "--rank", "2", "--json", *TINY]

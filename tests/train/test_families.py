@@ -98,6 +98,7 @@ def test_every_adapted_map_is_one_the_forward_runs(model):
             delta.A.zero_()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", NAMES)
 @pytest.mark.parametrize("adapter", ["subspace", "lora", "full"])
 def test_each_adapter_trains_merges_exactly_and_reloads(model, adapter):
