@@ -13,6 +13,7 @@ import click
 COMMANDS = {
     "train": "i2p.train.cli:train",
     "layers": "i2p.train.cli:layers",
+    "backbones": "i2p.train.backbones_cli:backbones_command",
     "eval": "i2p.train.cli:evaluate",
     "calibrate": "i2p.evaluation.calibrate_cli:calibrate_command",  # torch-free
     "audit": "i2p.evaluation.audit_cli:audit_command",  # torch-free

@@ -36,8 +36,10 @@ class Family(ABC):
         """Whether ``model`` names one of this family's architectures."""
 
     @abstractmethod
-    def build(self, model: str) -> nn.Module:
-        """The tower with random weights (nothing downloaded), checked to be one I2P can adapt."""
+    def build(self, model: str, device: str = "cpu") -> nn.Module:
+        """The tower with random weights (nothing downloaded), checked to be one I2P can adapt.
+
+        ``device="meta"``: shapes only, no memory (for sizes and parameter counts)."""
 
     @abstractmethod
     def preprocess(self, model: str) -> PreprocessSpec:
@@ -46,6 +48,10 @@ class Family(ABC):
     @abstractmethod
     def download(self, model: str, tag: str) -> Path:
         """A library weights tag fetched on request (the user named it); BackboneError for an unknown tag."""
+
+    @abstractmethod
+    def weight_sources(self, model: str) -> str:
+        """Where weights for ``model`` come from besides a local file (library tags), for ``i2p backbones``."""
 
     @abstractmethod
     def owns(self, tower: nn.Module) -> bool:

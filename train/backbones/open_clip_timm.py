@@ -18,6 +18,7 @@ from typing import Any
 
 import open_clip
 import timm
+import torch
 from torch import nn
 
 from i2p.runtime.preprocess import PreprocessSpec
@@ -53,7 +54,7 @@ class OpenClipTimm(TimmViT):
     def knows(self, model: str) -> bool:
         return bool(architecture(model)[1].get("timm_model_name"))
 
-    def build(self, model: str) -> nn.Module:
+    def build(self, model: str, device: str = "cpu") -> nn.Module:
         name, vision, overrides = architecture(model)
         if vision.get("timm_proj") not in (None, "none", ""):
             raise BackboneError(
@@ -64,7 +65,8 @@ class OpenClipTimm(TimmViT):
         if pool is not None:
             kwargs["global_pool"] = pool
         try:
-            tower = timm.create_model(vision["timm_model_name"], pretrained=False, **kwargs)
+            with torch.device(device):
+                tower = timm.create_model(vision["timm_model_name"], pretrained=False, **kwargs)
         except Exception as e:  # timm raises many types for kwargs an architecture does not take
             raise BackboneError(
                 f"{model}: timm cannot build {vision['timm_model_name']} ({type(e).__name__}: {e})"
@@ -87,8 +89,11 @@ class OpenClipTimm(TimmViT):
                 "interpolation; the runtime reproduces only 'shortest' with bicubic, so this model cannot be "
                 "trained for deployment yet"
             )
-        size = self.image_size(self.build(model))
+        size = self.image_size(self.build(model, "meta"))  # the size only: no weights allocated
         return PreprocessSpec(size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]))
+
+    def weight_sources(self, model: str) -> str:
+        return OpenClipViT().weight_sources(architecture(model)[0])
 
     def download(self, model: str, tag: str) -> Path:
         return OpenClipViT().download(architecture(model)[0], tag)

@@ -41,11 +41,13 @@ class OpenClipViT(Family):
         cfg = open_clip.get_model_config(model)
         return cfg is not None and not cfg.get("vision_cfg", {}).get("timm_model_name")
 
-    def build(self, model: str) -> VisionTransformer:
+    def build(self, model: str, device: str = "cpu") -> VisionTransformer:
         quiet = _NoRandomInitNotice()
         logging.getLogger().addFilter(quiet)
         try:
-            tower = open_clip.create_model(model, pretrained=None, text_cfg=NO_TEXT_TOWER).visual
+            with torch.device(device):
+                tower = open_clip.create_model(model, pretrained=None, text_cfg=NO_TEXT_TOWER, device=device)
+            tower = tower.visual
         except Exception as e:  # open_clip raises many types for configs it cannot build
             raise BackboneError(
                 f"{model}: open_clip cannot build this model ({type(e).__name__}: {e})"
@@ -83,6 +85,10 @@ class OpenClipViT(Family):
                 f"--pretrained {tag!r} is neither a file nor an open_clip tag for {model} (tags: {tags})"
             )
         return Path(open_clip.download_pretrained(cfg))
+
+    def weight_sources(self, model: str) -> str:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        return f"open_clip tags: {', '.join(tags)}" if tags else "local file only"
 
     def owns(self, tower: nn.Module) -> bool:
         return isinstance(tower, VisionTransformer)

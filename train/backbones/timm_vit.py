@@ -67,10 +67,11 @@ class TimmViT(Family):
     def knows(self, model: str) -> bool:
         return model in configs() or timm.is_model(model)
 
-    def build(self, model: str) -> nn.Module:
+    def build(self, model: str, device: str = "cpu") -> nn.Module:
         name, kwargs = architecture(model)
         try:
-            tower = timm.create_model(name, pretrained=False, **kwargs)
+            with torch.device(device):
+                tower = timm.create_model(name, pretrained=False, **kwargs)
         except Exception as e:  # timm raises many types for kwargs an architecture does not take
             raise BackboneError(f"{model}: timm cannot build {name} ({type(e).__name__}: {e})") from e
         if not isinstance(tower, TOWERS):
@@ -86,7 +87,7 @@ class TimmViT(Family):
 
     def preprocess(self, model: str) -> PreprocessSpec:
         """Mean, std and size from timm's data config of the tower as built (its size, not the pretrained one)."""
-        tower = self.build(model)
+        tower = self.build(model, "meta")  # the config and sizes only: no weights allocated
         cfg = resolve_data_config({}, model=tower)
         if cfg.get("interpolation") != "bicubic" or cfg.get("crop_pct", 1.0) != 1.0:
             raise BackboneError(
@@ -107,6 +108,11 @@ class TimmViT(Family):
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors"))
+
+    def weight_sources(self, model: str) -> str:
+        name, _ = architecture(model)
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*")]
+        return f"timm tags (Hugging Face): {', '.join(tags)}" if tags else "local file only"
 
     def owns(self, tower: nn.Module) -> bool:
         return isinstance(tower, TOWERS)
