@@ -19,13 +19,16 @@ import torch
 from i2p.base.files import sha256_file
 from i2p.runtime.model_files import FP16, FP32
 from i2p.runtime.preprocess import PreprocessSpec
-from i2p.train.checkpoint import load_model, unfinished_run_warning
+from i2p.train import density as density_mod
+from i2p.train.checkpoint import build_model, read_checkpoint, unfinished_run_warning
+from i2p.train.density import Density
 from i2p.train.metadata import CheckpointMeta
 from i2p.train.model import I2PModel
 
 from .fp16 import check_fp16_range, convert_fp16
 from .network import DeployedDetector, ExportError, check_merge, deploy, largest_weight
 from .onnx_export import check_graph, export_onnx
+from .ood_head import OodHead, ood_reference
 from .options import ExportOptions
 from .probes import ProbeSet, probe_set, torch_outputs
 from .produced import Produced
@@ -46,6 +49,8 @@ class Build:
     largest_weight: tuple[str, float] = ("", 0.0)
     notes: list[str] = field(default_factory=list)
     checkpoint_sha256: str = ""
+    density: Density | None = None  # the checkpoint's OOD density (None: trained before it): an ood output
+    ood_reference: dict[str, np.ndarray] | None = None  # PyTorch ood per probe set
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -74,7 +79,8 @@ class Progress:
 def load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
     """The unmerged model, and its PyTorch outputs on the probe inputs (the parity reference)."""
     with progress.step(f"loading {opts.ckpt}"):
-        model, meta = load_model(opts.ckpt, opts.backbone)
+        ckpt = read_checkpoint(opts.ckpt)
+        model, meta, density = build_model(ckpt, opts.backbone), ckpt.meta, density_mod.stored(ckpt)
     if meta.threshold is None:
         raise ExportError(f"{opts.ckpt}: the checkpoint has no calibrated threshold; finish training first")
     spec = meta.preprocess
@@ -89,13 +95,18 @@ def load(opts: ExportOptions, progress: Progress) -> tuple[I2PModel, Build]:
     inputs = probes.stacked()
     with progress.step(f"PyTorch FP32 reference on {len(inputs)} inputs (unmerged model)"):
         reference = probes.split(*torch_outputs(model, inputs, opts.max_batch))
+        ood = probes.cut(ood_reference(model, density, inputs, opts.max_batch)) if density else None
+    if density is None:
+        notes.append("no OOD density in the checkpoint (trained before it): the network has no ood output")
     digest = sha256_file(opts.ckpt)
-    return model, Build(opts, meta, probes, reference, notes=notes, checkpoint_sha256=digest)
+    build = Build(opts, meta, probes, reference, notes=notes, checkpoint_sha256=digest, density=density)
+    build.ood_reference = ood
+    return model, build
 
 
 def merge(build: Build, model: I2PModel, echo: Callable[[str], None]) -> None:
     """Merge in place, check merged == unmerged on a few inputs, and check the weights fit FP16."""
-    net = deploy(model)
+    net = deploy(model, OodHead(build.density) if build.density is not None else None)
     images = build.probes.stacked()[:MERGE_PROBES]
     reference = np.concatenate([lo for lo, _ in build.reference.values()])[:MERGE_PROBES]
     err = check_merge(net, torch.from_numpy(images), torch.from_numpy(reference), MERGE_ATOL)
@@ -116,7 +127,7 @@ def write_models(build: Build, staging: Path, progress: Progress) -> Produced:
     opts, net = build.opts, build.net
     with progress.step(f"ONNX export (opset {opts.opset}, dynamic batch)"):
         export_onnx(net, staging / FP32_ONNX, opts.opset)
-        summary = check_graph(staging / FP32_ONNX, net.layer, net.maps_per_block)
+        summary = check_graph(staging / FP32_ONNX, net.layer, net.maps_per_block, 1 + (net.ood is not None))
     note = f"graph: {summary.blocks} transformer blocks, {summary.linear_maps} linear maps, no adapter ops"
     if not opts.fp16:
         return Produced(kept=(FP32,), notes=(note,))

@@ -45,11 +45,14 @@ def convert_fp16(src: Path, dst: Path, keep_fp32: Sequence[str] = DEFAULT_KEEP_F
     """Write the FP16 copy of ``src`` to ``dst``, float32 I/O, ``keep_fp32`` op types in float32."""
     from onnxruntime.transformers import float16
 
+    from .ood_head import ood_nodes
+
     model = onnx.load(str(src))
     converted = float16.convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *keep_fp32],
+        node_block_list=ood_nodes(model),  # the OOD head's squared distances stay FP32 (ood_head.py)
         min_positive_val=5.96e-08,  # smallest float16 subnormal: tiny weights stay tiny, not zero
         max_finite_val=FP16_MAX,  # not the converter's 1e4 default clip, which would change weights
     )

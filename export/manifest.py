@@ -16,6 +16,7 @@ from typing import Any
 from i2p.base.files import sha256_file, write_json_atomic
 from i2p.runtime.manifest import MANIFEST, ArtifactError, Manifest, TensorSpec
 from i2p.runtime.model_files import FileKind
+from i2p.runtime.schema import OOD_OUTPUT
 
 from .build import FP16_ONNX, Build
 from .network import ExportError
@@ -39,7 +40,9 @@ def describe(
         threshold=build.threshold,
         preprocess=build.spec,
         inputs=(TensorSpec(INPUT, "float32", ("batch", 3, size, size)),),
-        outputs=tuple(TensorSpec(o, "float32", ("batch",)) for o in OUTPUTS),
+        outputs=tuple(
+            TensorSpec(o, "float32", ("batch",)) for o in (*OUTPUTS, *((OOD_OUTPUT,) if net.ood else ()))
+        ),
         models=tuple(kind.entry for kind in kept),
         files=dict(hashes),
         tools=tool_versions(),
@@ -47,6 +50,7 @@ def describe(
         operating_points=dict(meta.operating_points or {}),  # calibrated on validation at training
         operating_point=meta.operating_point if meta.operating_points else "",
         pool=net.pool,
+        ood=meta.ood if net.ood is not None else None,
     )
 
 

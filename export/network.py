@@ -20,11 +20,16 @@ class ExportError(RuntimeError):
 
 
 class DeployedDetector(nn.Module):
-    """float32 [N, 3, S, S] -> (logit [N], probability [N]): embeddings, L* blocks, LayerNorm + Linear."""
+    """float32 [N, 3, S, S] -> (logit [N], probability [N]): embeddings, L* blocks, LayerNorm + Linear.
 
-    def __init__(self, tower: nn.Module, head: nn.Sequential, layer: int, num_layers: int):
+    With an ``ood`` head (``ood_head.OodHead``) a third output, ood [N], reads the same LayerNorm output.
+    """
+
+    def __init__(
+        self, tower: nn.Module, head: nn.Sequential, layer: int, num_layers: int, ood: nn.Module | None = None
+    ):
         super().__init__()
-        self.tower, self.head = tower, head
+        self.tower, self.head, self.ood = tower, head, ood
         self.layer, self.num_layers = layer, num_layers
         self.family = backbones.for_tower(tower)
 
@@ -45,24 +50,27 @@ class DeployedDetector(nn.Module):
         """Weight-bearing linear maps of one block: what the exported graph must hold per block."""
         return len(subspace.linear_maps(self.blocks[0]))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feature = self.tower(
             image
         )  # the truncated tower ends in the layer feature (I2PModel.forward_features)
-        z = self.head(feature)  # [N, 1]
+        norm, fc = self.head
+        normed = norm(feature)
+        z = fc(normed)  # [N, 1]
         # The probability is computed from z, not from the logit output: a graph output that another node
         # also reads is a case FP16 converters get wrong (onnxconverter-common keep_io_types).
-        return z.squeeze(-1), torch.sigmoid(z).squeeze(-1)
+        outputs = (z.squeeze(-1), torch.sigmoid(z).squeeze(-1))
+        return outputs if self.ood is None else (*outputs, self.ood(normed))
 
 
-def deploy(model: I2PModel) -> DeployedDetector:
+def deploy(model: I2PModel, ood: nn.Module | None = None) -> DeployedDetector:
     """Merge ``model``'s deltas into its base weights (in place) and wrap it for export, in eval mode.
 
     ``model`` is consumed: after this call its blocks hold the merged weights. Compute any output of
     the unmerged model first (see ``check_merge``).
     """
     model.merge()
-    net = DeployedDetector(model.tower, model.head.folded(), model.layer, model.num_layers)
+    net = DeployedDetector(model.tower, model.head.folded(), model.layer, model.num_layers, ood)
     return net.eval().requires_grad_(False)
 
 
@@ -80,7 +88,7 @@ def largest_weight(net: nn.Module) -> tuple[str, float]:
 @torch.no_grad()
 def check_merge(net: DeployedDetector, images: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
     """Max |logit(merged) - logit(unmerged)| on ``images``; ExportError above ``atol``."""
-    logits, _ = net(images)
+    logits = net(images)[0]
     err = float((logits - reference).abs().max())
     if not err <= atol:
         raise ExportError(

@@ -18,6 +18,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from i2p.runtime.schema import OOD_OUTPUT
+
 from .network import DeployedDetector, ExportError
 
 INPUT = "image"
@@ -48,6 +50,7 @@ def export_onnx(net: DeployedDetector, path: Path, opset: int = 17, trace_batch:
         )
     image = torch.randn(trace_batch, 3, net.image_size, net.image_size)
     batch = {0: "batch"}
+    outputs = [*OUTPUTS, *((OOD_OUTPUT,) if net.ood is not None else ())]
     with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings():
         # Expected: the legacy exporter's deprecation notice (dynamo=False is deliberate) and the tracer's
         # notes on MultiheadAttention's shape assertions (constant for a given model).
@@ -60,8 +63,8 @@ def export_onnx(net: DeployedDetector, path: Path, opset: int = 17, trace_batch:
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT],
-            output_names=list(OUTPUTS),
-            dynamic_axes={INPUT: batch, **{name: batch for name in OUTPUTS}},
+            output_names=outputs,
+            dynamic_axes={INPUT: batch, **{name: batch for name in outputs}},
             do_constant_folding=True,
         )
     try:
@@ -103,14 +106,16 @@ def summarize_graph(model: onnx.ModelProto) -> GraphSummary:
     )
 
 
-def check_graph(path: Path, layer: int, maps_per_block: int = LINEAR_MAPS_PER_BLOCK) -> GraphSummary:
-    """The graph holds exactly ``layer`` ViT blocks, ``maps_per_block`` linear maps each plus the head, no
-    adapter ops.
+def check_graph(
+    path: Path, layer: int, maps_per_block: int = LINEAR_MAPS_PER_BLOCK, heads: int = 1
+) -> GraphSummary:
+    """The graph holds exactly ``layer`` ViT blocks, ``maps_per_block`` linear maps each plus the ``heads``
+    (the logit's Linear, and the OOD head's whitening where there is one), no adapter ops.
 
     An adapter left in the graph (a low-rank branch beside a weight) shows up as extra weight MatMuls.
     """
     summary = summarize_graph(onnx.load(str(path), load_external_data=False))
-    expected = maps_per_block * layer + 1
+    expected = maps_per_block * layer + heads
     problems = []
     if summary.blocks != layer:
         problems.append(f"{summary.blocks} transformer blocks instead of L*={layer}")

@@ -22,8 +22,8 @@ from .build import Build, Progress
 from .cpu_optimize import add_cpu_model
 from .network import ExportError
 from .ort_run import RunResult
-from .parity import Comparison, Tolerances
-from .parity_runs import compare, run_ort
+from .parity import Comparison
+from .parity_runs import compare, ood_pair, run_ort, tolerances
 from .probes import CALIB
 from .produced import Produced
 from .quantize import Calibration, add_int8_model
@@ -67,8 +67,9 @@ def int8_model(build: Build, staging: Path, progress: Progress, kept: Sequence[F
             reference=build.reference[CALIB],
             candidate=(result.logits, result.probabilities),
             threshold=build.threshold,
-            tolerances=Tolerances(build.opts.atol[INT8.precision]),
+            tolerances=tolerances(build, INT8.precision),
             note=note,
+            ood=ood_pair(build, CALIB, result.ood),
         )
 
     calib = Calibration(images, build.reference[CALIB][0])
@@ -103,5 +104,5 @@ def engine(build: Build, staging: Path, manifest: Manifest, progress: Progress) 
     result = RunResult(logits, sigmoid(logits), f"i2p.runtime TensorRTBackend ({backend.precision})")
     file = path.relative_to(staging).as_posix() if path.is_relative_to(staging) else str(path)
     note = "the backend returns logits only; probability = sigmoid(logit) on the host"
-    comparisons = tuple(compare(build, file, "fp16", result, note))
+    comparisons = tuple(compare(build, file, "fp16", result, note, with_ood=False))
     return Produced(comparisons=comparisons, notes=(f"TensorRT engine: {file}",))

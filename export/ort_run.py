@@ -32,6 +32,7 @@ class RunResult:
     logits: np.ndarray
     probabilities: np.ndarray
     runner: str  # e.g. "onnxruntime 1.32.0 CPUExecutionProvider"
+    ood: np.ndarray | None = None  # the third output of a network with an OOD head
 
 
 def run_onnx(
@@ -55,7 +56,8 @@ def run_onnx(
             raise RunnerError(_failure(proc.returncode, proc.stderr))
         with np.load(outputs) as out:
             meta = json.loads(str(out["meta"]))
-            return RunResult(out["logits"], out["probabilities"], meta["runner"])
+            ood = out["ood"] if "ood" in out.files else None
+            return RunResult(out["logits"], out["probabilities"], meta["runner"], ood)
 
 
 def _failure(code: int, stderr: str) -> str:
@@ -86,18 +88,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     images = np.load(args.inputs)
     image = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]  # (logit, probability): the order export_onnx writes
+    outputs = [o.name for o in session.get_outputs()]  # (logit, probability[, ood]): export_onnx's order
     parts = [
         session.run(outputs, {image: images[i : i + args.batch]}) for i in range(0, len(images), args.batch)
     ]
     runner = f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
     if args.disable:
         runner += f" ({', '.join(args.disable)} disabled)"
+    extra = {"ood": np.concatenate([p[2] for p in parts]).astype(np.float32)} if len(outputs) > 2 else {}
     np.savez(
         args.outputs,
         logits=np.concatenate([p[0] for p in parts]).astype(np.float32),
         probabilities=np.concatenate([p[1] for p in parts]).astype(np.float32),
         meta=json.dumps({"runner": runner}),
+        **extra,
     )
 
 

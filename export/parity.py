@@ -35,6 +35,7 @@ class Tolerances:
     """
 
     logit_atol: float
+    ood_rtol: float | None = None  # |Δood| / max(1, |ood|), with an OOD head (ood_head.OOD_RTOL)
 
     @property
     def prob_atol(self) -> float:
@@ -82,6 +83,7 @@ class Comparison:
     # "max |Δlogit| <= atol" and marks the max as on record only.
     limit: str = ""
     max_gated: bool = True
+    ood: ErrorStats | None = None  # relative error of the ood output: |Δ| / max(1, |reference|)
 
     @classmethod
     def measure(
@@ -96,16 +98,25 @@ class Comparison:
         threshold: float,
         tolerances: Tolerances,
         note: str = "",
+        ood: tuple[np.ndarray, np.ndarray | None] | None = None,
     ) -> Comparison:
-        """Compare (logits, probabilities) of a candidate with the reference's."""
+        """Compare (logits, probabilities) of a candidate with the reference's; ``ood``: (reference, candidate)
+        scores of a network with an OOD head (a candidate without the output fails)."""
         (ref_logit, ref_prob), (logit, prob) = reference, candidate
         logit_err, prob_err = ErrorStats.between(ref_logit, logit), ErrorStats.between(ref_prob, prob)
+        ood_err = None
+        if ood is not None:
+            ref_ood, cand_ood = ood
+            scale = np.maximum(1.0, np.abs(ref_ood.astype(np.float64)))
+            missing = np.full(len(ref_ood), np.nan)
+            ood_err = ErrorStats.between(ref_ood / scale, (missing if cand_ood is None else cand_ood) / scale)
         differ = (ref_prob >= threshold) != (prob >= threshold)
         decisive = differ & (np.abs(ref_prob - threshold) > tolerances.prob_atol)
         passed = (
             logit_err.max_abs <= tolerances.logit_atol
             and prob_err.max_abs <= tolerances.prob_atol
             and not decisive.any()
+            and (ood_err is None or tolerances.ood_rtol is None or ood_err.max_abs <= tolerances.ood_rtol)
         )
         return cls(
             model=model,
@@ -122,6 +133,7 @@ class Comparison:
             flips=int(differ.sum()),
             decisive_flips=int(decisive.sum()),
             note=note,
+            ood=ood_err,
         )
 
     @classmethod
@@ -172,6 +184,11 @@ class Comparison:
             lines.append(
                 f"  {name}: max |Δ| {_num(err.max_abs)}, mean |Δ| {_num(err.mean_abs)} (limit {atol:g}){extra}"
             )
+        if self.ood is not None:
+            limit = "not gated" if self.tolerances.ood_rtol is None else f"limit {self.tolerances.ood_rtol:g}"
+            lines.append(
+                f"  ood (relative): max |Δ| {_num(self.ood.max_abs)}, mean |Δ| {_num(self.ood.mean_abs)} ({limit})"
+            )
         lines.append(
             f"  decisions at threshold {self.threshold:.4g}: agreement {_num(self.agreement)}, "
             f"{self.flips} flipped, {self.decisive_flips} beyond the borderline band (limit 0)"
@@ -185,6 +202,8 @@ class Comparison:
         d["tolerances"] = {"logit_atol": self.tolerances.logit_atol, "prob_atol": self.tolerances.prob_atol}
         d["logit"] = self.logit.to_dict() if self.logit else None
         d["probability"] = self.probability.to_dict() if self.probability else None
+        d["ood"] = self.ood.to_dict() if self.ood else None
+        d["tolerances"]["ood_rtol"] = self.tolerances.ood_rtol
         return d
 
 
@@ -226,6 +245,8 @@ class ParityReport:
                 s["status"] = c.status
             if c.logit is not None:
                 s["max_abs_logit_error"] = max(s["max_abs_logit_error"], c.logit.max_abs)
+            if c.ood is not None:
+                s["max_rel_ood_error"] = _finite(max(s.get("max_rel_ood_error") or 0.0, c.ood.max_abs))
         for s in out.values():
             s["max_abs_logit_error"] = _finite(s["max_abs_logit_error"])
         return out

@@ -19,6 +19,7 @@ from i2p.runtime.model_files import FileKind
 
 from .build import Build
 from .network import ExportError
+from .ood_head import OOD_RTOL
 from .ort_run import RunnerError, RunResult, run_onnx
 from .parity import Comparison, ParityReport, Tolerances
 
@@ -48,15 +49,21 @@ def onnx_parity(build: Build, staging: Path, kinds: Iterable[FileKind]) -> Itera
                     samples=len(images),
                     reason=f"ONNX Runtime CPU cannot run it here: {e}",
                     threshold=build.threshold,
-                    tolerances=Tolerances(build.opts.atol[precision]),
+                    tolerances=tolerances(build, precision),
                 )
             continue
         yield from compare(build, file, precision, result, note)
 
 
-def compare(build: Build, file: str, precision: str, result: RunResult, note: str) -> Iterator[Comparison]:
-    """One comparison per probe set of ``result`` (computed on all probes) against the reference."""
+def compare(
+    build: Build, file: str, precision: str, result: RunResult, note: str, with_ood: bool = True
+) -> Iterator[Comparison]:
+    """One comparison per probe set of ``result`` (computed on all probes) against the reference.
+
+    ``with_ood=False``: a runner that returns logits only (the TensorRT backend); its ood is not compared.
+    """
     outputs = build.probes.split(result.logits, result.probabilities)
+    ood = build.probes.cut(result.ood) if result.ood is not None else {}
     for name in build.probes.images:
         yield Comparison.measure(
             model=file,
@@ -66,9 +73,20 @@ def compare(build: Build, file: str, precision: str, result: RunResult, note: st
             reference=build.reference[name],
             candidate=outputs[name],
             threshold=build.threshold,
-            tolerances=Tolerances(build.opts.atol[precision]),
+            tolerances=tolerances(build, precision),
             note=note,
+            ood=ood_pair(build, name, ood.get(name)) if with_ood else None,
         )
+
+
+def tolerances(build: Build, precision: str) -> Tolerances:
+    """The logit limit of ``precision`` (--atol), and the ood limit where the network has an OOD head."""
+    return Tolerances(build.opts.atol[precision], OOD_RTOL[precision] if build.density is not None else None)
+
+
+def ood_pair(build: Build, probes: str, candidate: np.ndarray | None) -> tuple | None:
+    """(reference, candidate) ood on one probe set, None for a network without an OOD head."""
+    return None if build.ood_reference is None else (build.ood_reference[probes], candidate)
 
 
 def run_ort(model: Path, images: np.ndarray, batch: int) -> tuple[RunResult, str]:

@@ -34,9 +34,13 @@ class ProbeSet:
         self, logits: np.ndarray, probabilities: np.ndarray
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Outputs computed on ``stacked()``, cut back into (logits, probabilities) per set."""
-        cuts = np.cumsum([len(v) for v in self.images.values()])[:-1]
-        pairs = zip(np.split(logits, cuts), np.split(probabilities, cuts), strict=True)
+        pairs = zip(self.cut(logits).values(), self.cut(probabilities).values(), strict=True)
         return dict(zip(self.images, pairs, strict=True))
+
+    def cut(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """One output computed on ``stacked()``, cut back per set."""
+        cuts = np.cumsum([len(v) for v in self.images.values()])[:-1]
+        return dict(zip(self.images, np.split(values, cuts), strict=True))
 
 
 def probe_set(

@@ -38,6 +38,7 @@ import onnx
 
 from i2p.runtime.model_files import INT8
 
+from .ood_head import ood_nodes
 from .parity import FAIL, NOT_RUN, PASS, Comparison
 from .smooth import DEFAULT_ALPHA, smooth_file
 
@@ -67,14 +68,16 @@ class Int8Decision:
 def quantizable_nodes(model: onnx.ModelProto) -> dict[str, int | None]:
     """Node name -> transformer block (None outside blocks) of every op dynamic INT8 quantizes here.
 
-    Weight MatMuls and fused Attention ops, except projections to a single output (the head's logit).
+    Weight MatMuls and fused Attention ops, except projections to a single output (the head's logit) and
+    the OOD head's whitening (its score is a sum of squares that INT8 error would inflate).
     """
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    ood = set(ood_nodes(model))
     nodes: dict[str, int | None] = {}
     for n in model.graph.node:
         if n.op_type not in QUANTIZED_OPS or len(n.input) < 2 or n.input[1] not in weights:
             continue
-        if weights[n.input[1]][-1] == 1:  # [E, 1]: the head
+        if weights[n.input[1]][-1] == 1 or n.name in ood:  # [E, 1]: the head; the OOD head stays FP32
             continue
         m = _BLOCK.search(n.name)
         nodes[n.name] = int(m.group(1)) if m else None

@@ -27,7 +27,7 @@ from i2p.base.files import sha256_file
 from . import schema
 from .model_files import PRECISIONS, ModelFile, choose, kind_of
 from .preprocess import PreprocessSpec
-from .schema import OperatingPoint, SchemaError
+from .schema import OodSpec, OperatingPoint, SchemaError
 
 FORMAT = "i2p-artifact"
 FORMAT_VERSION = 1
@@ -72,6 +72,9 @@ class Manifest:
     # The layer feature the network reads after block L*: "cls" token or "mean" of the patch tokens
     # (a backbone without a class token); artifacts exported before backbone families mean "cls".
     pool: str = "cls"
+    # The network's out-of-distribution output and its threshold (``schema.OodSpec``); None for artifacts
+    # exported before it, or from checkpoints without a density: their predictions say ood is absent.
+    ood: OodSpec | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -93,6 +96,8 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d["operating_points"] = {name: p.to_dict() for name, p in self.operating_points.items()}
+        if self.ood is None:
+            del d["ood"]
         return json.dumps(d, indent=2, sort_keys=False)
 
     @classmethod
@@ -131,6 +136,14 @@ class Manifest:
         if default != "":  # "": exported before operating points, or without them
             schema.point_name(default, "operating_point")
         schema.default_point(threshold, points, default)
+        outputs = _tensors(d, "outputs")
+        ood = schema.OodSpec.from_dict(d["ood"]) if d.get("ood") is not None else None
+        declared = any(o.name == schema.OOD_OUTPUT for o in outputs)
+        if declared != (ood is not None):
+            raise ArtifactError(
+                f"field 'ood' and an output named {schema.OOD_OUTPUT!r} go together; this manifest has "
+                f"{'the output' if declared else 'no such output'} but {'a' if ood else 'no'} 'ood' field"
+            )
         return cls(
             name=_string(d, "name"),
             backbone=_string(d, "backbone"),
@@ -139,7 +152,7 @@ class Manifest:
             threshold=threshold,
             preprocess=schema.preprocess(d["preprocess"]),
             inputs=_tensors(d, "inputs"),
-            outputs=_tensors(d, "outputs"),
+            outputs=outputs,
             models=_models(d),
             files=_files(d.get("files", {})),
             tools=_str_map(d.get("tools", {}), "tools"),
@@ -147,6 +160,7 @@ class Manifest:
             operating_points=points,
             operating_point=default,
             pool=schema.pool(d.get("pool", "cls")),
+            ood=ood,
             format=FORMAT,
             format_version=version,
         )

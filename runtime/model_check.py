@@ -9,7 +9,8 @@ only proves they agree), so each model file is read as hostile (``onnx_graph`` r
   graphs; no tensor with external data (bytes from a side file the manifest does not hash);
 - **contract**, for every model file at ``Detector`` load: the one input the runtime feeds (the
   manifest's name, float32, [batch, 3, S, S] with the manifest's fixed dims) and the logit output (the
-  manifest's name and dtype, shape [batch] or [batch, 1]);
+  manifest's name and dtype, shape [batch] or [batch, 1]), and the ``ood`` output where the manifest
+  declares one (same rules);
 - **ops**, for the file a backend loads: every node is an op of ``ALLOWED_OPS``, the ops exported graphs
   (FP32, FP16, fused CPU, INT8) use plus plain tensor math other ViT backbones export to.
   ``UnsupportedGraphError`` is a load failure, so the Detector falls back to the next CPU model.
@@ -22,6 +23,7 @@ from collections import Counter
 
 from .manifest import MANIFEST, ArtifactError, Manifest, verify_file
 from .onnx_graph import OnnxFormatError, OnnxGraph, ValueInfo, read_graph
+from .schema import OOD_OUTPUT
 
 # Measured on exports of the tiny open_clip ViT (L* = 1 and 4): each block adds 166 nodes and 6
 # initializers to model.onnx (174 nodes in FP16, 8 + 8 fused for the CPU), so even a 48-block ViT-bigG
@@ -156,28 +158,31 @@ def check_contract(graph: OnnxGraph, path: str | os.PathLike, manifest: Manifest
             f"the network takes {image.name!r} as {_shape(image)}, but {MANIFEST} says {list(want_in.shape)}",
         )
 
-    out = next((o for o in graph.outputs if o.name == want_out.name), None)
-    if out is None:
-        raise refuse(
-            "outputs:",
-            f"the network has no output {want_out.name!r} (outputs: {[o.name for o in graph.outputs]})",
+    wanted = [(want_out, "logit")]
+    wanted += [(o, "score") for o in manifest.outputs if o.name == OOD_OUTPUT and manifest.ood is not None]
+    for want, what in wanted:
+        out = next((o for o in graph.outputs if o.name == want.name), None)
+        if out is None:
+            raise refuse(
+                "outputs:",
+                f"the network has no output {want.name!r} (outputs: {[o.name for o in graph.outputs]})",
+            )
+        where = f"output {out.name!r}"
+        if out.dtype != want.dtype:
+            raise refuse(f"{where} dtype", f"is {out.dtype}; the manifest says {want.dtype}")
+        dims = out.dims
+        batch = image.dims[0]
+        one_per_image = (
+            dims is not None
+            and (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1))
+            and not isinstance(dims[0], int)
+            and (not isinstance(dims[0], str) or not isinstance(batch, str) or dims[0] == batch)
         )
-    where = f"output {out.name!r}"
-    if out.dtype != want_out.dtype:
-        raise refuse(f"{where} dtype", f"is {out.dtype}; the manifest says {want_out.dtype}")
-    dims = out.dims
-    batch = image.dims[0]
-    one_per_image = (
-        dims is not None
-        and (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1))
-        and not isinstance(dims[0], int)
-        and (not isinstance(dims[0], str) or not isinstance(batch, str) or dims[0] == batch)
-    )
-    if not one_per_image:
-        raise refuse(
-            f"{where} shape",
-            f"is {_shape(out)}; the runtime needs one logit per image, [batch] or [batch, 1]",
-        )
+        if not one_per_image:
+            raise refuse(
+                f"{where} shape",
+                f"is {_shape(out)}; the runtime needs one {what} per image, [batch] or [batch, 1]",
+            )
 
 
 def _shape(v: ValueInfo) -> str:
