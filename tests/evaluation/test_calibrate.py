@@ -311,7 +311,7 @@ def test_i2p_detect_uses_the_point(calibrated, data):
     assert all((r["label"] == "fake") == (r["probability"] >= point.threshold) for r in rows)
     unknown = CliRunner().invoke(detect, [*args, "--operating-point", "nope"])
     assert (
-        unknown.exit_code == 2
+        unknown.exit_code == 1
         and "no operating point 'nope'" in unknown.output
         and "uploads" in unknown.output
     )
