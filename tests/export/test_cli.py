@@ -162,6 +162,7 @@ def test_failed_parity_leaves_no_artifact(tmp_path):
     no_leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_existing_outputs_are_replaced_only_with_force(tmp_path):
     ckpt = make_checkpoint(tmp_path, layer=1)
     out = tmp_path / "det.i2p"
@@ -289,6 +290,7 @@ def test_engine_step_glue_with_a_fake_backend(tmp_path, monkeypatch):
         ("cpu,gpu,jetson,triton", {"model.onnx", "model.fp16.onnx", "model.cpu.onnx", "model.int8.onnx"}),
     ],
 )
+@pytest.mark.slow
 def test_targets_ship_only_the_files_they_load(exported, tmp_path, targets, files):
     from i2p.runtime import Detector
     from i2p.runtime.model_files import TARGETS

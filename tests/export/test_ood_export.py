@@ -108,6 +108,7 @@ def test_manifest_and_parity_carry_the_ood(ood_export):
     assert by_file["model.int8.onnx"]["tolerances"]["ood_rtol"] is None  # on record, not gated
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_density_exports_without_ood(export_l2):
     manifest = read_manifest(export_l2.artifact)
     assert [o.name for o in manifest.outputs] == ["logit", "probability"] and manifest.ood is None

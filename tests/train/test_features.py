@@ -86,6 +86,7 @@ def test_as_many_views_as_epochs_equals_running_the_tower_every_epoch(
     assert diff > 1e-3  # one reused view is a different augmentation from epoch 2 on
 
 
+@pytest.mark.slow
 def test_the_tower_runs_once_per_image_per_view_and_validation_once(tmp_path, data_dir, tower_calls):
     cfg = TrainConfig(
         data=str(data_dir), out=str(tmp_path / "r"), **{**TINY_CFG, "epochs": 3, "feature_views": 2}

@@ -16,6 +16,7 @@ def test_blocks_after_the_critical_layer_are_dropped():
     assert len(model.blocks) == 2 and model.num_layers == 4
 
 
+@pytest.mark.slow
 def test_a_trained_state_loads_into_a_fresh_model_and_nothing_else():
     model = tiny_model(layer=2)
     with torch.no_grad():
