@@ -196,14 +196,20 @@ def _prepare(detector: Detector, path: str) -> tuple[Prepared, str]:
     return replace(item, source=path, error=error), hashlib.sha256(data).hexdigest()
 
 
-def score_folder(
-    detector: Detector, folder: str | os.PathLike, label: str, workers: int
-) -> tuple[list[Scored], list[str]]:
-    """Every image file under ``folder`` (recursive, sorted): the scored ones, and one error per failure."""
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Every image file under ``folder``, recursively (symlinked folders not followed), sorted bytewise."""
     root = os.fspath(folder)
     if not os.path.isdir(root):
         raise CalibrationError(f"{root}: not a directory of images")
-    paths = sorted(iter_images([root], recursive=True), key=os.fsencode)
+    return sorted(iter_images([root], recursive=True), key=os.fsencode)
+
+
+def score_folder(
+    detector: Detector, folder: str | os.PathLike, label: str, workers: int
+) -> tuple[list[Scored], list[str]]:
+    """Every image file under ``folder``: the scored ones, and one error per file that failed."""
+    root = os.fspath(folder)
+    paths = image_files(root)
     scored, errors = [], []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="i2p-calibrate") as pool:
         for chunk in _chunks(paths, detector.batch_size * 4):
@@ -280,6 +286,7 @@ def calibrate(
             f"{artifact}: it already has an operating point {name!r}; choose another --name or pass --replace"
         )
     needed = min_reals(target_fpr)
+    _check_count(len(image_files(reals)), needed, target_fpr, reals, [])  # before hours of scoring
     with Detector(artifact, **detector_options) as detector:
         real, errors = score_folder(detector, reals, "real", workers)
         _check_count(len(real), needed, target_fpr, reals, errors)
@@ -323,7 +330,7 @@ def _check_count(n: int, needed: int, target_fpr: float, reals: str | os.PathLik
         return
     skipped = f" ({len(errors)} more could not be read)" if errors else ""
     raise CalibrationError(
-        f"{reals}: {n} usable real images{skipped} are too few for a {target_fpr:g} FPR target: it needs at least "
+        f"{reals}: {n} {'usable ' if errors else ''}real images{skipped} are too few for a {target_fpr:g} FPR target: it needs at least "
         f"{needed}, the fewest for which zero false positives would show the FPR is at most {target_fpr:g} "
         f"with 95% confidence (about 3/target). Add reals, or aim at a target of at least "
         f"{_reachable(n):.3g}"

@@ -210,6 +210,17 @@ def test_too_few_reals_are_refused_and_nothing_is_written(artifact, tmp_path, n,
     assert (artifact / MANIFEST).read_bytes() == before
 
 
+def test_unreadable_files_do_not_count_towards_the_reals_needed(artifact, tmp_path):
+    """59 files pass the count before scoring; 2 of them do not decode, and 57 reals are too few for 5%."""
+    _images(tmp_path / "reals", 57, seed=6, brightness=0.5)
+    (tmp_path / "reals" / "a_broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (tmp_path / "reals" / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(
+        CalibrationError, match=r"57 usable real images \(2 more could not be read\) are too few"
+    ):
+        calibrate(artifact, tmp_path / "reals", 0.05, "x")
+
+
 @pytest.mark.parametrize("target", ["0", "1", "-0.1", "nan", "1.5"])
 def test_bad_targets_and_names_are_refused(artifact, data, target):
     args = ["calibrate", str(artifact), "--reals", str(data / "0_real")]
