@@ -324,7 +324,14 @@ def _model_id(model: str) -> str:
 
 
 def _row(p: Prediction) -> Row:
-    return {"path": p.source, "probability": p.probability, "label": p.label, "error": p.error}
+    return {
+        "path": p.source,
+        "probability": p.probability,
+        "label": p.label,
+        "error": p.error,
+        "ood": p.ood,
+        "uncertain": p.uncertain,
+    }
 
 
 @contextmanager

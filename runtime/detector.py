@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import schema
-from .backends import Backend, InferenceError, checked_logits, tensor_names
+from .backends import Backend, InferenceError, checked_scores, tensor_names
 from .manifest import (
     PRECISIONS,
     ArtifactError,
@@ -53,6 +53,11 @@ class Prediction:
     probability: float | None  # that the image is generated
     is_fake: bool | None  # probability >= the detector's threshold
     error: str | None = None
+    # The network's out-of-distribution score (``schema.OodSpec``), and whether it is above the artifact's
+    # threshold (the validation images' 95th percentile): an uncertain verdict is one to send to a person.
+    # None when the artifact has no OOD output (exported before it) or the backend does not return it.
+    ood: float | None = None
+    uncertain: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,6 +112,9 @@ class Detector:
         self._check_io()
         check_model_files(self.path, self.manifest)  # every model file: bounded graph and the I/O contract
         self._logit_name = tensor_names(self.manifest)[1]
+        ood = self.manifest.ood
+        self._ood_name = schema.OOD_OUTPUT if ood is not None else None
+        self.ood_threshold = ood.threshold if ood is not None else None  # above it: Prediction.uncertain
         if threshold is not None:  # a SchemaError (ValueError) for NaN or outside [0, 1]
             threshold = schema.probability(float(threshold), "threshold")
         if threshold is not None and operating_point is not None:
@@ -205,7 +213,13 @@ class Detector:
             input_shape=(self.manifest.inputs[0].name, self.batch_size, 3, size, size),
         )
         backend = OnnxRuntimeBackend(
-            path, providers, device, threads, precision=chosen, output_name=self._logit_name
+            path,
+            providers,
+            device,
+            threads,
+            precision=chosen,
+            output_name=self._logit_name,
+            ood_name=self._ood_name,
         )
         if precision is None and chosen == "fp16" and not backend.on_gpu:
             log.warning("i2p: no GPU provider could start; using the fastest CPU model instead")
@@ -227,7 +241,13 @@ class Detector:
             path = verify_file(self.path, self.manifest, m.path)
             try:
                 return OnnxRuntimeBackend(
-                    path, [CPU_EP], device, threads, precision=m.precision, output_name=self._logit_name
+                    path,
+                    [CPU_EP],
+                    device,
+                    threads,
+                    precision=m.precision,
+                    output_name=self._logit_name,
+                    ood_name=self._ood_name,
                 )
             except RuntimeError as e:  # e.g. an older ONNX Runtime without one of its contrib ops
                 if i == len(candidates) - 1:
@@ -287,12 +307,13 @@ class Detector:
                 logits = self.backend.infer_images([p.data for p in good], [p.plan for p in good])
             else:
                 logits = self.backend.infer(np.stack([p.data for p in good]))
-            logits = checked_logits(logits, len(good))
+            logits, ood = checked_scores(logits, len(good))
         except InferenceError as e:  # the network failed on this call: its images get the error, not the run
             return [Prediction(p.source, None, None, p.error or f"{p.source}: {e}") for p in items]
         probs = iter(sigmoid(logits))
+        oods = iter(ood if ood is not None else [None] * len(good))
         return [
-            self._result(p.source, next(probs))
+            self._result(p.source, next(probs), next(oods))
             if p.error is None
             else Prediction(p.source, None, None, p.error)
             for p in items
@@ -315,16 +336,20 @@ class Detector:
             )
         batch = batch.astype(np.float32, copy=False)
         parts = [
-            sigmoid(checked_logits(self.backend.infer(np.ascontiguousarray(chunk)), len(chunk)))
+            sigmoid(checked_scores(self.backend.infer(np.ascontiguousarray(chunk)), len(chunk))[0])
             for chunk in _chunks(batch, self._step)
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def _result(self, source: str, probability: np.float32) -> Prediction:
-        if not np.isfinite(probability):
+    def _result(self, source: str, probability: np.float32, ood: np.float32 | None = None) -> Prediction:
+        if not np.isfinite(probability) or (ood is not None and not np.isfinite(ood)):
             return Prediction(source, None, None, f"{source}: {NON_FINITE}")
         p = float(probability)
-        return Prediction(source, p, p >= self.threshold)
+        if ood is None or self.ood_threshold is None:
+            return Prediction(source, p, p >= self.threshold)
+        return Prediction(
+            source, p, p >= self.threshold, ood=float(ood), uncertain=float(ood) > self.ood_threshold
+        )
 
 
 def _chunks(items: Sequence[Any], step: int) -> Iterator[Sequence[Any]]:

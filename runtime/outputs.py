@@ -47,7 +47,10 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 
 ROW_COLUMNS = ("path", "probability", "label", "error")  # the table
-FILE_COLUMNS = (*ROW_COLUMNS, "model", "threshold")  # CSV/JSONL files and --json lines
+FILE_COLUMNS = (*ROW_COLUMNS, "model", "threshold", "ood", "uncertain")  # CSV/JSONL files and --json lines
+# A CSV written before the OOD score: --resume continues it with these columns (ood/uncertain left out).
+LEGACY_COLUMNS = FILE_COLUMNS[:6]
+_LEGACY_HEADER = ",".join(LEGACY_COLUMNS).encode() + b"\r\n"
 PARTIAL_SUFFIX = ".partial"
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 MAX_LINE_BYTES = 1 << 20  # a row of ours is at most a few times PATH_MAX
@@ -148,6 +151,8 @@ def file_row(row: Row, scorer: Scorer) -> Row:
         "error": display(error) if isinstance(error, str) else error,
         "model": scorer.model,
         "threshold": scorer.threshold,
+        "ood": row.get("ood"),  # None (empty cell, JSON null): the artifact has no OOD output
+        "uncertain": row.get("uncertain"),
     }
 
 
@@ -220,7 +225,7 @@ def _read_done(f: BinaryIO, where: Path, fmt: str, scorer: Scorer) -> tuple[Done
     """(the path cells of the complete rows, the length of those rows) of an output to continue."""
     f.seek(0)
     first = f.readline(MAX_LINE_BYTES + 1)
-    header = ",".join(FILE_COLUMNS).encode() + b"\r\n" if fmt == "csv" else b'{"path": '
+    header = _csv_header(first) if fmt == "csv" else b'{"path": '
     if not first.endswith(b"\n"):  # empty, or a first row torn by a kill: nothing done yet
         if len(first) > MAX_LINE_BYTES or not (header.startswith(first) or first.startswith(header)):
             raise _not_ours(where, fmt, first)
@@ -241,8 +246,25 @@ def _not_ours(where: Path, fmt: str, first: bytes) -> OutputError:
     )
 
 
+def _csv_header(first: bytes) -> bytes:
+    """The header a CSV to continue must start with: this version's, or the one before the OOD columns."""
+    return _LEGACY_HEADER if first == _LEGACY_HEADER else ",".join(FILE_COLUMNS).encode() + b"\r\n"
+
+
+def _first_columns(f: BinaryIO) -> tuple[str, ...]:
+    f.seek(0)
+    return LEGACY_COLUMNS if f.readline(MAX_LINE_BYTES + 1) == _LEGACY_HEADER else FILE_COLUMNS
+
+
+def csv_columns(fd: int) -> tuple[str, ...]:
+    """The columns of the CSV output ``fd`` continues (LEGACY_COLUMNS for one written before the OOD score)."""
+    with open(fd, "rb", closefd=False) as f:
+        return _first_columns(f)
+
+
 def _csv_paths(f: BinaryIO, where: Path, end: int, scorer: Scorer) -> Iterator[str]:
     at = [1]  # the number of the line the csv reader took last
+    columns = _first_columns(f)
 
     def texts() -> Iterator[str]:
         for number, text in _lines(f, where, end):
@@ -252,8 +274,8 @@ def _csv_paths(f: BinaryIO, where: Path, end: int, scorer: Scorer) -> Iterator[s
 
     try:
         for cells in csv.reader(texts(), strict=True):
-            if len(cells) != len(FILE_COLUMNS):
-                raise OutputError(f"{where}: line {at[0]} has {len(cells)} cells, not {len(FILE_COLUMNS)}")
+            if len(cells) != len(columns):
+                raise OutputError(f"{where}: line {at[0]} has {len(cells)} cells, not {len(columns)}")
             _check_scorer(where, at[0], cells[4], cells[5], scorer)
             yield cells[0]
     except csv.Error as e:
@@ -378,7 +400,9 @@ def file_sink(
     partial = partial_path(target)
     fd, done = _open_partial(target, partial, kind, fmt, resume, scorer)
     header = os.fstat(fd).st_size == 0
-    with _written(fd, partial, fmt, scorer, header, publish=lambda: _publish(partial, target)) as write:
+    columns = csv_columns(fd) if fmt == "csv" and not header else FILE_COLUMNS
+    publish = lambda: _publish(partial, target)  # noqa: E731
+    with _written(fd, partial, fmt, scorer, header, publish, columns) as write:
         yield write, done
 
 
@@ -430,13 +454,19 @@ def _publish(partial: Path, target: Path) -> None:
 
 @contextmanager
 def _written(
-    fd: int, path: Path, fmt: str, scorer: Scorer, header: bool, publish: Callable[[], None] | None = None
+    fd: int,
+    path: Path,
+    fmt: str,
+    scorer: Scorer,
+    header: bool,
+    publish: Callable[[], None] | None = None,
+    columns: tuple[str, ...] = FILE_COLUMNS,
 ) -> Iterator[Callable[[Row], None]]:
     """An open output whose errors, closing included, are OutputErrors naming the file; ``publish`` runs
     after the last row is flushed, while the lock is still held."""
     f = open(fd, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed below, on every path)
     try:
-        yield _writer(f, fmt, header, path, scorer)
+        yield _writer(f, fmt, header, path, scorer, columns)
         _guarded(f.flush, path)
         if publish is not None:
             publish()
@@ -457,7 +487,9 @@ def _guarded(write: Callable[[], object], path: Path) -> None:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
 
 
-def _writer(f: TextIO, fmt: str, header: bool, path: Path, scorer: Scorer) -> Callable[[Row], None]:
+def _writer(
+    f: TextIO, fmt: str, header: bool, path: Path, scorer: Scorer, columns: tuple[str, ...] = FILE_COLUMNS
+) -> Callable[[Row], None]:
     def guarded(write: Callable[[], object]) -> None:
         def put() -> None:
             write()
@@ -469,5 +501,10 @@ def _writer(f: TextIO, fmt: str, header: bool, path: Path, scorer: Scorer) -> Ca
         return lambda row: guarded(lambda: f.write(json.dumps(file_row(row, scorer)) + "\n"))
     writer = csv.writer(f)
     if header:
-        guarded(lambda: writer.writerow(FILE_COLUMNS))
-    return lambda row: guarded(lambda: writer.writerow(map(csv_cell, file_row(row, scorer).values())))
+        guarded(lambda: writer.writerow(columns))
+
+    def cells(row: Row) -> list[Any]:
+        full = file_row(row, scorer)
+        return [csv_cell(full[c]) for c in columns]
+
+    return lambda row: guarded(lambda: writer.writerow(cells(row)))

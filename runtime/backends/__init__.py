@@ -36,6 +36,15 @@ def checked_logits(logits: object, n: int) -> np.ndarray:
     return out.reshape(n).astype(np.float32, copy=False)
 
 
+def checked_scores(out: object, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits [n], ood [n] or None) from a backend's output: [n] / [n, 1] logits, or [n, 2] (logit, ood)
+    from a backend opened with ``ood_name``."""
+    arr = np.asarray(out)
+    if arr.shape == (n, 2) and arr.dtype.kind == "f":
+        return arr[:, 0].astype(np.float32), arr[:, 1].astype(np.float32)
+    return checked_logits(arr, n), None
+
+
 def tensor_names(manifest: Manifest) -> tuple[str, str]:
     """(input, logit output) as the manifest names them: its one input, and its first output.
 
@@ -52,7 +61,8 @@ class Backend(Protocol):
     accepts_images: bool  # infer_images preprocesses decoded uint8 images on the device
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, S, S] -> float32 logits [N]. Must be safe to call from several threads."""
+        """float32 [N, 3, S, S] -> float32 logits [N], or [N, 2] (logit, ood) for a backend opened with an
+        ``ood_name`` (``checked_scores`` reads both). Must be safe to call from several threads."""
         ...
 
     def infer_images(

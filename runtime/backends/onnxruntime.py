@@ -150,6 +150,7 @@ class OnnxRuntimeBackend:
         *,
         precision: str = "fp32",
         output_name: str | None = None,
+        ood_name: str | None = None,
         max_batch: int = 32,
         load_seconds: float | None = None,
     ) -> None:
@@ -181,6 +182,9 @@ class OnnxRuntimeBackend:
             raise RuntimeError(
                 f"{model_path}: the model has no {self.output_name!r} output (outputs: {outputs})"
             )
+        if ood_name is not None and ood_name not in outputs:
+            raise RuntimeError(f"{model_path}: the model has no {ood_name!r} output (outputs: {outputs})")
+        self.ood_name = ood_name  # also fetched: infer returns [N, 2] (logit, ood)
         wanted = [provider_name(p) for p in providers]
         if self.providers[0] != wanted[0]:
             log.warning("ONNX Runtime could not use %s; running on %s", wanted[0], self.providers[0])
@@ -197,11 +201,15 @@ class OnnxRuntimeBackend:
         return np.concatenate([self._run(batch[i : i + step]) for i in range(0, len(batch), step)])
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        names = [self.output_name, *((self.ood_name,) if self.ood_name else ())]
         try:
-            (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+            outputs = self.session.run(names, {self.input_name: batch})
         except Exception as e:  # ORT's own exception types: an allocation it cannot make, a kernel error
             raise InferenceError(f"ONNX Runtime failed on {self.model_path.name} ({e})") from e
-        return checked_logits(logits, len(batch))
+        logits = checked_logits(outputs[0], len(batch))
+        return (
+            logits if self.ood_name is None else np.stack([logits, checked_logits(outputs[1], len(batch))], 1)
+        )
 
     def infer_images(self, images: object, plans: object = None) -> np.ndarray:
         raise RuntimeError("ONNX Runtime takes preprocessed batches (accepts_images=False); use infer")
