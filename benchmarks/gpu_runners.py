@@ -70,7 +70,7 @@ def _compare_kernel(run: Callable[[list[np.ndarray], list[Any], type], np.ndarra
     bad = []
     for dtype in (np.float32, np.float16):
         for name, (images, reference) in corpus().items():
-            fitted, tables = kernel_batch(images, SPEC.size)
+            fitted, tables = kernel_batch(images, SPEC)
             got = run(fitted, tables, dtype)
             want = reference.astype(dtype)
             mismatched = int(
@@ -81,7 +81,7 @@ def _compare_kernel(run: Callable[[list[np.ndarray], list[Any], type], np.ndarra
             if mismatched:
                 bad.append(key)
         images, _ = corpus()["batch64"]
-        fitted, tables = kernel_batch(images, SPEC.size)
+        fitted, tables = kernel_batch(images, SPEC)
         run(fitted, tables, dtype)
         start = time.perf_counter()
         for _ in range(10):

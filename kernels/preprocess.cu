@@ -1,6 +1,12 @@
-// Fused GPU preprocessing for the I2P detector: Pillow-exact antialiased bicubic resize of the shorter
-// side, center crop, (x / 255 - mean) / std, written as NCHW float32 or float16 straight into the
-// engine's input buffer. One launch handles a batch of images of different sizes.
+// Fused GPU preprocessing for the I2P detector: Pillow-exact antialiased resize, center crop,
+// (x / 255 - mean) / std, written as NCHW float32 or float16 straight into the engine's input buffer.
+// One launch handles a batch of images of different sizes.
+//
+// Every preprocessing mode a manifest may name runs through this one kernel: the mode lives in the
+// host-built tables, not here. The resize mode (shorter side, or both sides "squash") and the crop
+// fraction (resize to floor(size / crop_pct), then crop) set each output position's source window
+// (start, count) and the crop offset; the filter (bicubic, a = -0.5, or bilinear) sets the weights
+// and ksize. tests/kernels/test_host_kernel.py runs this file on the CPU for each mode.
 //
 // Bit-exactness: the filter weights are NOT computed here. The host builds Pillow's fixed-point
 // tables (i2p.runtime.resample.crop_coefficients: double-precision weights, normalized, rounded to

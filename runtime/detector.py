@@ -289,7 +289,7 @@ class Detector:
             if not self._gpu_preprocess:
                 return Prepared(source, preprocess(src, self.spec))
             img = decode(src, self.spec)
-            return Prepared(source, np.asarray(img), plan=resize_plan(img.width, img.height, self.spec.size))
+            return Prepared(source, np.asarray(img), plan=resize_plan(img.width, img.height, self.spec))
         except ImageError as e:
             return Prepared(source, None, str(e))
 

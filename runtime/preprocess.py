@@ -1,9 +1,10 @@
 """Image decoding and preprocessing: the one code path that training's evaluation and the runtime share.
 
-The arithmetic is Pillow's: resize the shorter side to ``size`` with bicubic (antialiased) resampling,
-center-crop ``size``×``size``, scale to [0, 1], normalize by mean/std, lay out as CHW float32.
-``i2p.runtime.resample`` re-implements the resize in integer numpy bit-for-bit, and the CUDA kernel in
-``i2p.kernels`` does the same arithmetic on the GPU.
+The arithmetic is Pillow's, in the geometry of timm's and open_clip's evaluation transforms: resize to
+``floor(size / crop_pct)`` (the shorter side keeping the aspect ratio, ``resize="shortest"``, or both sides,
+``resize="squash"``) with antialiased bicubic or bilinear resampling, center-crop ``size``×``size``, scale to
+[0, 1], normalize by mean/std, lay out as CHW float32. ``i2p.runtime.resample`` re-implements the resize in
+integer numpy bit-for-bit, and the CUDA kernel in ``i2p.kernels`` does the same arithmetic on the GPU.
 
 Memory per input is bounded before any pixel is decoded (README, "Reliability"):
 
@@ -12,7 +13,8 @@ Memory per input is bounded before any pixel is decoded (README, "Reliability"):
 - an image has at most ``PreprocessSpec.max_pixels`` pixels (from its header, before decoding);
 - an image longer than ``MAX_ASPECT`` times its short side is center-cropped along its long side to
   ``MAX_ASPECT``:1 before the resize. The final center crop reads only the middle square, so the network
-  sees the same content, and the resized intermediate stays under ``MAX_ASPECT`` × size² pixels;
+  sees the same content (with ``resize="shortest"``), and the resized intermediate stays under
+  ``MAX_ASPECT`` × (size / crop_pct)² pixels;
 - 16-bit and float pixels are scaled to 8 bits in row blocks with integer (float32 for float input)
   arithmetic, so no full-size wide temporaries;
 - decoding threads share one memory budget (``i2p.runtime.memory``): each decode reserves its estimate
@@ -58,6 +60,9 @@ MAX_INPUT_BYTES = 64 * 2**20  # an encoded image file (a 64 MP photo is ~30 MB a
 MAX_ASPECT = 16  # longer images are center-cropped to 16:1 before the resize
 MAX_SIZE = 1024  # the network's input side: bounds the resize intermediate (MAX_ASPECT * size²)
 MAX_PIXELS_LIMIT = 2**27  # the largest max_pixels a manifest may set (134 MP; Pillow refuses 179 MP)
+RESIZE_MODES = ("shortest", "squash")  # open_clip's resize_mode / timm's crop_mode "center" and "squash"
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}  # antialiased
+MIN_CROP_PCT = 0.5  # timm's models use 0.75 .. 1.0; below 0.5 the resize intermediate would grow past 4x
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
@@ -80,20 +85,26 @@ class PreprocessSpec:
     """What the manifest says about turning an image into the network's input (validated on creation)."""
 
     size: int = 224
-    resize: str = "shortest"  # resize the shorter side to `size`, keep the aspect ratio
-    interpolation: str = "bicubic"  # Pillow's antialiased bicubic (a = -0.5)
+    resize: str = "shortest"  # "shortest": the shorter side to scale_size, aspect kept; "squash": both sides
+    interpolation: str = "bicubic"  # Pillow's antialiased bicubic (a = -0.5), or "bilinear"
     crop: str = "center"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = 64_000_000  # decompression-bomb guard, checked before any pixel is decoded
+    crop_pct: float = 1.0  # timm's crop fraction: resize to floor(size / crop_pct), then center-crop size
 
     def __post_init__(self) -> None:
         _check_number("size", self.size, 1, MAX_SIZE, integer=True)
-        for key, value in (("resize", "shortest"), ("interpolation", "bicubic"), ("crop", "center")):
-            if getattr(self, key) != value:
+        for key, allowed in (
+            ("resize", RESIZE_MODES),
+            ("interpolation", tuple(RESAMPLING)),
+            ("crop", ("center",)),
+        ):
+            if not isinstance(getattr(self, key), str) or getattr(self, key) not in allowed:
                 raise ValueError(
-                    f"{key} must be {value!r} (the only one implemented), got {getattr(self, key)!r}"
+                    f"{key} must be one of {list(allowed)} (what the runtime reproduces), got {getattr(self, key)!r:.80}"
                 )
+        _check_number("crop_pct", self.crop_pct, MIN_CROP_PCT, 1.0)
         for key, lo, hi in (("mean", 0.0, 1.0), ("std", 1e-3, 10.0)):
             values = getattr(self, key)
             if not isinstance(values, tuple) or len(values) != 3:
@@ -101,6 +112,11 @@ class PreprocessSpec:
             for channel, v in zip("RGB", values, strict=True):
                 _check_number(f"{key}[{channel}]", v, lo, hi)
         _check_number("max_pixels", self.max_pixels, self.size * self.size, MAX_PIXELS_LIMIT, integer=True)
+
+    @property
+    def scale_size(self) -> int:
+        """The side the image is resized to before the center crop: timm's ``floor(size / crop_pct)``."""
+        return math.floor(self.size / self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +137,7 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class ResizePlan:
-    """Resized size and crop offsets for one source size: shared by Pillow, numpy and CUDA paths."""
+    """Resized size, crop offsets and filter for one source size: shared by Pillow, numpy and CUDA paths."""
 
     src_w: int
     src_h: int
@@ -130,17 +146,25 @@ class ResizePlan:
     left: int
     top: int
     size: int
+    interpolation: str = "bicubic"
 
 
-def resize_plan(src_w: int, src_h: int, size: int) -> ResizePlan:
-    """torchvision's Resize(size) + CenterCrop(size) geometry (shorter side -> size, floor the longer)."""
+def resized_size(src_w: int, src_h: int, scale: int, resize: str) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize: ``scale`` for the shorter side with the longer floored
+    (``Resize(scale)``, "shortest"), or ``scale`` × ``scale`` (``Resize((scale, scale))``, "squash")."""
+    if resize == "squash":
+        return scale, scale
     if src_w <= src_h:
-        out_w, out_h = size, max(1, int(size * src_h / src_w))
-    else:
-        out_w, out_h = max(1, int(size * src_w / src_h)), size
-    left = int(round((out_w - size) / 2.0))
-    top = int(round((out_h - size) / 2.0))
-    return ResizePlan(src_w, src_h, out_w, out_h, left, top, size)
+        return scale, max(1, int(scale * src_h / src_w))
+    return max(1, int(scale * src_w / src_h)), scale
+
+
+def resize_plan(src_w: int, src_h: int, spec: PreprocessSpec) -> ResizePlan:
+    """The spec's Resize(scale_size) + CenterCrop(size) geometry (torchvision's rounding), and its filter."""
+    out_w, out_h = resized_size(src_w, src_h, spec.scale_size, spec.resize)
+    left = int(round((out_w - spec.size) / 2.0))
+    top = int(round((out_h - spec.size) / 2.0))
+    return ResizePlan(src_w, src_h, out_w, out_h, left, top, spec.size, spec.interpolation)
 
 
 def aspect_box(width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -358,12 +382,12 @@ def _row_blocks(arr: np.ndarray, elements: int = 1 << 18) -> Iterator[np.ndarray
 
 
 def resize_crop(img: Image.Image, spec: PreprocessSpec, name: str = "image") -> Image.Image:
-    """Pillow's bicubic resize of the shorter side to ``spec.size``, then the center crop.
+    """Pillow's resize of the spec's mode and filter to ``spec.scale_size``, then the center crop.
 
     ``name`` is accepted for callers that pass it; nothing here can fail for a decoded image.
     """
-    plan = resize_plan(img.width, img.height, spec.size)
-    resized = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
+    plan = resize_plan(img.width, img.height, spec)
+    resized = img.resize((plan.out_w, plan.out_h), RESAMPLING[spec.interpolation])
     return resized.crop((plan.left, plan.top, plan.left + spec.size, plan.top + spec.size))
 
 

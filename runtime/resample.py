@@ -1,4 +1,4 @@
-"""Pillow's 8-bit antialiased bicubic resize, redone in integer numpy so that it is bit-exact with Pillow.
+"""Pillow's 8-bit antialiased bicubic and bilinear resize, redone in integer numpy, bit-exact with Pillow.
 
 Pillow resizes in two separable passes. Each pass computes, per output position, filter weights in
 double precision (``precompute_coeffs`` in ``src/libImaging/Resample.c``), normalizes them to their
@@ -6,6 +6,10 @@ sum, rounds them to 22-bit fixed point (``normalize_coeffs_8bpc``), and accumula
 ``pixel * weight`` in 32-bit integers starting from one half, then shifts right by 22 and clips to
 0..255. The result of the first pass is stored as uint8 before the second pass reads it. A pass
 whose size does not change is skipped (its fixed-point table would be the identity).
+
+Only the filter (bicubic with a = -0.5 on (-2, 2), or bilinear's triangle on (-1, 1)) and the geometry
+(``i2p.runtime.preprocess.resize_plan``: shortest side or squash, crop fraction, center crop) differ
+between the modes a ``PreprocessSpec`` allows; both end up in the tables.
 
 This module reproduces that arithmetic operation for operation. The fixed-point tables it builds
 (:func:`crop_coefficients`) are also what the CUDA kernel in ``i2p.kernels`` consumes, so the GPU
@@ -31,7 +35,6 @@ from .preprocess import PreprocessSpec, ResizePlan, aspect_box, normalize, resiz
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow: 8 bits of result, 2 bits of headroom for negative lobes
 HALF = 1 << (PRECISION_BITS - 1)  # accumulators start here: rounding to nearest after the shift
-BICUBIC_SUPPORT = 2.0  # Pillow's bicubic filter (a = -0.5) is non-zero on (-2, 2)
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,19 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    """Pillow's ``bilinear_filter``: 1 - |x| on (-1, 1)."""
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}  # Pillow's filter and its support
+
+
 @lru_cache(maxsize=512)
-def crop_coefficients(in_size: int, out_size: int, first: int, count: int) -> AxisCoefficients:
+def crop_coefficients(
+    in_size: int, out_size: int, first: int, count: int, interpolation: str = "bicubic"
+) -> AxisCoefficients:
     """Fixed-point taps for output positions ``first .. first + count - 1`` of an ``in_size -> out_size`` pass.
 
     ``in_size == out_size`` gives the identity (one tap of weight 1.0): Pillow skips such a pass, and
@@ -74,6 +88,9 @@ def crop_coefficients(in_size: int, out_size: int, first: int, count: int) -> Ax
         raise ValueError(
             f"output positions {first}..{first + count - 1} outside a {in_size}->{out_size} resize"
         )
+    if interpolation not in FILTERS:
+        raise ValueError(f"interpolation must be one of {list(FILTERS)}, got {interpolation!r:.80}")
+    kernel, kernel_support = FILTERS[interpolation]
     positions = np.arange(first, first + count)
     if in_size == out_size:
         return _frozen(
@@ -83,7 +100,7 @@ def crop_coefficients(in_size: int, out_size: int, first: int, count: int) -> Ax
     # precompute_coeffs: box = (0, in_size) as C floats, so in1 - in0 is a float32 difference.
     scale = float(np.float32(in_size)) / out_size
     filterscale = max(scale, 1.0)
-    support = BICUBIC_SUPPORT * filterscale
+    support = kernel_support * filterscale
     ksize = int(np.ceil(support)) * 2 + 1
     inv_filterscale = 1.0 / filterscale
 
@@ -95,7 +112,7 @@ def crop_coefficients(in_size: int, out_size: int, first: int, count: int) -> Ax
     taps = np.zeros((count, ksize), np.float64)
     total = np.zeros(count, np.float64)
     for k in range(ksize):  # sequential sum over taps, in Pillow's order (numpy's sum is pairwise)
-        w = _bicubic(((xmin + k) - center + 0.5) * inv_filterscale)
+        w = kernel(((xmin + k) - center + 0.5) * inv_filterscale)
         w = np.where(k < xmax, w, 0.0)
         taps[:, k] = w
         total += w
@@ -150,8 +167,8 @@ class KernelTables(NamedTuple):
 @lru_cache(maxsize=1024)
 def kernel_tables(plan: ResizePlan) -> KernelTables:
     """Pillow's fixed-point tables for one resize plan (computed once per plan; photos repeat sizes)."""
-    cols = crop_coefficients(plan.src_w, plan.out_w, plan.left, plan.size)
-    rows = crop_coefficients(plan.src_h, plan.out_h, plan.top, plan.size)
+    cols = crop_coefficients(plan.src_w, plan.out_w, plan.left, plan.size, plan.interpolation)
+    rows = crop_coefficients(plan.src_h, plan.out_h, plan.top, plan.size, plan.interpolation)
     x, y = cols.flat(), rows.flat()
     for a in (x, y):
         a.setflags(write=False)  # shared through the lru_cache
@@ -167,10 +184,12 @@ def fit_aspect_array(rgb: np.ndarray) -> np.ndarray:
     return rgb[top:bottom, left:right]
 
 
-def kernel_batch(images: Sequence[np.ndarray], size: int) -> tuple[list[np.ndarray], list[KernelTables]]:
+def kernel_batch(
+    images: Sequence[np.ndarray], spec: PreprocessSpec
+) -> tuple[list[np.ndarray], list[KernelTables]]:
     """uint8 HWC images as the kernel takes them: each fitted to MAX_ASPECT:1 (a view), with its tables."""
     fitted = [fit_aspect_array(img) for img in images]
-    return fitted, [kernel_tables(resize_plan(img.shape[1], img.shape[0], size)) for img in fitted]
+    return fitted, [kernel_tables(resize_plan(img.shape[1], img.shape[0], spec)) for img in fitted]
 
 
 def _resample(src: np.ndarray, coeffs: AxisCoefficients, axis: int) -> np.ndarray:
@@ -188,7 +207,7 @@ def _resample(src: np.ndarray, coeffs: AxisCoefficients, axis: int) -> np.ndarra
 
 
 def resize_crop_reference(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Pillow's ``resize_crop`` (shorter side -> ``spec.size``, bicubic, center crop) on a uint8 HWC array.
+    """Pillow's ``resize_crop`` (the spec's resize mode, crop fraction and filter) on a uint8 HWC array.
 
     Only the crop window is computed: every Pillow output pixel depends on its own row and column
     alone, so restricting both passes to the rows and columns the window needs changes nothing.
@@ -199,9 +218,9 @@ def resize_crop_reference(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     src_h, src_w = rgb.shape[:2]
     if src_h == 0 or src_w == 0:
         raise ValueError(f"empty image {rgb.shape}")
-    plan = resize_plan(src_w, src_h, spec.size)
-    cols = crop_coefficients(src_w, plan.out_w, plan.left, spec.size)
-    rows = crop_coefficients(src_h, plan.out_h, plan.top, spec.size)
+    plan = resize_plan(src_w, src_h, spec)
+    cols = crop_coefficients(src_w, plan.out_w, plan.left, spec.size, spec.interpolation)
+    rows = crop_coefficients(src_h, plan.out_h, plan.top, spec.size, spec.interpolation)
     if vertical_first(src_w, src_h, plan.out_w, plan.out_h):
         lo, hi = _span(cols)
         tmp = _resample(rgb[:, lo:hi], rows, axis=0)

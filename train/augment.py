@@ -5,9 +5,11 @@ that ordinary post-processing destroys (Wang et al., CVPR 2020); the random crop
 geometric jitter. The degradations are ``i2p.evaluation.perturb``'s, the operations the robustness
 sweeps evaluate under (``i2p eval --perturb``), applied in the order a sharing pipeline does: blur,
 downscale, JPEG.
-The crop is taken at the evaluation scale (shorter side between ``size`` and ``size * 8/7``, the
-resize-then-crop margin CLIP's own evaluation uses), so training and deployment see objects at the same
-size. The last step is the runtime's ``normalize``, so the pixel arithmetic matches deployment.
+The crop is taken at the evaluation scale: the image is resized the spec's way (shorter side, or both
+sides for ``squash``) to a random side between ``size`` and ``scale_size * 8/7`` (``scale_size`` =
+``size / crop_pct``, the side deployment resizes to), with the spec's filter, so training and deployment
+see objects at the same size. The last step is the runtime's ``normalize``, so the pixel arithmetic
+matches deployment.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from i2p.evaluation.perturb import MAX_CHAIN, MAX_SPEC_CHARS, blur, checked_value, downscale, jpeg
-from i2p.runtime.preprocess import PreprocessSpec, fit_aspect, normalize, resize_plan
+from i2p.runtime.preprocess import RESAMPLING, PreprocessSpec, fit_aspect, normalize, resized_size
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class AugmentConfig:
     jpeg_prob: float = 0.5
     jpeg_quality: tuple[int, int] = (30, 100)  # Pillow JPEG quality, uniform integer, both ends included
     flip: bool = True  # random horizontal flip with p = 0.5
-    scale_jitter: float = 8 / 7  # shorter side resized to a random size in [size, round(size * this)]
+    scale_jitter: float = 8 / 7  # resized to a random side in [size, round(spec.scale_size * this)]
     resize_prob: float = 0.0  # downscale by a factor uniform in resize_scale (then back up by the crop)
     resize_scale: tuple[float, float] = (0.5, 1.0)
 
@@ -74,7 +76,7 @@ def augment(
     """
     u_blur, sigma, u_jpeg = rng.random(), rng.uniform(*cfg.blur_sigma), rng.random()
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
-    short = int(rng.integers(spec.size, round(spec.size * cfg.scale_jitter) + 1))
+    short = int(rng.integers(spec.size, round(spec.scale_size * cfg.scale_jitter) + 1))
     u_left, u_top, u_flip = rng.random(3)
     u_resize, factor = rng.random(), rng.uniform(*cfg.resize_scale)  # drawn last: older runs keep theirs
 
@@ -85,10 +87,10 @@ def augment(
     if u_jpeg < cfg.jpeg_prob:
         img = jpeg(img, quality)
     img = fit_aspect(img)  # the runtime's rule for elongated images, before any resize
-    plan = resize_plan(img.width, img.height, short)
-    img = img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)
-    left = int(u_left * (plan.out_w - spec.size + 1))
-    top = int(u_top * (plan.out_h - spec.size + 1))
+    out_w, out_h = resized_size(img.width, img.height, short, spec.resize)
+    img = img.resize((out_w, out_h), RESAMPLING[spec.interpolation])
+    left = int(u_left * (out_w - spec.size + 1))
+    top = int(u_top * (out_h - spec.size + 1))
     img = img.crop((left, top, left + spec.size, top + spec.size))
     if cfg.flip and u_flip < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -24,7 +24,7 @@ from i2p import kernels
 
 from ..manifest import Manifest, verify_file
 from ..model_check import check_loadable
-from ..preprocess import ResizePlan
+from ..preprocess import ResizePlan, resize_plan
 from ..resample import kernel_batch, kernel_tables
 from ..tensorrt.api import (
     EngineBuildError,
@@ -273,11 +273,14 @@ class TensorRTBackend:
             raise RuntimeError("GPU preprocessing is not available on this backend (accepts_images=False)")
         images = kernels.check_images(images)
         if plans is None:
-            images, tables = kernel_batch(images, self.size)
+            images, tables = kernel_batch(images, self.spec)
         else:
             for i, (img, plan) in enumerate(zip(images, plans, strict=True)):
-                if (plan.src_h, plan.src_w) != img.shape[:2] or plan.size != self.size:
-                    raise ValueError(f"image {i}: its resize plan is for {plan.src_w}x{plan.src_h}")
+                ours = resize_plan(img.shape[1], img.shape[0], self.spec)  # this artifact's preprocessing
+                if plan != ours:
+                    raise ValueError(
+                        f"image {i}: its resize plan is for {plan.src_w}x{plan.src_h} or another preprocessing"
+                    )
             tables = [kernel_tables(plan) for plan in plans]
         if not images:
             return np.zeros(0, np.float32)

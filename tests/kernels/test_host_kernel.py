@@ -6,6 +6,9 @@ the grid; the PTX FP16 store's ``#ifdef __CUDA_ARCH__`` twin rounds to nearest e
 ``cvt.rn.f16.f32``. The batch is packed by the same ``i2p.kernels.plan_batch``/``pack_sources`` and
 launched with the same ``launch_shape`` as on the GPU.
 
+Every preprocessing mode (resize shortest/squash, crop fraction, bicubic/bilinear) goes through the same
+kernel with its own tables; each is tested here.
+
 Tolerance: none. float32 output equals ``preprocess_reference`` bit for bit; float16 output equals the
 reference cast by numpy (round to nearest even) bit for bit; every output element is written.
 """
@@ -92,7 +95,7 @@ def _images(sizes: Sequence[tuple[int, int]], seed: int) -> list[np.ndarray]:
 
 def _check(dll: ctypes.CDLL, images: list[np.ndarray], spec: PreprocessSpec = SPEC) -> np.ndarray:
     """Both output types against the reference, bit for bit; returns the descriptors launched."""
-    fitted, tables = kernel_batch(images, spec.size)
+    fitted, tables = kernel_batch(images, spec)
     expected = np.stack([preprocess_reference(img, spec) for img in images])
     for dtype in (np.float32, np.float16):
         got = run_host_kernel(dll, fitted, tables, spec.size, spec.mean, spec.std, dtype)
@@ -115,6 +118,25 @@ MIXED = [
 def test_mixed_sizes_in_one_batch_are_bit_exact(host_kernels: ctypes.CDLL) -> None:
     descs = _check(host_kernels, _images(MIXED, seed=1))
     if pillow_version() >= (13, 0):  # both branches of the kernel ran in this batch
+        assert descs[:, 7].any() and not descs[:, 7].all()
+
+
+# Every preprocessing mode the backbone families use (README, "Backbone families"), and their mixes.
+MODES = {
+    "siglip2: squash, bicubic": PreprocessSpec(size=224, resize="squash", mean=(0.5,) * 3, std=(0.5,) * 3),
+    "pe-core: squash, bilinear": PreprocessSpec(size=224, resize="squash", interpolation="bilinear"),
+    "eva02: shortest, crop_pct 0.9": PreprocessSpec(size=224, crop_pct=0.9),
+    "shortest, bilinear, crop_pct 0.875": PreprocessSpec(size=97, interpolation="bilinear", crop_pct=0.875),
+    "squash, bilinear, crop_pct 0.95": PreprocessSpec(size=33, resize="squash", interpolation="bilinear", crop_pct=0.95),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_preprocessing_mode_is_bit_exact_on_mixed_sizes(host_kernels: ctypes.CDLL, mode: str) -> None:
+    """The kernel's tables carry the mode: one batch of mixed sizes and aspect ratios per mode, both
+    output types equal to the numpy reference (itself Pillow's bytes, ``test_resample.py``)."""
+    descs = _check(host_kernels, _images(MIXED, seed=7), MODES[mode])
+    if pillow_version() >= (13, 0):  # both branches of the kernel ran
         assert descs[:, 7].any() and not descs[:, 7].all()
 
 
@@ -142,7 +164,7 @@ def test_other_output_sizes(host_kernels: ctypes.CDLL, size: int) -> None:
 
 def test_half_rounding_covers_subnormals_and_overflow(host_kernels: ctypes.CDLL) -> None:
     """Normalization constants no manifest would allow, to reach FP16 subnormals, zero and infinity."""
-    fitted, tables = kernel_batch(_images([(64, 64), (31, 200)], seed=5), 32)
+    fitted, tables = kernel_batch(_images([(64, 64), (31, 200)], seed=5), PreprocessSpec(size=32))
     resized = np.stack([resize_crop_reference(img, PreprocessSpec(size=32)) for img in fitted])
     cases = {
         "subnormal": ((0.5, 0.0, 1.0), (3.0e4, 1.0e5, 7.0e3)),
@@ -159,7 +181,7 @@ def test_half_rounding_covers_subnormals_and_overflow(host_kernels: ctypes.CDLL)
 
 
 def test_malformed_tables_are_refused() -> None:
-    fitted, tables = kernel_batch(_images([(10, 10)], seed=6), 8)
+    fitted, tables = kernel_batch(_images([(10, 10)], seed=6), PreprocessSpec(size=8))
     x, y, vertical = tables[0]
     with pytest.raises(ValueError, match="image 0 column table"):
         kernels.plan_batch([fitted[0].shape], [(x[:-1], y, vertical)], 8)

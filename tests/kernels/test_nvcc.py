@@ -28,6 +28,13 @@ from i2p.runtime.resample import (
 # Turing .. Hopper, sm_87 = Jetson Orin; each compiled where this nvcc supports it (11.4 stops at sm_87).
 WANTED = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 SPEC = PreprocessSpec(size=224)
+MODES = [  # the families' preprocessing modes: SigLIP 2, PE-Core, EVA-02
+    SPEC,
+    PreprocessSpec(size=224, resize="squash"),
+    PreprocessSpec(size=224, resize="squash", interpolation="bilinear"),
+    PreprocessSpec(size=224, crop_pct=0.9),
+]
+MODE_IDS = ["shortest-bicubic", "squash-bicubic", "squash-bilinear", "crop_pct-0.9"]
 MIXED = [(1, 1), (3, 500), (500, 3), (224, 224), (224, 300), (640, 480), (57, 913), (1000, 1400), (300, 1400)]
 
 needs_nvcc = pytest.mark.skipif(kernels.find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
@@ -121,10 +128,11 @@ def _emulate_kernel_reads(layout: kernels.BatchLayout, src: np.ndarray, size: in
     return np.stack(out)
 
 
-def test_batch_layout_is_what_the_kernel_expects() -> None:
+@pytest.mark.parametrize("spec", MODES, ids=MODE_IDS)
+def test_batch_layout_is_what_the_kernel_expects(spec: PreprocessSpec) -> None:
     """Packed source offsets, descriptors and tables reproduce the reference for a mixed-size batch."""
-    images, tables = kernel_batch(_images(MIXED), SPEC.size)
-    layout = kernels.plan_batch([img.shape for img in images], tables, SPEC.size)
+    images, tables = kernel_batch(_images(MIXED), spec)
+    layout = kernels.plan_batch([img.shape for img in images], tables, spec.size)
     assert layout.descs.shape == (len(images), kernels.DESC_FIELDS) and layout.descs.dtype == np.int64
     assert layout.tables.dtype == np.int32
     src = np.zeros(layout.src_bytes, np.uint8)
@@ -132,10 +140,10 @@ def test_batch_layout_is_what_the_kernel_expects() -> None:
         src[offset : offset + img.size] = img.ravel()
     if pillow_version() >= (13, 0):  # Pillow 13 resamples 300x1400 rows first, the rest columns first
         assert layout.descs[:, 7].any() and not layout.descs[:, 7].all()
-    got = _emulate_kernel_reads(layout, src, SPEC.size)
+    got = _emulate_kernel_reads(layout, src, spec.size)
     for i, img in enumerate(images):
         np.testing.assert_array_equal(
-            got[i], resize_crop_reference(img, SPEC), err_msg=f"image {i} {img.shape}"
+            got[i], resize_crop_reference(img, spec), err_msg=f"image {i} {img.shape}"
         )
 
 
@@ -163,13 +171,14 @@ def test_module_imports_and_reports_unavailable_without_pycuda() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not kernels.available(), reason="needs pycuda and an NVIDIA GPU")
+@pytest.mark.parametrize("spec", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_kernel_matches_the_reference_on_a_gpu(dtype: type) -> None:
+def test_kernel_matches_the_reference_on_a_gpu(dtype: type, spec: PreprocessSpec) -> None:
     cuda = kernels.driver()
     images = _images(MIXED + [(4000, 3000), (120, 1900)], seed=1)
-    fitted, tables = kernel_batch(images, SPEC.size)
-    pre = kernels.GpuPreprocessor(SPEC.size, SPEC.mean, SPEC.std, max_batch=len(images), out_dtype=dtype)
-    n, s = len(images), SPEC.size
+    fitted, tables = kernel_batch(images, spec)
+    pre = kernels.GpuPreprocessor(spec.size, spec.mean, spec.std, max_batch=len(images), out_dtype=dtype)
+    n, s = len(images), spec.size
     nbytes = n * 3 * s * s * np.dtype(dtype).itemsize
     with kernels.activated(pre.context):
         out = cuda.mem_alloc(nbytes)
@@ -194,7 +203,7 @@ def test_kernel_matches_the_reference_on_a_gpu(dtype: type) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         pre(fitted, tables)
     assert not np.isnan(host).any(), "some output elements were never written"
-    expected = np.stack([preprocess_reference(img, SPEC) for img in images]).astype(dtype)
+    expected = np.stack([preprocess_reference(img, spec) for img in images]).astype(dtype)
     worst = float(np.max(np.abs(host.astype(np.float64) - expected)))
     print(
         f"\n{cuda.Device(0).name()} {np.dtype(dtype).name}: max |gpu - reference| = {worst}, {ms:.2f} ms/batch of {n}"
@@ -210,7 +219,7 @@ def test_concurrent_calls_each_get_their_own_batch() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     pre = kernels.GpuPreprocessor(SPEC.size, SPEC.mean, SPEC.std, max_batch=4, out_dtype=np.float32)
-    batches = [kernel_batch(_images([(100 + 37 * i, 80 + 11 * i)] * 3, seed=i), SPEC.size) for i in range(8)]
+    batches = [kernel_batch(_images([(100 + 37 * i, 80 + 11 * i)] * 3, seed=i), SPEC) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda b: pre(*b), batches * 4))
     pre.close()

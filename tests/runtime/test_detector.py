@@ -312,7 +312,7 @@ def test_gpu_preprocessing_hook_gets_decoded_images(
 
     def infer_images(imgs: list[np.ndarray], plans: list[ResizePlan]) -> np.ndarray:
         seen.append([(im.shape, im.dtype) for im in imgs])
-        assert plans == [resize_plan(im.shape[1], im.shape[0], det.spec.size) for im in imgs]
+        assert plans == [resize_plan(im.shape[1], im.shape[0], det.spec) for im in imgs]
         return det.backend.infer(np.stack([preprocess(im, det.spec) for im in imgs]))  # "on the device"
 
     gpu = stand_in("gpu-stand-in", "fp32", det.backend.infer, infer_images=infer_images, accepts_images=True)

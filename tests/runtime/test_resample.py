@@ -97,7 +97,7 @@ def test_preprocess_reference_matches_the_cpu_path() -> None:
 def test_pass_order_follows_the_installed_pillow() -> None:
     """A tall image that shrinks mostly in height: the two pass orders give different bytes, Pillow's wins."""
     w, h = 300, 1400
-    plan = resize_plan(w, h, SPEC.size)
+    plan = resize_plan(w, h, SPEC)
     if not vertical_first(w, h, plan.out_w, plan.out_h):
         pytest.skip("this Pillow version always runs the horizontal pass first")
     img = _image(np.random.default_rng(3), w, h)

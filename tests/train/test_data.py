@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from i2p.runtime.preprocess import PreprocessSpec, normalize, preprocess, resize_plan
+from i2p.runtime.preprocess import PreprocessSpec, normalize, preprocess, resized_size
 from i2p.train.augment import AugmentConfig, augment
 from i2p.train.data import (
     BadSample,
@@ -346,8 +346,9 @@ def test_augment_crop_jitter_stays_at_evaluation_scale():
     # Every output is a crop of the image resized to a shorter side in [24, round(24 * 8 / 7) = 27].
     candidates = []
     for short in range(24, 28):
-        plan = resize_plan(50, 30, short)
-        resized = normalize(np.asarray(img.resize((plan.out_w, plan.out_h), Image.Resampling.BICUBIC)), SPEC)
+        resized = normalize(
+            np.asarray(img.resize(resized_size(50, 30, short, "shortest"), Image.Resampling.BICUBIC)), SPEC
+        )
         candidates.append(resized)
     for x in outs:
         assert any(
@@ -356,6 +357,34 @@ def test_augment_crop_jitter_stays_at_evaluation_scale():
             for t in range(c.shape[1] - 23)
             for left in range(c.shape[2] - 23)
         )
+
+
+@pytest.mark.parametrize(
+    ("spec", "sides"),
+    [
+        (PreprocessSpec(size=24, resize="squash", interpolation="bilinear"), range(24, 28)),  # PE-Core's
+        (PreprocessSpec(size=24, crop_pct=0.75), range(24, 38)),  # scale_size 32: up to round(32 * 8 / 7)
+    ],
+)
+def test_augment_follows_the_specs_resize_mode_filter_and_crop_fraction(spec, sides):
+    """Training crops at the deployment's scale, resized the deployment's way with its filter."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8))
+    cfg = AugmentConfig(resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0, flip=False)
+    outs = [augment(img, cfg, np.random.default_rng(s), spec) for s in range(30)]
+    filt = Image.Resampling.BILINEAR if spec.interpolation == "bilinear" else Image.Resampling.BICUBIC
+    candidates = [
+        normalize(np.asarray(img.resize(resized_size(50, 30, side, spec.resize), filt)), spec)
+        for side in sides
+    ]
+    for x in outs:
+        assert any(
+            np.array_equal(x, c[:, t : t + 24, left : left + 24])
+            for c in candidates
+            for t in range(c.shape[1] - 23)
+            for left in range(c.shape[2] - 23)
+        )
+    assert len({x.tobytes() for x in outs}) > 10  # crop position and scale vary
 
 
 def test_augment_blur_and_jpeg_change_pixels_as_configured():
