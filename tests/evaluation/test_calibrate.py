@@ -10,6 +10,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -393,3 +395,32 @@ def test_triton_ensemble_serves_every_point(calibrated, data, tmp_path):
     with Detector(calibrated, precision="fp32", operating_point="uploads") as det:
         local = det.predict([str(f) for f in files])
     assert np.abs(p - [r.probability for r in local]).max() <= 1e-6
+
+
+NO_TORCH = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "open_clip") or name.startswith(("i2p.train", "i2p.export")):
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, Block())
+from i2p.cli import main
+try:
+    main(["calibrate", sys.argv[1], "--reals", sys.argv[2], "--target-fpr", "0.05", "--name", "lean"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+"""
+
+
+def test_calibrate_runs_without_torch(artifact, data):
+    """The lean install: `i2p calibrate` imports neither torch nor the training or export layers."""
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(artifact), str(data / "0_real")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "lean" in read_manifest(artifact).operating_points
