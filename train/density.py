@@ -146,9 +146,11 @@ def fit_run(
     cfg: TrainConfig,
     device: torch.device,
     cached: features_mod.Features | None = None,
+    cached_val: features_mod.Features | None = None,
 ) -> tuple[Density, OodSpec]:
     """Fit on the training features (``cached``: a head-only run's last view; else one extra pass over up to
-    MAX_FIT_IMAGES training images) and take the threshold on the validation images (one pass)."""
+    MAX_FIT_IMAGES training images) and take the threshold on the validation images (``cached_val``: a
+    head-only run's validation features; else one pass)."""
     started, rt = time.time(), Runtime(device)
     if cached is None:
         train = calibration_subset(train, MAX_FIT_IMAGES, cfg.seed)
@@ -158,7 +160,9 @@ def fit_run(
     keep = [i for i in range(len(train)) if i not in cached.bad]
     labels = torch.tensor([train[i].label for i in keep])
     density = fit(head_features(model, cached.values[keep]), labels)
-    found = features_mod.extract(model, data_mod.ImageDataset(val, spec), cfg, rt, "OOD density: validation")
+    found = cached_val or features_mod.extract(
+        model, data_mod.ImageDataset(val, spec), cfg, rt, "OOD density: validation"
+    )
     val_keep = [i for i in range(len(val)) if i not in found.bad]
     try:
         ood = calibrate(density, head_features(model, found.values[val_keep]))

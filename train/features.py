@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,23 +160,30 @@ class FeatureDataset(Dataset):
         return self.current.values[index], sample.label, index
 
 
-def validation_scores(
-    model: I2PModel, images: data_mod.ImageDataset, cfg: TrainConfig, device: torch.device
-) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-    """(probabilities, indices) of the current head on the validation images; the tower runs on the first call.
+class ValidationFeatures:
+    """The validation images' tower features, extracted once on first use: every epoch's validation and the
+    OOD density's threshold read the same ones.
 
-    Called on rank 0 only (validation is rank 0's), so the extraction is not sharded.
+    Used on rank 0 only (validation is rank 0's), so the extraction is not sharded.
     """
-    cache: list[Features] = []
 
-    def scores() -> tuple[np.ndarray, np.ndarray]:
-        if not cache:
-            cache.append(extract(model, images, cfg, Runtime(device), "features: validation"))
-        features = cache[0]
-        idx = np.array([i for i in range(len(images)) if i not in features.bad], dtype=np.int64)
-        model.head.eval()
+    def __init__(
+        self, model: I2PModel, images: data_mod.ImageDataset, cfg: TrainConfig, device: torch.device
+    ) -> None:
+        self.model, self.images, self.cfg, self.device = model, images, cfg, device
+        self._features: Features | None = None
+
+    def features(self) -> Features:
+        if self._features is None:
+            rt = Runtime(self.device)
+            self._features = extract(self.model, self.images, self.cfg, rt, "features: validation")
+        return self._features
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, indices) of the current head on the readable validation images."""
+        features = self.features()
+        idx = np.array([i for i in range(len(self.images)) if i not in features.bad], dtype=np.int64)
+        self.model.head.eval()
         with torch.inference_mode():
-            logits = model.forward_head(features.values[idx].to(device)).float()
+            logits = self.model.forward_head(features.values[idx].to(self.device)).float()
         return torch.sigmoid(logits).cpu().numpy(), idx
-
-    return scores

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +64,7 @@ class Run:
         default_factory=time.time
     )  # when `i2p-train` began: the run's time covers every stage
     stage_seconds: dict[str, float] = field(default_factory=dict)  # data, stage 1 (stage 2: the rest)
-    val_scores: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # cached validation features
+    val_features: features_mod.ValidationFeatures | None = None  # cached validation features (frozen tower)
     last_metrics: dict[str, Metrics] | None = None  # validation, of the last epoch run
 
     @property
@@ -166,7 +165,7 @@ def _fit(run: Run) -> CheckpointMeta:
     if cached:
         say(rt, f"frozen tower: the head trains on cached features ({cfg.feature_views} view(s))")
         val_images = data_mod.ImageDataset(run.splits.val, run.spec)
-        run.val_scores = features_mod.validation_scores(model, val_images, cfg, rt.device)
+        run.val_features = features_mod.ValidationFeatures(model, val_images, cfg, rt.device)
     sampler = DistributedSampler(train_ds, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.seed)
     per_rank = max(1, cfg.batch_size // rt.world)
     loader = DataLoader(
@@ -252,7 +251,7 @@ def _end_epoch(
     After the last epoch the OOD density is fitted too (``density.fit_run``) and stored with it.
     """
     cfg, model = run.cfg, run.model
-    scores = run.val_scores() if run.val_scores is not None else None
+    scores = run.val_features.scores() if run.val_features is not None else None
     metrics, points, chosen = validate(model, run.splits.val, run.spec, cfg, run.rt, scores)
     threshold = points[chosen].threshold
     trainable, total = model.parameter_counts()
@@ -261,8 +260,16 @@ def _end_epoch(
     complete = epoch == cfg.epochs - 1
     density, ood = None, None
     if complete:
+        val_features = run.val_features.features() if run.val_features is not None else None
         density, ood = density_mod.fit_run(
-            model, run.splits.train, run.splits.val, run.spec, cfg, run.rt.device, train_features
+            model,
+            run.splits.train,
+            run.splits.val,
+            run.spec,
+            cfg,
+            run.rt.device,
+            train_features,
+            val_features,
         )
     meta = CheckpointMeta(
         backbone=run.info,
