@@ -103,6 +103,8 @@ class CheckpointMeta:
 
     def to_json(self) -> str:
         d = asdict(self)
+        if self.operating_points is not None:  # unset calibration fields are left out, as in the manifest
+            d["operating_points"] = {name: p.to_dict() for name, p in self.operating_points.items()}
         resume = d.pop("resume")
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **d, **(resume or {})})
 
