@@ -41,7 +41,9 @@ class BackboneRow:
     params_m: float  # millions, the whole image tower
     pool: str
     weights: str  # where weights come from besides a local file
-    preprocessing: str  # "ok", or why the runtime cannot reproduce it yet
+    preprocessing: (
+        str  # resize mode, filter and crop fraction from the library's config, or why it is refused
+    )
 
 
 def describe(model: str) -> BackboneRow:
@@ -49,8 +51,9 @@ def describe(model: str) -> BackboneRow:
     family = backbones.for_model(model)
     tower = family.build(model, "meta")
     try:
-        family.preprocess(model)
-        preprocessing = "ok"
+        spec = family.preprocess(model)
+        crop = f", crop_pct {spec.crop_pct:g}" if spec.crop_pct != 1.0 else ""
+        preprocessing = f"{spec.resize}, {spec.interpolation}{crop}"
     except BackboneError as e:
         preprocessing = str(e).split(": ", 1)[-1]
     return BackboneRow(

@@ -18,11 +18,16 @@ def test_the_default_list_covers_every_family_with_real_sizes():
     assert {r["family"] for r in rows.values()} == {"open_clip", "timm", "open_clip_timm"}
     dinov2 = rows["vit_small_patch14_dinov2"]
     assert (dinov2["layers"], dinov2["width"], dinov2["input_size"], dinov2["pool"]) == (12, 384, 518, "cls")
-    assert 21 < dinov2["params_m"] < 23 and "lvd142m" in dinov2["weights"] and dinov2["preprocessing"] == "ok"
-    assert rows["ViT-L-14"]["layers"] == 24 and 300 < rows["ViT-L-14"]["params_m"] < 310
     assert (
-        rows["ViT-B-16-SigLIP2"]["pool"] == "mean" and "squash" in rows["ViT-B-16-SigLIP2"]["preprocessing"]
+        21 < dinov2["params_m"] < 23
+        and "lvd142m" in dinov2["weights"]
+        and dinov2["preprocessing"] == "shortest, bicubic"
     )
+    assert rows["ViT-L-14"]["layers"] == 24 and 300 < rows["ViT-L-14"]["params_m"] < 310
+    assert rows["ViT-B-16-SigLIP2"]["pool"] == "mean"
+    assert rows["ViT-B-16-SigLIP2"]["preprocessing"] == "squash, bicubic"
+    assert rows["PE-Core-B-16"]["preprocessing"] == "squash, bilinear"
+    assert rows["eva02_base_patch14_224"]["preprocessing"] == "shortest, bicubic, crop_pct 0.9"
 
 
 def test_named_models_are_described_and_an_unknown_one_is_one_error():

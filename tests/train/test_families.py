@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -44,9 +45,6 @@ MODELS = [
     ("i2p-tiny-siglip2", "open_clip_timm", "mean", PLAIN),  # no class token
     ("i2p-tiny-pe-core", "open_clip_timm", "cls", PLAIN),  # Eva: RoPE
 ]
-# Models whose preprocessing the runtime reproduces today (the others: open_clip's squash resize, or timm's
-# crop_pct 0.9), so a checkpoint can be written for them.
-DEPLOYABLE = ["i2p-tiny-vit", "i2p-tiny-dinov2", "i2p-tiny-dinov2-reg", "i2p-tiny-dinov3"]
 NAMES = [m[0] for m in MODELS]
 
 
@@ -131,7 +129,7 @@ def test_each_adapter_trains_merges_exactly_and_reloads(model, adapter):
         assert type(module).__module__.startswith(("torch.", "open_clip", "timm"))
 
 
-@pytest.mark.parametrize("model", DEPLOYABLE)
+@pytest.mark.parametrize("model", NAMES)
 def test_checkpoint_round_trip_records_family_and_pool(tmp_path, model):
     ckpt = make_checkpoint(tmp_path, layer=2, backbone=model)
     meta = read_checkpoint(ckpt).meta
@@ -164,16 +162,79 @@ def test_a_local_weights_file_loads_and_one_that_does_not_fit_is_named(tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("model", "why"),
+    ("model", "resize", "interpolation", "crop_pct"),
     [
-        ("i2p-tiny-siglip2", "resize_mode 'squash' and bicubic"),
-        ("i2p-tiny-pe-core", "resize_mode 'squash' and bilinear"),
-        ("i2p-tiny-eva02", "bicubic resizing with crop_pct 0.9"),
+        ("i2p-tiny-vit", "shortest", "bicubic", 1.0),
+        ("i2p-tiny-dinov2", "shortest", "bicubic", 1.0),
+        ("i2p-tiny-dinov3", "shortest", "bicubic", 1.0),
+        ("i2p-tiny-siglip2", "squash", "bicubic", 1.0),  # open_clip's resize_mode
+        ("i2p-tiny-pe-core", "squash", "bilinear", 1.0),
+        ("i2p-tiny-eva02", "shortest", "bicubic", 0.9),  # timm's crop_pct
     ],
 )
-def test_preprocessing_the_runtime_cannot_reproduce_is_refused_before_training(model, why):
-    with pytest.raises(BackboneError, match=why):
-        preprocess_spec(model)
+def test_the_spec_reproduces_the_librarys_own_evaluation_transform(model, resize, interpolation, crop_pct):
+    """The spec comes from the model's own data config and the runtime's preprocessing equals the
+    library's transform (torchvision on PIL) on images of several sizes and aspect ratios."""
+    import open_clip
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from i2p.runtime.preprocess import preprocess
+
+    spec = preprocess_spec(model)
+    assert (spec.resize, spec.interpolation, spec.crop_pct) == (resize, interpolation, crop_pct)
+    family = backbones.for_model(model)
+    if family.name == "timm":
+        cfg = resolve_data_config(
+            {"input_size": (3, spec.size, spec.size)}, model=family.build(model, "meta")
+        )
+        transform = create_transform(**cfg)
+    else:
+        transform = open_clip.image_transform(
+            spec.size, False, spec.mean, spec.std, resize_mode=resize, interpolation=interpolation
+        )
+    rng = np.random.default_rng(0)
+    for w, h in [(97, 71), (50, 200), (300, 300), (641, 479), (30, 31)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = transform(img).numpy()
+        got = preprocess(img, spec)
+        assert got.shape == want.shape, (w, h)
+        assert np.abs(got - want).max() < 1e-6, (w, h)
+
+
+def test_data_configs_the_runtime_cannot_reproduce_are_refused_before_training(tmp_path, monkeypatch):
+    """A library config asking for another resize mode, filter or crop fraction: refused naming the model
+    and the field, so no checkpoint records preprocessing export would refuse."""
+    import open_clip
+
+    from i2p.train.backbones import timm_vit
+
+    tiny = json.loads((timm_vit.CONFIG_DIR / "i2p-tiny-vit.json").read_text())
+    for name, pp, why in [
+        ("i2p-test-longest", {"resize_mode": "longest"}, r"resize must be one of \['shortest', 'squash'\]"),
+        ("i2p-test-nearest", {"interpolation": "nearest"}, "interpolation must be one of"),
+    ]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({**tiny, "preprocess_cfg": pp}))
+        open_clip.add_model_config(tmp_path / f"{name}.json")
+        with pytest.raises(BackboneError, match=rf"{name}: open_clip's preprocess config .*{why}"):
+            preprocess_spec(name)
+    dinov2 = timm_vit.configs()["i2p-tiny-dinov2"]
+    overlays = {
+        "i2p-test-border": (
+            {"crop_mode": "border"},
+            "crop_mode 'border'; the runtime reproduces 'center', 'squash'",
+        ),
+        "i2p-test-pct": ({"crop_pct": 0.3}, r"timm's data config .*crop_pct must be in \[0.5, 1\], got 0.3"),
+        "i2p-test-lanczos": ({"interpolation": "lanczos"}, "interpolation must be one of"),
+    }
+    configs = {
+        name: {**dinov2, "timm_kwargs": {**dinov2["timm_kwargs"], "pretrained_cfg_overlay": overlay}}
+        for name, (overlay, _) in overlays.items()
+    }
+    monkeypatch.setattr(timm_vit, "configs", lambda: configs)  # i2p configs as if shipped in model_configs/
+    for name, (_, why) in overlays.items():
+        with pytest.raises(BackboneError, match=rf"{name}: .*{why}"):
+            preprocess_spec(name)
 
 
 def test_unknown_models_and_non_vit_timm_towers_are_refused():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,24 @@ from i2p.runtime.preprocess import PreprocessSpec
 
 class BackboneError(ValueError):
     """The backbone name, its weights file or its architecture cannot be used."""
+
+
+def spec_from_config(model: str, source: str, **fields: Any) -> PreprocessSpec:
+    """The ``PreprocessSpec`` of a library's data config (size, resize, interpolation, crop_pct, mean, std).
+
+    A config the runtime cannot reproduce (another resize mode or filter, a crop fraction out of range) is
+    refused here, before training, naming the model and the field: a checkpoint never records
+    preprocessing that export would have to refuse or the runtime would serve differently.
+    """
+    for key in ("mean", "std"):
+        fields[key] = tuple(fields[key])
+    try:
+        return PreprocessSpec(**fields)
+    except ValueError as e:
+        raise BackboneError(
+            f"{model}: {source} asks for preprocessing the runtime does not reproduce ({e}), so this model "
+            "cannot be trained for deployment"
+        ) from e
 
 
 class Family(ABC):

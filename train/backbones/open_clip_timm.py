@@ -24,7 +24,7 @@ from torch import nn
 from i2p.runtime.preprocess import PreprocessSpec
 
 from .family import BackboneError
-from .open_clip_vit import CONFIG_DIR, OpenClipViT
+from .open_clip_vit import CONFIG_DIR, OpenClipViT, open_clip_spec
 from .timm_vit import TOWERS, TimmViT, separate_qkv_bias
 
 
@@ -78,19 +78,8 @@ class OpenClipTimm(TimmViT):
 
     def preprocess(self, model: str) -> PreprocessSpec:
         """open_clip's preprocessing of the model's weights (its pretrained config), at the tower's size."""
-        name, vision, _ = architecture(model)
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        pp = dict(open_clip.get_pretrained_cfg(name, tags[0])) if tags else {}
-        pp.update(open_clip.get_model_config(name).get("preprocess_cfg") or {})
-        resize, interpolation = pp.get("resize_mode", "shortest"), pp.get("interpolation", "bicubic")
-        if (resize, interpolation) != ("shortest", "bicubic"):
-            raise BackboneError(
-                f"{model}: open_clip preprocesses {name} with resize_mode {resize!r} and {interpolation} "
-                "interpolation; the runtime reproduces only 'shortest' with bicubic, so this model cannot be "
-                "trained for deployment yet"
-            )
         size = self.image_size(self.build(model, "meta"))  # the size only: no weights allocated
-        return PreprocessSpec(size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]))
+        return open_clip_spec(model, architecture(model)[0], size)
 
     def weight_sources(self, model: str) -> str:
         return OpenClipViT().weight_sources(architecture(model)[0])

@@ -16,7 +16,7 @@ from torch import nn
 
 from i2p.runtime.preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
 
-from .family import BackboneError, Family
+from .family import BackboneError, Family, spec_from_config
 
 CONFIG_DIR = Path(__file__).parent.parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the demo
@@ -24,6 +24,25 @@ open_clip.add_model_config(CONFIG_DIR)  # ships "i2p-tiny-vit" for tests and the
 # The text tower is never used: ``create_model`` builds this stand-in instead of the configured one (a
 # large transformer, or a Hugging Face model whose config would be downloaded).
 NO_TEXT_TOWER = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
+
+
+def open_clip_spec(model: str, name: str, size: int) -> PreprocessSpec:
+    """open_clip's preprocessing of open_clip model ``name`` at ``size``: what ``create_model_and_transforms``
+    merges (the first pretrained tag's config, then the model config's ``preprocess_cfg``): mean, std,
+    ``resize_mode`` ("shortest", or "squash": DFN, CLIPA, MetaCLIP 2 at 378, SigLIP 2, PE-Core) and
+    ``interpolation``. open_clip has no crop fraction: it crops exactly ``size``."""
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    pp = dict(open_clip.get_pretrained_cfg(name, tags[0])) if tags else {}
+    pp.update((open_clip.get_model_config(name) or {}).get("preprocess_cfg") or {})
+    return spec_from_config(
+        model,
+        f"open_clip's preprocess config of {name}",
+        size=size,
+        resize=pp.get("resize_mode") or "shortest",
+        interpolation=pp.get("interpolation") or "bicubic",
+        mean=pp.get("mean") or CLIP_MEAN,
+        std=pp.get("std") or CLIP_STD,
+    )
 
 
 class _NoRandomInitNotice(logging.Filter):
@@ -69,13 +88,8 @@ class OpenClipViT(Family):
         return tower
 
     def preprocess(self, model: str) -> PreprocessSpec:
-        cfg = open_clip.get_model_config(model)
-        size = cfg["vision_cfg"]["image_size"]
-        size = size if isinstance(size, int) else size[0]
-        pp = cfg.get("preprocess_cfg", {})
-        return PreprocessSpec(
-            size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD))
-        )
+        size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+        return open_clip_spec(model, model, size if isinstance(size, int) else size[0])
 
     def download(self, model: str, tag: str) -> Path:
         cfg = open_clip.get_pretrained_cfg(model, tag)

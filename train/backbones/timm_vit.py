@@ -23,11 +23,12 @@ from torch import nn
 
 from i2p.runtime.preprocess import PreprocessSpec
 
-from .family import BackboneError, Family
+from .family import BackboneError, Family, spec_from_config
 
 CONFIG_DIR = Path(__file__).parent.parent / "model_configs"
 TOWERS = (VisionTransformer, Eva)
 GLOBAL_POOL = {"cls": "token", "mean": "avg"}  # timm's name for each of our layer features
+CROP_MODES = {"center": "shortest", "squash": "squash"}  # timm's crop_mode -> PreprocessSpec.resize
 
 
 @cache
@@ -86,15 +87,26 @@ class TimmViT(Family):
         return tower
 
     def preprocess(self, model: str) -> PreprocessSpec:
-        """Mean, std and size from timm's data config of the tower as built (its size, not the pretrained one)."""
+        """timm's data config of the tower as built (its size, not the pretrained one): mean, std, filter,
+        ``crop_pct`` (EVA-02: 0.9) and ``crop_mode`` ("center": shortest side; "squash": both sides)."""
         tower = self.build(model, "meta")  # the config and sizes only: no weights allocated
         cfg = resolve_data_config({}, model=tower)
-        if cfg.get("interpolation") != "bicubic" or cfg.get("crop_pct", 1.0) != 1.0:
+        mode = cfg.get("crop_mode", "center")
+        if mode not in CROP_MODES:
             raise BackboneError(
-                f"{model}: timm's data config asks for {cfg.get('interpolation')} resizing with crop_pct "
-                f"{cfg.get('crop_pct')}; the runtime reproduces bicubic with crop_pct 1.0"
+                f"{model}: timm's data config asks for crop_mode {mode!r}; the runtime reproduces "
+                f"{', '.join(map(repr, CROP_MODES))}, so this model cannot be trained for deployment"
             )
-        return PreprocessSpec(size=self.image_size(tower), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+        return spec_from_config(
+            model,
+            "timm's data config",
+            size=self.image_size(tower),
+            resize=CROP_MODES[mode],
+            interpolation=cfg.get("interpolation", "bicubic"),
+            crop_pct=cfg.get("crop_pct", 1.0),
+            mean=cfg["mean"],
+            std=cfg["std"],
+        )
 
     def download(self, model: str, tag: str) -> Path:
         name, _ = architecture(model)
