@@ -119,7 +119,11 @@ class PreprocessSpec:
         return math.floor(self.size / self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form; ``crop_pct`` only when it is not 1, so runtimes older than it load such artifacts."""
+        d = asdict(self)
+        if d["crop_pct"] == 1.0:
+            del d["crop_pct"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> PreprocessSpec:

@@ -130,3 +130,11 @@ def test_the_extreme_allowed_crop_fraction_bounds_the_resize() -> None:
     np.testing.assert_array_equal(
         resize_crop_reference(img, spec), np.asarray(resize_crop(Image.fromarray(img), spec))
     )
+
+
+def test_a_default_crop_fraction_is_left_out_so_older_runtimes_load_the_manifest():
+    """Runtimes before crop_pct refuse unknown preprocessing keys: a spec that does not use it omits it."""
+    assert "crop_pct" not in PreprocessSpec().to_dict()
+    assert PreprocessSpec(crop_pct=0.9).to_dict()["crop_pct"] == 0.9
+    for spec in (PreprocessSpec(), PreprocessSpec(crop_pct=0.875, resize="squash", interpolation="bilinear")):
+        assert PreprocessSpec.from_dict(spec.to_dict()) == spec
