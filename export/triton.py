@@ -11,6 +11,12 @@ Four models, each ``REPO/<model>/config.pbtxt`` + version ``1/``:
   Detector's rule and the artifact's calibrated threshold;
 - ``i2p``: the ensemble clients call (``image`` BYTES in; ``probability``, ``label``, ``error`` out).
 
+OOD: an artifact whose network has the ``ood`` output (``schema.OodSpec``) also gets it through the
+network step (as the ensemble tensor ``ood_score``) into postprocessing, and the ensemble returns ``ood``
+and ``uncertain`` per image (ood > the artifact's OOD threshold, the ``ood_threshold`` parameter of the
+postprocess model and of the ensemble). Without it (artifacts exported before the OOD score, or from a
+checkpoint without a density) neither output exists and the ensemble's ``ood_threshold`` says ``absent``.
+
 Operating points: the labels use the artifact's default threshold unless the request carries the
 parameter ``operating_point`` (a point's name); Triton (>= 2.39) forwards an ensemble request's
 parameters to its steps, and postprocessing looks the name up in the ``operating_points`` parameter
@@ -34,7 +40,19 @@ from pathlib import Path
 from typing import Any
 
 from i2p.runtime.manifest import MANIFEST, Manifest
-from i2p.runtime.serving import DECODE_ERROR, ENSEMBLE, IMAGE, LOGIT, PIXELS, STEPS, VERDICT
+from i2p.runtime.schema import OOD_OUTPUT
+from i2p.runtime.serving import (
+    DECODE_ERROR,
+    ENSEMBLE,
+    IMAGE,
+    LOGIT,
+    OOD_ABSENT,
+    OOD_SCORE,
+    OOD_VERDICT,
+    PIXELS,
+    STEPS,
+    VERDICT,
+)
 
 from .artifact import ENGINES, check_target, staged_directory
 from .network import ExportError
@@ -84,19 +102,19 @@ def write_repository(
     check_repository(repo, opts, force)
     repo.mkdir(parents=True, exist_ok=True)
     kind, source = _network_source(artifact, manifest, opts.backend)
-    size = manifest.preprocess.size
+    size, ood = manifest.preprocess.size, manifest.ood is not None
     notes = [f"Triton: ensemble {opts.name!r} in {repo}, network on {kind}"]
     with staged_directory(repo / opts.model("preprocess"), force, marker=CONFIG) as staging:
         params = {"preprocess": json.dumps(manifest.preprocess.to_dict())}
-        _write_python_model(staging, opts, "preprocess", params, opts.preprocess_instances, size)
+        _write_python_model(staging, opts, "preprocess", params, opts.preprocess_instances, size, ood)
     with staged_directory(repo / opts.model("network"), force, marker=CONFIG) as staging:
         (staging / "1").mkdir()
         if kind == "python":
             _copy_fp32_models(artifact, manifest, staging / "1" / ARTIFACT_DIR)
             params = {"artifact": ARTIFACT_DIR, "threads": str(opts.network_threads)}
-            _write_python_model(staging, opts, "network", params, 1, size)
+            _write_python_model(staging, opts, "network", params, 1, size, ood)
         else:
-            (staging / CONFIG).write_text(_network_config(opts, kind, size))
+            (staging / CONFIG).write_text(_network_config(opts, kind, size, ood))
             if source is not None:
                 shutil.copyfile(source, staging / "1" / (PLAN if kind == "tensorrt" else ONNX))
             else:
@@ -106,11 +124,18 @@ def write_repository(
                 )
     with staged_directory(repo / opts.model("postprocess"), force, marker=CONFIG) as staging:
         params = {"threshold": repr(float(manifest.threshold)), POINTS: _points_json(manifest)}
-        _write_python_model(staging, opts, "postprocess", params, 1, size)
+        if ood:
+            params["ood_threshold"] = _ood_threshold(manifest)
+        _write_python_model(staging, opts, "postprocess", params, 1, size, ood)
     with staged_directory(repo / opts.name, force, marker=CONFIG) as staging:
         (staging / CONFIG).write_text(_ensemble_config(opts, manifest, kind, _precision(kind, manifest)))
         (staging / "1").mkdir()  # Triton wants a version folder even for an ensemble
     return repo / opts.name, notes
+
+
+def _ood_threshold(manifest: Manifest) -> str:
+    """The ``ood_threshold`` parameter: above it a verdict is uncertain; ``absent`` without the OOD output."""
+    return OOD_ABSENT if manifest.ood is None else repr(float(manifest.ood.threshold))
 
 
 def _points_json(manifest: Manifest) -> str:
@@ -143,10 +168,16 @@ def _copy_fp32_models(artifact: Path, manifest: Manifest, target: Path) -> None:
 
 
 def _write_python_model(
-    staging: Path, opts: TritonOptions, step: str, params: dict[str, str], instances: int, size: int
+    staging: Path,
+    opts: TritonOptions,
+    step: str,
+    params: dict[str, str],
+    instances: int,
+    size: int,
+    ood: bool,
 ) -> None:
     """config.pbtxt and ``1/model.py`` (this package's ``triton_models/<step>.py``)."""
-    (staging / CONFIG).write_text(_python_config(opts, step, params, instances, size))
+    (staging / CONFIG).write_text(_python_config(opts, step, params, instances, size, ood))
     (staging / "1").mkdir(exist_ok=True)
     source = resources.files("i2p.export").joinpath("triton_models", f"{step}.py")
     (staging / "1" / "model.py").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
@@ -166,8 +197,11 @@ def _base_config(opts: TritonOptions, model: str) -> Any:
     return config
 
 
-def _python_config(opts: TritonOptions, step: str, params: dict[str, str], instances: int, size: int) -> str:
-    """config.pbtxt of a Python-backend step; tensors as in ``i2p.runtime.serving``."""
+def _python_config(
+    opts: TritonOptions, step: str, params: dict[str, str], instances: int, size: int, ood: bool
+) -> str:
+    """config.pbtxt of a Python-backend step; tensors as in ``i2p.runtime.serving`` (``ood``: the network
+    has the OOD output, which the network step returns and postprocessing turns into ood and uncertain)."""
     from google.protobuf import text_format
 
     mc = _mc()
@@ -177,11 +211,15 @@ def _python_config(opts: TritonOptions, step: str, params: dict[str, str], insta
     for key, value in params.items():
         config.parameters[key].string_value = value
     fp32, text, chw = mc.TYPE_FP32, mc.TYPE_STRING, [3, size, size]
-    verdict = [(v, fp32 if v == "probability" else text, [1]) for v in VERDICT]
+    verdict = [(name, dtype, [1]) for name, dtype in _verdict_types(ood)]
+    score = [(OOD_OUTPUT, fp32, [1])] if ood else []
     inputs, outputs = {
         "preprocess": ([(IMAGE, text, [1])], [(PIXELS, fp32, chw), (DECODE_ERROR, text, [1])]),
-        "network": ([(INPUT, fp32, chw)], [(LOGIT, fp32, [1])]),
-        "postprocess": ([(LOGIT, fp32, [1]), (DECODE_ERROR, text, [1])], verdict),
+        "network": ([(INPUT, fp32, chw)], [(LOGIT, fp32, [1]), *score]),
+        "postprocess": (
+            [(LOGIT, fp32, [1]), (DECODE_ERROR, text, [1]), *([(OOD_SCORE, fp32, [1])] if ood else [])],
+            verdict,
+        ),
     }[step]
     for name, dtype, dims in inputs:
         config.input.add(name=name, data_type=dtype, dims=dims)
@@ -190,8 +228,15 @@ def _python_config(opts: TritonOptions, step: str, params: dict[str, str], insta
     return text_format.MessageToString(config)
 
 
-def _network_config(opts: TritonOptions, kind: str, size: int) -> str:
-    """The ONNX Runtime or TensorRT network: float32 image [3, S, S] in, logit out ([batch] -> dims [1])."""
+def _verdict_types(ood: bool) -> list[tuple[str, int]]:
+    """(name, Triton data type) of the ensemble's outputs: VERDICT, then OOD_VERDICT with the OOD output."""
+    mc = _mc()
+    types = {"probability": mc.TYPE_FP32, OOD_OUTPUT: mc.TYPE_FP32, "uncertain": mc.TYPE_BOOL}
+    return [(name, types.get(name, mc.TYPE_STRING)) for name in (*VERDICT, *(OOD_VERDICT if ood else ()))]
+
+
+def _network_config(opts: TritonOptions, kind: str, size: int, ood: bool) -> str:
+    """The ONNX Runtime or TensorRT network: float32 image [3, S, S] in, logit (and ood) out ([batch] -> [1])."""
     from google.protobuf import text_format
 
     mc = _mc()
@@ -199,7 +244,10 @@ def _network_config(opts: TritonOptions, kind: str, size: int) -> str:
     config.platform = "tensorrt_plan" if kind == "tensorrt" else "onnxruntime_onnx"
     config.default_model_filename = PLAN if kind == "tensorrt" else ONNX
     config.input.add(name=INPUT, data_type=mc.TYPE_FP32, dims=[3, size, size])
-    config.output.add(name=LOGIT, data_type=mc.TYPE_FP32, dims=[1], reshape=mc.ModelTensorReshape(shape=[]))
+    for name in (LOGIT, *((OOD_OUTPUT,) if ood else ())):
+        config.output.add(
+            name=name, data_type=mc.TYPE_FP32, dims=[1], reshape=mc.ModelTensorReshape(shape=[])
+        )
     return text_format.MessageToString(config)
 
 
@@ -216,18 +264,21 @@ def _ensemble_config(opts: TritonOptions, manifest: Manifest, kind: str, precisi
     mc = _mc()
     config = mc.ModelConfig(name=opts.name, platform="ensemble", max_batch_size=opts.max_batch)
     config.input.add(name=IMAGE, data_type=mc.TYPE_STRING, dims=[1])
-    for name in VERDICT:
-        dtype = mc.TYPE_FP32 if name == "probability" else mc.TYPE_STRING
+    ood = manifest.ood is not None
+    verdict = _verdict_types(ood)
+    for name, dtype in verdict:
         config.output.add(name=name, data_type=dtype, dims=[1])
     config.parameters["threshold"].string_value = repr(float(manifest.threshold))
+    config.parameters["ood_threshold"].string_value = _ood_threshold(manifest)
     config.parameters[POINTS].string_value = _points_json(manifest)
     config.parameters["artifact"].string_value = manifest.name
     config.parameters["network"].string_value = kind
     config.parameters["precision"].string_value = precision
+    score = {OOD_SCORE: OOD_SCORE} if ood else {}
     steps = (
         ("preprocess", {IMAGE: IMAGE}, {PIXELS: PIXELS, DECODE_ERROR: DECODE_ERROR}),
-        ("network", {INPUT: PIXELS}, {LOGIT: LOGIT}),
-        ("postprocess", {LOGIT: LOGIT, DECODE_ERROR: DECODE_ERROR}, {v: v for v in VERDICT}),
+        ("network", {INPUT: PIXELS}, {LOGIT: LOGIT, **({OOD_OUTPUT: OOD_SCORE} if ood else {})}),
+        ("postprocess", {LOGIT: LOGIT, DECODE_ERROR: DECODE_ERROR, **score}, {v: v for v, _ in verdict}),
     )
     for step, inputs, outputs in steps:
         config.ensemble_scheduling.step.add(

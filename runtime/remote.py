@@ -8,8 +8,12 @@ in flight, each with a deadline for the whole request (``timeout``) and a cap on
 rows for its images, never an exception mid-run. What the server sends is checked like any input: a
 malformed model config or a threshold that is not a probability is a ServerError at connection; a verdict
 outside the contract (a probability that is not finite in [0, 1], a label other than real/fake, a label
-that contradicts the server's threshold or comes with an error) is an error row. Needs ``tritonclient`` (``pip install 'i2p-detector[serve]'``);
-one client per thread, as tritonclient's clients are not thread-safe.
+that contradicts the server's threshold or comes with an error) is an error row. An ensemble of an
+artifact with the OOD output also returns ``ood`` and ``uncertain`` (``Prediction.ood``/``uncertain``; None
+from one without): its ``ood_threshold`` must be a finite number >= 0 declared with both outputs, and an
+ood that is not finite and >= 0, or an ``uncertain`` that contradicts ood > that threshold, is an error row
+too. Needs ``tritonclient`` (``pip install 'i2p-detector[serve]'``); one client per thread, as
+tritonclient's clients are not thread-safe.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 from .detector import Prediction
 from .outputs import display
 from .preprocess import ImageError, _read_file, describe
-from .serving import ENSEMBLE, IMAGE, VERDICT
+from .schema import MAX_OOD
+from .serving import ENSEMBLE, IMAGE, OOD_ABSENT, OOD_VERDICT, VERDICT
 from .triton_http import MAX_RESPONSE_BYTES, TritonHttp
 
 SCHEMES = {"grpc": ("grpc", False), "grpcs": ("grpc", True), "http": ("http", False), "https": ("http", True)}
@@ -88,9 +93,11 @@ class RemoteDetector:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         where = f"{self.url} model {self.model!r}"
-        max_batch, params = _settings(self._config(), where)
+        max_batch, params, outputs = _settings(self._config(), where)
         self.batch_size = min(batch_size, max_batch or batch_size)
         self.server_threshold = _threshold(params["threshold"], where) if "threshold" in params else None
+        # above it the server calls a verdict uncertain; None: the ensemble has no OOD output
+        self.ood_threshold = _ood_threshold(params.get("ood_threshold"), outputs, where)
         self._relabel = threshold is not None
         self.threshold = threshold if threshold is not None else self.server_threshold
         self.model_id = display(
@@ -208,38 +215,54 @@ class RemoteDetector:
 
     def _infer(self, names: list[str], blobs: list[bytes]) -> list[Prediction]:
         try:
-            probabilities, labels, errors = self._request(blobs)
+            answers = self._request(blobs)
         except Exception as e:  # timeout, server or transport error: this request's images get error rows
             reason = f"server error ({type(e).__name__}): {e}"
             return [Prediction(n, None, None, f"{n}: {reason}") for n in names]
-        return [self._verdict(*answer) for answer in zip(names, probabilities, labels, errors, strict=True)]
+        return [self._verdict(*answer) for answer in zip(names, *answers, strict=True)]
 
-    def _verdict(self, name: str, p: float, label: str, error: str) -> Prediction:
+    def _verdict(
+        self, name: str, p: float, label: str, error: str, ood: float | None, uncertain: bool | None
+    ) -> Prediction:
         """One image's answer, checked: an error row when the server contradicts itself or the contract."""
         if error:
-            if label or p == p:  # the contract: NaN and no label with an error
+            # the contract: NaN, no label, and with the OOD outputs a NaN ood and uncertain false
+            if label or p == p or (ood is not None and (ood == ood or uncertain)):
                 return Prediction(
                     name,
                     None,
                     None,
-                    f"{name}: server sent an inconsistent verdict (error with "
-                    f"label {label[:20]!r}, probability {p:.4g}): {error[:MAX_SERVER_TEXT]}",
+                    f"{name}: server sent an inconsistent verdict (error with label {label[:20]!r}, "
+                    f"probability {p:.4g}{_ood_text(ood, uncertain)}): {error[:MAX_SERVER_TEXT]}",
                 )
             return Prediction(name, None, None, f"{name}: {error[:MAX_SERVER_TEXT]}")
         expected = (
             None if self.server_threshold is None else ("fake" if p >= self.server_threshold else "real")
         )
-        if not 0.0 <= p <= 1.0 or label not in ("real", "fake") or (expected and label != expected):
+        bad_ood = ood is not None and not (
+            0.0 <= ood <= MAX_OOD and uncertain == (ood > self.ood_threshold)  # NaN fails both
+        )
+        if (
+            not 0.0 <= p <= 1.0
+            or label not in ("real", "fake")
+            or (expected and label != expected)
+            or bad_ood
+        ):
             return Prediction(
                 name,
                 None,
                 None,
-                f"{name}: server sent an invalid verdict (probability {p:.4g}, label {label[:20]!r}); see the server",
+                f"{name}: server sent an invalid verdict (probability {p:.4g}, label {label[:20]!r}"
+                f"{_ood_text(ood, uncertain)}); see the server",
             )
-        return Prediction(name, p, p >= self.threshold if self._relabel else label == "fake")
+        is_fake = p >= self.threshold if self._relabel else label == "fake"
+        return Prediction(name, p, is_fake, ood=ood, uncertain=uncertain)
 
-    def _request(self, blobs: list[bytes]) -> tuple[list[float], list[str], list[str]]:
-        """One inference request: (probabilities, labels, errors), one each per blob."""
+    def _request(
+        self, blobs: list[bytes]
+    ) -> tuple[list[float], list[str], list[str], list[float | None], list[bool | None]]:
+        """One inference request: (probabilities, labels, errors, ood, uncertain), one each per blob (ood and
+        uncertain None each when the ensemble has no OOD output)."""
         if self.address.protocol == "grpc":
             import tritonclient.grpc as tc
         else:
@@ -247,16 +270,29 @@ class RemoteDetector:
         data = np.array(blobs, dtype=np.object_).reshape(-1, 1)
         tensor = tc.InferInput(IMAGE, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
-        outputs = [tc.InferRequestedOutput(name) for name in VERDICT]
+        wanted = (*VERDICT, *(OOD_VERDICT if self.ood_threshold is not None else ()))
+        outputs = [tc.InferRequestedOutput(name) for name in wanted]
         if self.address.protocol == "grpc":
             result = self._client().infer(self.model, [tensor], outputs=outputs, client_timeout=self.timeout)
         else:
             result = self._client().infer(self.model, [tensor], outputs)
         probabilities = _numbers(result.as_numpy("probability"))
         labels, errors = (_texts(result.as_numpy(name)) for name in VERDICT[1:])
-        if not len(probabilities) == len(labels) == len(errors) == len(blobs):
+        if self.ood_threshold is None:
+            ood: list[float | None] = [None] * len(blobs)
+            uncertain: list[bool | None] = [None] * len(blobs)
+        else:
+            ood, uncertain = (
+                _numbers(result.as_numpy(OOD_VERDICT[0])),
+                _flags(result.as_numpy(OOD_VERDICT[1])),
+            )
+        if not len(probabilities) == len(labels) == len(errors) == len(ood) == len(uncertain) == len(blobs):
             raise ServerError(f"sent {len(blobs)} images, got {len(probabilities)} answers")
-        return probabilities, labels, errors
+        return probabilities, labels, errors, ood, uncertain
+
+
+def _ood_text(ood: float | None, uncertain: bool | None) -> str:
+    return "" if ood is None else f", ood {ood:.4g}, uncertain {uncertain}"
 
 
 def _texts(array: np.ndarray | None) -> list[str]:
@@ -267,16 +303,27 @@ def _texts(array: np.ndarray | None) -> list[str]:
 
 def _numbers(array: np.ndarray | None) -> list[float]:
     if array is None:
-        raise ServerError("the server's answer lacks the probability output")
+        raise ServerError("the server's answer lacks a number output (probability or ood)")
     try:
         return [float(v) for v in np.asarray(array, np.float64).reshape(-1)]
     except (TypeError, ValueError) as e:
-        raise ServerError(f"the server's probabilities are not numbers ({e})") from None
+        raise ServerError(f"the server's probabilities or ood scores are not numbers ({e})") from None
 
 
-def _settings(config: Any, where: str) -> tuple[int, dict[str, str]]:
-    """(max_batch_size, parameters) of an i2p ensemble's config, every field checked: a server's answer is
-    input like any other."""
+def _flags(array: np.ndarray | None) -> list[bool]:
+    """The ``uncertain`` output: booleans only (no 0/1, no strings: the contract says BOOL)."""
+    if array is None:
+        raise ServerError("the server's answer lacks the uncertain output")
+    if not isinstance(array, np.ndarray) or array.dtype != np.bool_:
+        raise ServerError(
+            f"the server's uncertain flags are {getattr(array, 'dtype', type(array))}, not BOOL"
+        )
+    return [bool(v) for v in array.reshape(-1)]
+
+
+def _settings(config: Any, where: str) -> tuple[int, dict[str, str], list[Any]]:
+    """(max_batch_size, parameters, output names) of an i2p ensemble's config, every field checked: a
+    server's answer is input like any other."""
 
     def bad(what: str) -> ServerError:
         return ServerError(
@@ -310,7 +357,7 @@ def _settings(config: Any, where: str) -> tuple[int, dict[str, str]]:
         if not isinstance(text, str):
             raise bad(f"parameter {str(key)[:40]!r} has no string_value")
         params[key] = text
-    return max_batch, params
+    return max_batch, params, tensors["output"]
 
 
 def _threshold(text: str, where: str) -> float:
@@ -320,6 +367,31 @@ def _threshold(text: str, where: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ServerError(f"{where}: the server's threshold {text[:40]!r} is not a probability in [0, 1]")
+    return value
+
+
+def _ood_threshold(text: str | None, outputs: list[Any], where: str) -> float | None:
+    """The ensemble's OOD threshold, or None when it has no OOD output (``absent``, or a config written
+    before the OOD score); the parameter and both outputs go together."""
+    declared = [name for name in OOD_VERDICT if name in outputs]
+    if text is None or text == OOD_ABSENT:
+        if declared:
+            raise ServerError(
+                f"{where}: malformed model config (outputs {declared} without an ood_threshold); "
+                "serve the repository from i2p-export --triton"
+            )
+        return None
+    if len(declared) != len(OOD_VERDICT):
+        raise ServerError(
+            f"{where}: malformed model config (an ood_threshold without the outputs {list(OOD_VERDICT)}); "
+            "serve the repository from i2p-export --triton"
+        )
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_OOD):
+        raise ServerError(f"{where}: the server's ood_threshold {text[:40]!r} is not a finite number >= 0")
     return value
 
 

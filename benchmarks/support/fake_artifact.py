@@ -27,30 +27,31 @@ from i2p.runtime.manifest import (
     TensorSpec,
 )
 from i2p.runtime.preprocess import PreprocessSpec
+from i2p.runtime.schema import OOD_OUTPUT, OodSpec
 
 PATCH = 4
 CHANNELS = 4
 
 
 def detector_graph(
-    name: str, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], size: int
+    name: str, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], size: int, ood: bool = False
 ) -> onnx.ModelProto:
-    """An opset-17 model with an exported detector's I/O: image [batch, 3, size, size] -> logit, probability."""
+    """An opset-17 model with an exported detector's I/O: image [batch, 3, size, size] -> logit, probability
+    (and ``ood`` [batch] with ``ood``)."""
+    outputs = ("logit", "probability", *((OOD_OUTPUT,) if ood else ()))
     graph = helper.make_graph(
         nodes,
         name,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch"]),
-            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch"]),
-        ],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch"]) for o in outputs],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def build_model(size: int, seed: int = 0) -> onnx.ModelProto:
-    """FP32 graph: image [batch, 3, size, size] -> logit [batch], probability [batch] (opset 17)."""
+def build_model(size: int, seed: int = 0, ood: bool = False) -> onnx.ModelProto:
+    """FP32 graph: image [batch, 3, size, size] -> logit [batch], probability [batch] (opset 17); with
+    ``ood`` also ood [batch], the mean square of the features (a stand-in for the Mahalanobis score)."""
     if size % PATCH:
         raise ValueError(f"size must be a multiple of {PATCH}, got {size}")
     rng = np.random.default_rng(seed)
@@ -77,7 +78,14 @@ def build_model(size: int, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Sigmoid", ["logit2d"], ["prob2d"]),
         helper.make_node("Squeeze", ["prob2d", "squeeze_axes"], ["probability"]),
     ]
-    model = detector_graph("fake_i2p", nodes, inits, size)
+    if ood:
+        inits.append(numpy_helper.from_array(np.array([1 / features], np.float32), "ood_scale"))
+        nodes += [
+            helper.make_node("Mul", ["flat", "flat"], ["ood_sq"]),
+            helper.make_node("ReduceSum", ["ood_sq", "squeeze_axes"], ["ood_sum"], keepdims=0),
+            helper.make_node("Mul", ["ood_sum", "ood_scale"], [OOD_OUTPUT]),
+        ]
+    model = detector_graph("fake_i2p", nodes, inits, size, ood)
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -91,14 +99,17 @@ def make_artifact(
     fp16: bool = True,
     format_version: int = FORMAT_VERSION,
     int8: bool = False,
+    ood_threshold: float | None = None,
 ) -> Path:
     """Write ``directory`` as an artifact (model.onnx, model.fp16.onnx, manifest.json) and return it.
 
     ``int8``: also model.int8.onnx, ONNX Runtime's dynamic INT8 of the same graph (per-call input scales).
+    ``ood_threshold``: the network also has the ``ood`` output, and the manifest its OodSpec.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    model = build_model(size, seed)
+    ood = ood_threshold is not None
+    model = build_model(size, seed, ood)
     onnx.save(model, root / "model.onnx")
     models = [ModelFile("model.onnx", "fp32")]
     if fp16:
@@ -115,14 +126,15 @@ def make_artifact(
         threshold=threshold,
         preprocess=PreprocessSpec(size=size),
         inputs=(TensorSpec("image", "float32", ("batch", 3, size, size)),),
-        outputs=(
-            TensorSpec("logit", "float32", ("batch",)),
-            TensorSpec("probability", "float32", ("batch",)),
+        outputs=tuple(
+            TensorSpec(o, "float32", ("batch",))
+            for o in ("logit", "probability", *((OOD_OUTPUT,) if ood else ()))
         ),
         models=tuple(models),
         files={m.path: sha256_file(root / m.path) for m in models},
         tools={"onnx": onnx.__version__},
         format_version=format_version,
+        ood=OodSpec(threshold=ood_threshold) if ood else None,
     )
     write_json_atomic(root / MANIFEST, manifest.to_json())
     return root
