@@ -204,7 +204,7 @@ def jpeg_folder(work: Path, count: int) -> tuple[Path, str]:
         return SID_MINI, f"{SID_MINI.relative_to(REPO.parent)} (real and generated photos, 256x256 JPEG q95)"
     from PIL import Image
 
-    from i2p.train.synthetic import synthetic_image
+    from i2p.synthetic import synthetic_image
 
     folder = work / "jpegs"
     folder.mkdir(exist_ok=True)

@@ -11,16 +11,16 @@ import click
 
 # name -> "module:attribute"; the training and export commands need the [train]/[export] extras.
 COMMANDS = {
-    "train": "i2p.train.cli:train",
-    "layers": "i2p.train.cli:layers",
+    "train": "i2p.train.train_cli:train",
+    "layers": "i2p.train.train_cli:layers",
     "backbones": "i2p.train.backbones_cli:backbones_command",
-    "eval": "i2p.train.cli:evaluate",
+    "eval": "i2p.train.train_cli:evaluate",
     "calibrate": "i2p.evaluation.calibrate_cli:calibrate_command",  # torch-free
     "audit": "i2p.evaluation.audit_cli:audit_command",  # torch-free
     "demo": "i2p.demo:demo",
-    "export": "i2p.export.cli:export",
-    "detect": "i2p.runtime.cli:detect",
-    "bench": "i2p.runtime.cli:bench",
+    "export": "i2p.export.export_cli:export",
+    "detect": "i2p.runtime.detect_cli:detect",
+    "bench": "i2p.runtime.detect_cli:bench",
     "scan": "i2p.runtime.ray_scan:scan_command",  # needs the [ray] extra
 }
 # module prefix -> the pip extra its imports need (the demo trains and exports)

@@ -23,8 +23,8 @@ import numpy as np
 
 from i2p.base.tables import format_table
 from i2p.evaluation.metrics import Metrics, evaluate, metrics_table
+from i2p.synthetic import Row, make_image_folder
 from i2p.train.config import TrainConfig
-from i2p.train.synthetic import Row, make_image_folder
 
 NOTICE = (
     "This demo trains a tiny random-init ViT on synthetic images to show the pipeline working end to end.\n"

@@ -1,7 +1,7 @@
 """``i2p eval``: metrics of a checkpoint or an exported artifact on a labelled set, clean and degraded.
 
 The artifact path (``--model``) runs on the torch-free runtime. The checkpoint path (``--ckpt``) needs
-PyTorch, so training hands its scorer in (``eval_command(evaluate_checkpoint)`` in ``i2p.train.cli``):
+PyTorch, so training hands its scorer in (``eval_command(evaluate_checkpoint)`` in ``i2p.train.train_cli``):
 this layer never imports the one above it.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from i2p.runtime import ArtifactError, BackendUnavailableError
-from i2p.runtime.cli import threshold_option
+from i2p.runtime.detect_cli import threshold_option
 from i2p.runtime.manifest import PRECISIONS
 
 from .metrics import TABLE_COLUMNS, metrics_table

@@ -29,7 +29,19 @@ from .perturb import CLEAN, Condition
 log = logging.getLogger("i2p")
 
 CLEAN_NAME = CLEAN.name
-Scorer = Callable[[list[Image.Image]], np.ndarray]  # decoded RGB images -> "fake" probabilities (NaN: none)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A scorer's answer for a batch: "fake" probabilities (NaN: no score) and, from an artifact with the OOD
+    output, whether each verdict is uncertain (``Prediction.uncertain``; None without it)."""
+
+    probabilities: np.ndarray
+    uncertain: np.ndarray | None = None
+
+
+# decoded RGB images -> "fake" probabilities (NaN: none), or Scored with the uncertain flags
+Scorer = Callable[[list[Image.Image]], "np.ndarray | Scored"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class ImageScores:
     labels: np.ndarray  # 0 real, 1 fake
     generators: tuple[str, ...]
     probabilities: np.ndarray
+    uncertain: np.ndarray | None = None  # bool per image, when the scorer flags uncertain verdicts
 
 
 @dataclass
@@ -55,11 +68,16 @@ class SweepResult:
     scores: dict[str, ImageScores] = field(default_factory=dict)  # per condition; not in to_dict (size)
 
     def to_dict(self) -> dict[str, Any]:
+        shares = {s.condition: s.to_dict() for s in uncertain_shares(self)}
         return {
             **(self.scorer or {}),
             "threshold": self.threshold,
             "conditions": {
-                c: {"strength": self.strengths[c], "metrics": {g: m.to_dict() for g, m in ms.items()}}
+                c: {
+                    "strength": self.strengths[c],
+                    "metrics": {g: m.to_dict() for g, m in ms.items()},
+                    **({"uncertain": shares[c]} if c in shares else {}),
+                }
                 for c, ms in self.metrics.items()
             },
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
@@ -86,9 +104,10 @@ def score_condition(
     batch_size: int = 32,
     progress=None,
     workers: int = 2,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """(probabilities, indices of the scored samples, skipped (path, reason)) under one condition."""
-    probs, kept, skipped = [], [], []
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[tuple[str, str]]]:
+    """(probabilities, uncertain flags or None, indices of the scored samples, skipped (path, reason)) under
+    one condition."""
+    probs, flags, kept, skipped = [], [], [], []
     with ThreadPoolExecutor(max(1, workers)) as pool:  # closed even if the scorer raises
         for offset, batch in enumerate(_batches(samples, batch_size)):
             images, idx = [], []
@@ -101,14 +120,24 @@ def score_condition(
                     images.append(img)
                     idx.append(offset * batch_size + j)
             if images:
-                scores = np.asarray(scorer(images), dtype=np.float64)
+                answer = scorer(images)
+                answer = answer if isinstance(answer, Scored) else Scored(answer)
+                scores = np.asarray(answer.probabilities, dtype=np.float64)
                 for i in np.flatnonzero(~np.isfinite(scores)):  # the scorer's way of saying "could not score"
                     skipped.append((str(samples[idx[i]].path), "the model returned no score"))
                 probs.append(scores[np.isfinite(scores)])
+                if answer.uncertain is not None:
+                    flags.append(np.asarray(answer.uncertain, dtype=bool)[np.isfinite(scores)])
                 kept += [j for j, ok in zip(idx, np.isfinite(scores), strict=True) if ok]
             if progress is not None:
                 progress(len(batch))
-    return (np.concatenate(probs) if probs else np.empty(0)), np.asarray(kept, dtype=np.int64), skipped
+    uncertain = np.concatenate(flags) if flags and len(flags) == len(probs) else None
+    return (
+        (np.concatenate(probs) if probs else np.empty(0)),
+        uncertain,
+        np.asarray(kept, dtype=np.int64),
+        skipped,
+    )
 
 
 def sweep(
@@ -123,7 +152,7 @@ def sweep(
     """Metrics of ``scorer`` on ``samples`` under every condition, at ``threshold``."""
     metrics, strengths, skipped, scores = {}, {}, {}, {}
     for cond in conditions:
-        p, idx, bad = score_condition(samples, cond, scorer, batch_size, progress, workers)
+        p, uncertain, idx, bad = score_condition(samples, cond, scorer, batch_size, progress, workers)
         skipped.update(dict(bad))
         if not len(idx):
             raise ValueError(f"no readable images to evaluate under {cond.name}")
@@ -131,7 +160,7 @@ def sweep(
         generators = tuple(samples[i].generator for i in idx)
         metrics[cond.name] = evaluate(y, p, generators, threshold)
         strengths[cond.name] = cond.strength
-        scores[cond.name] = ImageScores(tuple(str(samples[i].path) for i in idx), y, generators, p)
+        scores[cond.name] = ImageScores(tuple(str(samples[i].path) for i in idx), y, generators, p, uncertain)
     return SweepResult(threshold, metrics, strengths, sorted(skipped.items()), scores=scores)
 
 
@@ -146,6 +175,64 @@ def sweep_table(result: SweepResult, metric: str = "auc") -> str:
         row[f"Δ{metric} vs clean"] = _na(delta)
         rows.append(row)
     return format_table(rows)
+
+
+@dataclass(frozen=True)
+class UncertainShare:
+    """How many verdicts of one condition the artifact flags uncertain (ood above its threshold): overall,
+    per generator, and among the wrong verdicts vs the right ones (a useful flag catches the first)."""
+
+    condition: str
+    n: int
+    flagged: float  # share of all scored images
+    per_generator: dict[str, float]
+    wrong: float  # share of the wrong verdicts (at the sweep's threshold) flagged; NaN with none wrong
+    right: float
+    n_wrong: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+def uncertain_shares(result: SweepResult) -> list[UncertainShare]:
+    """Per condition whose scores carry uncertain flags (an artifact with the OOD output): the shares flagged."""
+    out = []
+    for name, s in result.scores.items():
+        if s.uncertain is None:
+            continue
+        flags = s.uncertain.astype(bool)
+        wrong = (s.probabilities >= result.threshold) != s.labels.astype(bool)
+        gens = np.asarray(s.generators, dtype=object)
+        out.append(
+            UncertainShare(
+                name,
+                len(flags),
+                _mean(flags),
+                {g: _mean(flags[gens == g]) for g in sorted(set(s.generators))},
+                _mean(flags[wrong]),
+                _mean(flags[~wrong]),
+                int(wrong.sum()),
+            )
+        )
+    return out
+
+
+def uncertain_table(shares: Sequence[UncertainShare]) -> str:
+    """One row per condition: the share flagged overall, per generator, among wrong and right verdicts."""
+    return format_table(
+        [
+            {
+                "condition": s.condition,
+                "n": s.n,
+                "uncertain": _na(s.flagged),
+                **{g: _na(v) for g, v in s.per_generator.items()},
+                "of wrong": _na(s.wrong),
+                "of right": _na(s.right),
+                "wrong": s.n_wrong,
+            }
+            for s in shares
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -279,12 +366,15 @@ def plot_sweep(result: SweepResult, path: Path, metric: str = "auc", title: str 
 
 
 def detector_scorer(detector: Any) -> Scorer:
-    """A Scorer running an ``i2p.runtime.Detector`` (its own preprocessing: what deployment runs)."""
+    """A Scorer running an ``i2p.runtime.Detector`` (its own preprocessing: what deployment runs); with the
+    artifact's OOD output it also returns the uncertain flags."""
 
-    def score(images: list[Image.Image]) -> np.ndarray:
-        return np.array(
-            [np.nan if r.probability is None else r.probability for r in detector.predict(images)]
-        )
+    def score(images: list[Image.Image]) -> Scored:
+        rows = detector.predict(images)
+        p = np.array([np.nan if r.probability is None else r.probability for r in rows])
+        if detector.ood_threshold is None:
+            return Scored(p)
+        return Scored(p, np.array([bool(r.uncertain) for r in rows], dtype=bool))
 
     return score
 

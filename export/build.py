@@ -30,7 +30,7 @@ from .network import DeployedDetector, ExportError, check_merge, deploy, largest
 from .onnx_export import check_graph, export_onnx
 from .ood_head import OodHead, ood_reference
 from .options import ExportOptions
-from .probes import ProbeSet, probe_set, torch_outputs
+from .parity_inputs import ProbeSet, probe_set, torch_outputs
 from .produced import Produced
 
 FP32_ONNX, FP16_ONNX = FP32.file, FP16.file

@@ -23,8 +23,8 @@ from .cpu_optimize import add_cpu_model
 from .network import ExportError
 from .ort_run import RunResult
 from .parity import Comparison
+from .parity_inputs import CALIB
 from .parity_runs import compare, ood_pair, run_ort, tolerances
-from .probes import CALIB
 from .produced import Produced
 from .quantize import Calibration, add_int8_model
 

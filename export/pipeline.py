@@ -19,7 +19,7 @@ from i2p.runtime.manifest import Manifest
 from i2p.runtime.model_files import for_targets
 
 from . import engine as engine_step
-from . import manifest as manifest_step
+from . import manifest_writer as manifest_step
 from . import optional_models
 from .artifact import check_target, file_hashes, staged_directory
 from .build import Build, Progress, load, merge, write_models

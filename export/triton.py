@@ -32,6 +32,7 @@ batch-only tensor is declared ``dims: [1]`` (the ONNX/TensorRT network produces 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -159,12 +160,18 @@ def _network_source(artifact: Path, manifest: Manifest, backend: str) -> tuple[s
 
 
 def _copy_fp32_models(artifact: Path, manifest: Manifest, target: Path) -> None:
-    """What ``Detector(backend='onnxruntime', precision='fp32')`` loads on a CPU: the manifest and FP32 files."""
+    """What ``Detector(backend='onnxruntime', precision='fp32')`` loads on a CPU: the FP32 files, and a manifest
+    that lists only them (the Detector checks every listed file at load, so it cannot name files left out)."""
     target.mkdir()
-    shutil.copyfile(artifact / MANIFEST, target / MANIFEST)
-    for model in manifest.models:
-        if model.precision == "fp32":
-            shutil.copyfile(artifact / model.path, target / model.path)
+    kept = tuple(m for m in manifest.models if m.precision == "fp32")
+    dropped = {m.path for m in manifest.models} - {m.path for m in kept}
+    files = {rel: digest for rel, digest in manifest.files.items() if rel not in dropped}
+    trimmed = dataclasses.replace(manifest, models=kept, files=files)
+    Manifest.from_dict(json.loads(trimmed.to_json()))  # still a valid manifest
+    (target / MANIFEST).write_text(trimmed.to_json())
+    for rel in files:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact / rel, target / rel)
 
 
 def _write_python_model(

@@ -11,7 +11,7 @@ reference bit for bit (``preprocess.cu`` explains the arithmetic).
 - ``preprocessor``: ``GpuPreprocessor``, staging buffers and the launch on one stream
 """
 
-from .build import (
+from .compiler import (
     SOURCE,
     KernelBuildError,
     KernelResources,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .build import compile_kernels
+from .compiler import compile_kernels
 from .cuda import activated, compute_capability, driver, free_pinned, primary_context
 from .layout import KERNELS, ImageTables, check_images, launch_shape, pack_sources, plan_batch
 

@@ -134,7 +134,7 @@ def test_every_import_points_down_the_layers():
     ("module", "source", "expected"),
     [
         ("i2p.runtime.detector", "from i2p.export.pipeline import run_export", "a higher layer"),
-        ("i2p.kernels.build", "def f():\n    import i2p.runtime.cache\n", "a higher layer"),
+        ("i2p.kernels.compiler", "def f():\n    import i2p.runtime.cache\n", "a higher layer"),
         ("i2p.train.loop", "from ..export import pipeline", "a higher layer"),
         ("i2p.train.demo", "from i2p.cli import main", "a higher layer"),
         ("i2p.base.files", "from ..runtime import manifest", "a higher layer"),
@@ -143,7 +143,7 @@ def test_every_import_points_down_the_layers():
         ("i2p.evaluation.robustness", "from i2p.train.checkpoint import load_model", "a higher layer"),
         ("i2p.evaluation.cli", "def f():\n    from ..train import cli\n", "a higher layer"),
         ("i2p.evaluation.metrics", "import torch", "no torch"),
-        ("i2p.kernels.build", "from open_clip import create_model", "no torch"),
+        ("i2p.kernels.compiler", "from open_clip import create_model", "no torch"),
         ("i2p.base.tables", "from safetensors.torch import load_file", "no torch"),
         (
             "i2p.train.data",
@@ -170,7 +170,7 @@ def test_the_checker_catches(module, source, expected):
         ("i2p.runtime.detector", "from .backends import _tensorrt_module\nfrom . import _x"),  # own package
         ("i2p.demo", "from i2p.export.pipeline import run_export\nimport torch"),
         ("i2p.train.model", "import torch\nfrom open_clip.transformer import VisionTransformer"),
-        ("i2p.runtime.cli", "from i2p.base.files import sha256_file\nobj._private()"),
+        ("i2p.runtime.detect_cli", "from i2p.base.files import sha256_file\nobj._private()"),
         ("i2p.evaluation.robustness", "from i2p.runtime.detector import Detector"),
         ("i2p.train.loop", "from i2p.evaluation.metrics import Metrics"),
     ],

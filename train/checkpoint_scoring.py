@@ -27,7 +27,7 @@ from i2p.runtime.preprocess import PreprocessSpec, preprocess
 from . import data as data_mod
 from .checkpoint import load_model, unfinished_run_warning
 from .config import TrainConfig
-from .distributed import Runtime, progress, say, setup
+from .distributed import Placement, progress, say, setup
 from .metadata import CheckpointMeta
 from .model import I2PModel
 
@@ -39,7 +39,7 @@ class Splits:
     skipped: list[tuple[data_mod.Sample, str]]
 
 
-def load_splits(cfg: TrainConfig, max_pixels: int, rt: Runtime) -> Splits:
+def load_splits(cfg: TrainConfig, max_pixels: int, rt: Placement) -> Splits:
     """Training and validation samples (a stratified split of ``--data`` without ``--val``), unreadable ones skipped."""
     samples = data_mod.discover(cfg.data)
     if cfg.val:
@@ -83,7 +83,7 @@ def labelled_batches(loader: DataLoader):
 
 @torch.no_grad()
 def predict(
-    model: I2PModel, loader: DataLoader, rt: Runtime, desc: str = "evaluating"
+    model: I2PModel, loader: DataLoader, rt: Placement, desc: str = "evaluating"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, dataset indices) for every decodable image of ``loader``."""
     model.eval()
@@ -103,7 +103,7 @@ def validate(
     samples: list[data_mod.Sample],
     spec: PreprocessSpec,
     cfg: TrainConfig,
-    rt: Runtime,
+    rt: Placement,
     scores: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, Metrics], dict[str, OperatingPoint], str]:
     """Validation metrics at the chosen operating point, every named point, and the chosen name.
@@ -113,8 +113,10 @@ def validate(
     is ``--target-fpr``'s when given, else "balanced". ``scores``: (probabilities, indices) already
     computed (a head-only run's cached validation features); else the model runs on the images.
     """
-    probs, idx = scores if scores is not None else predict(
-        model, eval_loader(samples, spec, cfg), rt, desc="validation split"
+    probs, idx = (
+        scores
+        if scores is not None
+        else predict(model, eval_loader(samples, spec, cfg), rt, desc="validation split")
     )
     y = np.array([samples[i].label for i in idx])
     targets = sorted({*DEFAULT_TARGETS, *([cfg.target_fpr] if cfg.target_fpr is not None else [])})

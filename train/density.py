@@ -30,7 +30,7 @@ from . import features as features_mod
 from .checkpoint import Checkpoint
 from .checkpoint_scoring import calibration_subset
 from .config import TrainConfig
-from .distributed import Runtime, say
+from .distributed import Placement, say
 from .metadata import CheckpointError
 from .model import I2PModel
 
@@ -151,7 +151,7 @@ def fit_run(
     """Fit on the training features (``cached``: a head-only run's last view; else one extra pass over up to
     MAX_FIT_IMAGES training images) and take the threshold on the validation images (``cached_val``: a
     head-only run's validation features; else one pass)."""
-    started, rt = time.time(), Runtime(device)
+    started, rt = time.time(), Placement(device)
     if cached is None:
         train = calibration_subset(train, MAX_FIT_IMAGES, cfg.seed)
         cached = features_mod.extract(

@@ -19,7 +19,7 @@ from i2p.base.progress import Progress, write
 
 
 @dataclass
-class Runtime:
+class Placement:
     """Where this process runs: device and DDP rank/world size (world 1 without torchrun)."""
 
     device: torch.device
@@ -31,34 +31,34 @@ class Runtime:
         return self.rank == 0
 
 
-def setup(device_name: str) -> Runtime:
+def setup(device_name: str) -> Placement:
     """The device (``auto`` picks CUDA when present) and, under torchrun, the process group."""
     if device_name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(device_name)
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return Runtime(device)
+        return Placement(device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
+    return Placement(device, dist.get_rank(), dist.get_world_size())
 
 
-def say(rt: Runtime, msg: str) -> None:
+def say(rt: Placement, msg: str) -> None:
     """A line on rank 0 that does not break a running progress bar."""
     if rt.main:
         write(msg)
 
 
-def progress(rt: Runtime, iterable: Iterable | None, **kw: Any) -> Progress:
+def progress(rt: Placement, iterable: Iterable | None, **kw: Any) -> Progress:
     """Progress on rank 0: a bar on a terminal, heartbeat lines with rate and ETA in a log."""
     return Progress(iterable, enabled=rt.main, **kw)
 
 
-def batch_is_empty(n: int, rt: Runtime) -> bool:
+def batch_is_empty(n: int, rt: Placement) -> bool:
     """Skip a step on every rank together: one rank skipping alone would hang DDP's all-reduce."""
     if rt.world == 1:
         return n == 0
@@ -67,7 +67,7 @@ def batch_is_empty(n: int, rt: Runtime) -> bool:
     return bool(flag.item())
 
 
-def broadcast_json(rt: Runtime, value: Any) -> Any:
+def broadcast_json(rt: Placement, value: Any) -> Any:
     """Rank 0's JSON-serializable ``value`` on every rank (UTF-8 bytes in a tensor: no pickle)."""
     if rt.world == 1:
         return value
@@ -81,7 +81,7 @@ def broadcast_json(rt: Runtime, value: Any) -> Any:
     return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
-def broadcast_tensors(rt: Runtime, tensors: Iterable[torch.Tensor]) -> None:
+def broadcast_tensors(rt: Placement, tensors: Iterable[torch.Tensor]) -> None:
     """Overwrite every rank's ``tensors`` (same shapes everywhere, on ``rt.device``) with rank 0's."""
     if rt.world == 1:
         return

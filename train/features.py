@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import data as data_mod
 from .config import TrainConfig
-from .distributed import Runtime, progress, say
+from .distributed import Placement, progress, say
 from .model import I2PModel
 
 
@@ -37,7 +37,7 @@ def frozen_tower(model: I2PModel) -> bool:
     return not any(p.requires_grad for p in model.tower.parameters())
 
 
-def amp_dtype(cfg: TrainConfig, rt: Runtime) -> torch.dtype | None:
+def amp_dtype(cfg: TrainConfig, rt: Placement) -> torch.dtype | None:
     """The autocast dtype of training (mixed precision on CUDA only), None for plain FP32."""
     if not (cfg.amp and rt.device.type == "cuda"):
         return None
@@ -56,7 +56,7 @@ def extract(
     model: I2PModel,
     images: data_mod.ImageDataset,
     cfg: TrainConfig,
-    rt: Runtime,
+    rt: Placement,
     desc: str,
     dtype: torch.dtype | None = None,
 ) -> Features:
@@ -92,7 +92,7 @@ def extract(
 
 
 def _all_gather(
-    values: torch.Tensor, bad: dict[int, str], rt: Runtime
+    values: torch.Tensor, bad: dict[int, str], rt: Placement
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Every rank's strided rows (``values[r::world]`` from rank r) and failures, on every rank."""
     n, world = len(values), rt.world
@@ -109,7 +109,7 @@ def _all_gather(
     return full, merged
 
 
-def _all_gather_json(rt: Runtime, value: object) -> list:
+def _all_gather_json(rt: Placement, value: object) -> list:
     """Each rank's JSON-serializable ``value``, in rank order (UTF-8 bytes in tensors: no pickle)."""
     data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=rt.device)
     size = torch.tensor([len(data)], dtype=torch.int64, device=rt.device)
@@ -133,7 +133,9 @@ class FeatureDataset(Dataset):
     view when no earlier epoch did, and forgets a view no later epoch reads.
     """
 
-    def __init__(self, model: I2PModel, images: data_mod.ImageDataset, cfg: TrainConfig, rt: Runtime) -> None:
+    def __init__(
+        self, model: I2PModel, images: data_mod.ImageDataset, cfg: TrainConfig, rt: Placement
+    ) -> None:
         self.model, self.images, self.cfg, self.rt = model, images, cfg, rt
         self.views: dict[int, Features] = {}
         self.current = Features(torch.empty(0), {})
@@ -175,7 +177,7 @@ class ValidationFeatures:
 
     def features(self) -> Features:
         if self._features is None:
-            rt = Runtime(self.device)
+            rt = Placement(self.device)
             self._features = extract(self.model, self.images, self.cfg, rt, "features: validation")
         return self._features
 

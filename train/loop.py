@@ -36,7 +36,7 @@ from .backbone import preprocess_spec
 from .checkpoint import BASE, Checkpoint, build_model, read_checkpoint, save_checkpoint
 from .checkpoint_scoring import Splits, load_splits, validate
 from .config import TrainConfig
-from .distributed import Runtime, batch_is_empty, progress, say, setup
+from .distributed import Placement, batch_is_empty, progress, say, setup
 from .importance import ImportanceProfile, importance_table
 from .metadata import BackboneInfo, CheckpointMeta
 from .model import I2PModel
@@ -51,7 +51,7 @@ class Run:
     """One training run as it goes: what it trains, where it writes, what it has measured."""
 
     cfg: TrainConfig
-    rt: Runtime
+    rt: Placement
     out: Path
     spec: PreprocessSpec
     splits: Splits
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, resume: bool = False, started: float | None = None) 
 
 
 def _prepare(
-    cfg: TrainConfig, rt: Runtime, out: Path, previous: Checkpoint | None, started: float, entered: float
+    cfg: TrainConfig, rt: Placement, out: Path, previous: Checkpoint | None, started: float, entered: float
 ) -> Run:
     """Data, then the model: built (stage 1 + deltas) for a new run, rebuilt from the checkpoint on resume."""
     spec = preprocess_spec(cfg.model)

@@ -19,13 +19,13 @@ from . import adapters, backbones, importance, subspace
 from .backbone import load_backbone, preprocess_spec
 from .checkpoint_scoring import Splits, calibration_subset, eval_loader, labelled_batches, load_splits
 from .config import TrainConfig
-from .distributed import Runtime, broadcast_json, broadcast_tensors, progress, say, setup
+from .distributed import Placement, broadcast_json, broadcast_tensors, progress, say, setup
 from .metadata import BackboneInfo
 from .model import I2PModel
 
 
 def perceive(
-    cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Runtime
+    cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Placement
 ) -> tuple[importance.ImportanceProfile, torch.nn.Linear]:
     """Stage 1: per-block layer features on calibration/validation subsets -> (profile, probe at L*)."""
     blocks = list(backbones.for_tower(tower).blocks(tower))
@@ -56,7 +56,7 @@ def perceive(
 
 
 def perceive_once(
-    cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Runtime
+    cfg: TrainConfig, tower, spec: PreprocessSpec, splits: Splits, rt: Placement
 ) -> tuple[importance.ImportanceProfile, torch.nn.Linear]:
     """Stage 1 under DDP: computed on rank 0 only, its profile and probe broadcast to the other ranks.
 
@@ -85,7 +85,7 @@ def profile_layers(cfg: TrainConfig) -> importance.ImportanceProfile:
 
 
 def build(
-    cfg: TrainConfig, splits: Splits, rt: Runtime
+    cfg: TrainConfig, splits: Splits, rt: Placement
 ) -> tuple[I2PModel, BackboneInfo, importance.ImportanceProfile | None, dict[str, torch.Tensor]]:
     """Stage 1 and the model: (model with deltas, backbone info, importance profile, embedded base)."""
     tower, info = load_backbone(cfg.model, cfg.pretrained, cfg.seed)
@@ -117,7 +117,7 @@ def build(
 
 
 def fisher_statistics(
-    model: I2PModel, splits: Splits, spec: PreprocessSpec, cfg: TrainConfig, rt: Runtime
+    model: I2PModel, splits: Splits, spec: PreprocessSpec, cfg: TrainConfig, rt: Placement
 ) -> dict[str, torch.Tensor]:
     """E[(u_iᵀ G v_i)²] per singular direction of every adapted map, from loss gradients on training data."""
     weights = {name: getattr(m, attr) for name, m, attr in subspace.adapted_weights(model.blocks)}

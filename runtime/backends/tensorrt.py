@@ -34,8 +34,8 @@ from ..tensorrt.api import (
     tensorrt,
 )
 from ..tensorrt.api import available as tensorrt_available
-from ..tensorrt.build import build_engine
 from ..tensorrt.cache import EngineKey, engine_cache, engine_source, lookup, timing_cache_name
+from ..tensorrt.engine_build import build_engine
 from ..tensorrt.graph import CudaGraph
 from . import InferenceError, tensor_names
 

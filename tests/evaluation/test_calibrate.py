@@ -33,7 +33,7 @@ from i2p.evaluation.calibrate import (
 )
 from i2p.evaluation.cli import evaluate
 from i2p.runtime import ArtifactError, Detector
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.manifest import MANIFEST, read_manifest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -122,7 +122,7 @@ def test_no_readable_validation_image_is_said_naming_the_split(tmp_path) -> None
     from i2p.train import data as data_mod
     from i2p.train.checkpoint_scoring import eval_loader, predict
     from i2p.train.config import TrainConfig
-    from i2p.train.distributed import Runtime
+    from i2p.train.distributed import Placement
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -131,4 +131,4 @@ def test_no_readable_validation_image_is_said_naming_the_split(tmp_path) -> None
         samples, PreprocessSpec(size=16), TrainConfig(data=str(tmp_path), batch_size=2, workers=0)
     )
     with pytest.raises(DataError, match=r"^validation split: no image could be read \(3 listed"):
-        predict(torch.nn.Flatten(), loader, Runtime(torch.device("cpu")), desc="validation split")
+        predict(torch.nn.Flatten(), loader, Placement(torch.device("cpu")), desc="validation split")

@@ -22,7 +22,7 @@ from i2p.evaluation.labels import discover
 from i2p.evaluation.perturb import parse_sweeps
 from i2p.evaluation.report import CURVE_POINTS, Group, at_threshold, rates, render_report, write_report
 from i2p.evaluation.robustness import ImageScores, SweepResult, sweep
-from i2p.train.synthetic import make_image_folder
+from i2p.synthetic import make_image_folder
 from tests.support.fake_artifact import make_artifact
 from tests.support.images import write_csv_manifest
 

@@ -13,7 +13,7 @@ from i2p.evaluation.metrics import MEAN, evaluate
 from i2p.evaluation.perturb import parse_sweeps
 from i2p.evaluation.robustness import detector_scorer, evaluate_artifact, plot_sweep, sweep, sweep_table
 from i2p.runtime.detector import Detector
-from i2p.train.synthetic import make_image_folder
+from i2p.synthetic import make_image_folder
 from tests.support.fake_artifact import make_artifact
 
 CONDITIONS = parse_sweeps(["jpeg:90,50", "resize:0.5", "blur:1,2", "social", "resize:0.5+jpeg:90"])

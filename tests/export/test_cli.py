@@ -12,7 +12,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from i2p.base.files import sha256_file
-from i2p.export.cli import export
+from i2p.export.export_cli import export
 from i2p.runtime.manifest import ArtifactError, read_manifest, verify_file
 from tests.support.checkpoints import make_checkpoint
 from tests.support.images import make_image_folder

@@ -20,15 +20,15 @@ from i2p.export.onnx_export import check_graph, export_onnx
 from i2p.export.pipeline import ExportOptions, ExportResult, run_export
 from i2p.runtime import Detector
 from i2p.runtime.manifest import Manifest
+from i2p.synthetic import make_image_folder
 from i2p.train import subspace
 from i2p.train.backbone import load_backbone, preprocess_spec
 from i2p.train.checkpoint import load_model
 from i2p.train.checkpoint_scoring import eval_loader, predict
 from i2p.train.config import TrainConfig
 from i2p.train.data import discover
-from i2p.train.distributed import Runtime
+from i2p.train.distributed import Placement
 from i2p.train.model import I2PModel
-from i2p.train.synthetic import make_image_folder
 from tests.support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.slow  # an export with FP16, CPU and INT8 files per model (~5-10 s each)
@@ -128,7 +128,7 @@ def test_the_runtime_scores_images_as_the_checkpoints_evaluation_does(exported, 
     samples = discover(tmp_path / "images")
     model, meta = load_model(ckpt)
     loader = eval_loader(samples, meta.preprocess, TrainConfig(data="", batch_size=4, workers=0))
-    torch_probs, idx = predict(model, loader, Runtime(torch.device("cpu")))
+    torch_probs, idx = predict(model, loader, Placement(torch.device("cpu")))
     det = Detector(result.artifact, backend="onnxruntime", precision="fp32")
     runtime_probs = np.array([p.probability for p in det.predict([samples[i].path for i in idx])])
     assert len(runtime_probs) == len(samples) == 16

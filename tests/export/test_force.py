@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.export.artifact import check_target
-from i2p.export.cli import export
+from i2p.export.export_cli import export
 from i2p.export.network import ExportError
 from tests.support.fake_artifact import make_artifact
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from i2p.export.cli import export
+from i2p.export.export_cli import export
 from i2p.runtime import Detector
 from i2p.runtime.manifest import ArtifactError, read_manifest
 from i2p.train.checkpoint import read_checkpoint
-from i2p.train.cli import evaluate as eval_cmd
-from i2p.train.cli import train as train_cmd
+from i2p.train.train_cli import evaluate as eval_cmd
+from i2p.train.train_cli import train as train_cmd
 from tests.support.training import TINY
 
 

@@ -14,8 +14,8 @@ import pytest
 from i2p.export import quantize
 from i2p.export.cpu_optimize import CPU_ONNX
 from i2p.export.parity import DEFAULT_ATOL, FAIL, PASS, Comparison
+from i2p.export.parity_inputs import CALIB
 from i2p.export.pipeline import ExportOptions, ExportResult, run_export
-from i2p.export.probes import CALIB
 from i2p.runtime import ArtifactError, Detector
 from i2p.runtime.manifest import read_manifest
 from tests.support.parity import compare_logits

@@ -8,12 +8,12 @@ import torch
 
 from i2p.export.pipeline import ExportOptions, run_export
 from i2p.runtime import Detector
+from i2p.synthetic import make_image_folder
 from i2p.train.checkpoint import load_model
 from i2p.train.checkpoint_scoring import eval_loader, predict
 from i2p.train.config import TrainConfig
 from i2p.train.data import discover
-from i2p.train.distributed import Runtime
-from i2p.train.synthetic import make_image_folder
+from i2p.train.distributed import Placement
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_detector_matches_the_pytorch_detector_on_images(tmp_path, checkpoint_l3
     samples = discover(tmp_path / "images")
     model, meta = load_model(ckpt)
     loader = eval_loader(samples, meta.preprocess, TrainConfig(data="", batch_size=4, workers=0))
-    torch_probs, idx = predict(model, loader, Runtime(torch.device("cpu")))
+    torch_probs, idx = predict(model, loader, Placement(torch.device("cpu")))
 
     result = run_export(ExportOptions(ckpt=ckpt, out=tmp_path / "det.i2p"), echo=lambda _: None)
     det = Detector(result.artifact, backend="onnxruntime", precision="fp32")

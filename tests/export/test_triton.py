@@ -125,7 +125,7 @@ def test_refuses_foreign_folders_and_replaces_its_own_only_with_force(tmp_path):
 
 @pytest.mark.slow
 def test_export_cli_writes_the_python_backend_repository(tmp_path):
-    from i2p.export.cli import export
+    from i2p.export.export_cli import export
     from tests.support.checkpoints import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path, layer=1)

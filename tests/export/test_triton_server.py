@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from i2p.export.triton import TritonOptions, write_repository
 from i2p.runtime import Detector
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.manifest import read_manifest
 from i2p.runtime.remote import RemoteDetector, ServerError
 from tests.support.concurrency import run_in_threads

@@ -26,7 +26,8 @@ from i2p.base.files import sha256_file
 from i2p.runtime.backends import tensorrt as trt_backend
 from i2p.runtime.manifest import Manifest, ModelFile, TensorSpec
 from i2p.runtime.preprocess import PreprocessSpec
-from i2p.runtime.tensorrt import api, build
+from i2p.runtime.tensorrt import api
+from i2p.runtime.tensorrt import engine_build as build
 from i2p.runtime.tensorrt.api import EngineBuildError, TensorRTUnavailableError, graphs_supported
 from i2p.runtime.tensorrt.cache import (
     EngineKey,

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.runtime import Detector
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from tests.support.corpus import Case, make_bad_corpus
 from tests.support.fake_artifact import make_artifact
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from i2p.base.files import sha256_file
 from i2p.runtime import ArtifactError, Detector
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.manifest import MAX_MANIFEST_BYTES, Manifest, read_manifest
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact

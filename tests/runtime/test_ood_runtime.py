@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.runtime import Detector
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.manifest import ArtifactError, read_manifest
 from i2p.runtime.preprocess import preprocess
 

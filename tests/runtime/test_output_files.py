@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.outputs import display, path_cell, read_path
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact
 
 REPO = Path(__file__).resolve().parents[2]
-DETECT = [sys.executable, "-c", "from i2p.runtime.cli import detect; detect()"]
+DETECT = [sys.executable, "-c", "from i2p.runtime.detect_cli import detect; detect()"]
 
 # Pairs of names that the escaped display shows alike: one file of each pair, then both.
 LOOKALIKES = [
@@ -239,7 +239,7 @@ def test_a_huge_first_line_is_refused_unread(artifact: Path, tmp_path: Path, fmt
         f.truncate(1 << 30)
     code = (
         "import resource, sys\n"
-        "from i2p.runtime.cli import detect\n"
+        "from i2p.runtime.detect_cli import detect\n"
         "try:\n    detect()\n"
         "finally:\n    print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
     )

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("tritonclient.http", reason="the client needs tritonclient (the [serve] extra)")
 
-from i2p.runtime.cli import detect  # noqa: E402
+from i2p.runtime.detect_cli import detect  # noqa: E402
 from i2p.runtime.remote import RemoteDetector, ServerError  # noqa: E402
 from i2p.runtime.triton_http import MAX_RESPONSE_BYTES  # noqa: E402
 

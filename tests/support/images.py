@@ -1,4 +1,4 @@
-"""Test helpers on top of ``i2p.train.synthetic``: CSV manifests of synthetic image folders."""
+"""Test helpers on top of ``i2p.synthetic``: CSV manifests of synthetic image folders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from i2p.train.synthetic import LAYOUTS, Row, make_image_folder, synthetic_image
+from i2p.synthetic import LAYOUTS, Row, make_image_folder, synthetic_image
 
 __all__ = ["LAYOUTS", "Row", "make_image_folder", "synthetic_image", "write_csv_manifest"]
 

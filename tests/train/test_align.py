@@ -14,9 +14,9 @@ from i2p.evaluation.labels import Sample
 from i2p.runtime.preprocess import PreprocessSpec
 from i2p.train.augment import AugmentConfig, parse_align
 from i2p.train.checkpoint import read_checkpoint
-from i2p.train.cli import train as train_cmd
 from i2p.train.config import TrainConfig
 from i2p.train.data import ImageDataset
+from i2p.train.train_cli import train as train_cmd
 from tests.support.training import TINY
 
 SPEC = PreprocessSpec(size=32)

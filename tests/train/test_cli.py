@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from i2p.train.cli import train as train_cmd
+from i2p.train.train_cli import train as train_cmd
 from tests.support.fake_artifact import make_artifact
 from tests.support.training import TINY, training_folder
 
-# torch cannot load in this interpreter: argv[1] names the command of i2p.train.cli, the rest its arguments
+# torch cannot load in this interpreter: argv[1] names the command of i2p.train.train_cli, the rest its arguments
 NO_TORCH = textwrap.dedent(
     """
     import importlib.abc, sys
@@ -29,8 +29,8 @@ NO_TORCH = textwrap.dedent(
                 raise ImportError(f"{name} is blocked in this test")
 
     sys.meta_path.insert(0, Block())
-    from i2p.train import cli
-    getattr(cli, sys.argv[1])(sys.argv[2:])
+    from i2p.train import train_cli
+    getattr(train_cli, sys.argv[1])(sys.argv[2:])
     """
 )
 
@@ -99,7 +99,7 @@ def test_stage_1_shows_progress_on_a_terminal(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from i2p.base.progress import Progress
-    from i2p.train.cli import layers
+    from i2p.train.train_cli import layers
 
     monkeypatch.setattr(Progress, "_isatty", lambda self: True)  # stderr "is" a terminal
     res = CliRunner().invoke(layers, ["--data", str(data_dir), "--out", str(tmp_path / "l"), *TINY])
@@ -129,7 +129,7 @@ def test_eval_precision_picks_the_model_file_and_says_which(
     tmp_path: Path, data_dir: Path, precision: str
 ) -> None:
     """``--precision`` measures that file of the artifact (FP32 vs the CPU default INT8, say) and names it."""
-    from i2p.train.cli import evaluate
+    from i2p.train.train_cli import evaluate
 
     artifact = make_artifact(tmp_path / "fake.i2p")
     args = ["--model", str(artifact), "--data", str(data_dir), "--precision", precision, "--json"]
@@ -140,7 +140,7 @@ def test_eval_precision_picks_the_model_file_and_says_which(
 
 
 def test_eval_precision_missing_from_the_artifact_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
-    from i2p.train.cli import evaluate
+    from i2p.train.train_cli import evaluate
 
     artifact = make_artifact(tmp_path / "fake.i2p")
     args = ["--model", str(artifact), "--data", str(data_dir), "--precision", "int8"]

@@ -11,8 +11,8 @@ from sklearn.covariance import LedoitWolf
 from i2p.runtime.schema import OodSpec, SchemaError
 from i2p.train import density
 from i2p.train.checkpoint import load_model, read_checkpoint, save_checkpoint
-from i2p.train.cli import train as train_cmd
 from i2p.train.metadata import CheckpointError
+from i2p.train.train_cli import train as train_cmd
 from tests.support.checkpoints import make_checkpoint
 from tests.support.training import TINY
 

@@ -21,10 +21,10 @@ from i2p.train import data as data_mod
 from i2p.train import features, loop
 from i2p.train.backbone import load_backbone, preprocess_spec
 from i2p.train.checkpoint import read_checkpoint
-from i2p.train.cli import train as train_cmd
 from i2p.train.config import TrainConfig
-from i2p.train.distributed import Runtime
+from i2p.train.distributed import Placement
 from i2p.train.model import I2PModel
+from i2p.train.train_cli import train as train_cmd
 from tests.support.images import make_image_folder
 from tests.support.training import TINY
 
@@ -91,7 +91,7 @@ def test_the_tower_runs_once_per_image_per_view_and_validation_once(tmp_path, da
     cfg = TrainConfig(
         data=str(data_dir), out=str(tmp_path / "r"), **{**TINY_CFG, "epochs": 3, "feature_views": 2}
     )
-    splits = loop.load_splits(cfg, preprocess_spec(cfg.model).max_pixels, Runtime(torch.device("cpu")))
+    splits = loop.load_splits(cfg, preprocess_spec(cfg.model).max_pixels, Placement(torch.device("cpu")))
     loop.train(cfg)
     n_train, n_val = len(splits.train), len(splits.val)
     assert tower_calls == {"no_grad": 2 * n_train + n_val, "grad": 0}  # views 0 and 1; epoch 3 reuses view 0
@@ -191,9 +191,9 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
     seen = []
     forward = model.forward_features
     model.forward_features = lambda x: seen.append(len(x)) or forward(x)
-    sharded = features.extract(model, images, cfg, Runtime(torch.device("cpu"), rank, world), "test")
+    sharded = features.extract(model, images, cfg, Placement(torch.device("cpu"), rank, world), "test")
     ran = sum(seen)
-    alone = features.extract(model, images, cfg, Runtime(torch.device("cpu")), "test")
+    alone = features.extract(model, images, cfg, Placement(torch.device("cpu")), "test")
     Path(out, f"{rank}.json").write_text(
         json.dumps(
             {

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from i2p.train.checkpoint import load_model, read_checkpoint
-from i2p.train.cli import train as train_cmd
+from i2p.train.train_cli import train as train_cmd
 from tests.support.training import TINY
 
 

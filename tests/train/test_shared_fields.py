@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.runtime import ArtifactError, Detector
-from i2p.runtime.cli import detect
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.manifest import Manifest, read_manifest
 from i2p.runtime.schema import OperatingPoint
 from i2p.train.checkpoint import read_checkpoint

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from i2p.train import importance, stages
-from i2p.train.distributed import Runtime
+from i2p.train.distributed import Placement
 
 WIDTH = 8
 
@@ -36,7 +36,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     stages.perceive = perceive
     tower = SimpleNamespace(transformer=SimpleNamespace(width=WIDTH))
-    profile, probe = stages.perceive_once(None, tower, None, None, Runtime(torch.device("cpu"), rank, world))
+    profile, probe = stages.perceive_once(
+        None, tower, None, None, Placement(torch.device("cpu"), rank, world)
+    )
     Path(out, f"{rank}.json").write_text(
         json.dumps(
             {
