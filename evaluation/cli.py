@@ -30,6 +30,8 @@ from .robustness import (
     shortcut_effects,
     shortcut_table,
     sweep_table,
+    uncertain_shares,
+    uncertain_table,
 )
 
 # (ckpt, data, backbone weights, threshold, options, conditions, operating point) -> result
@@ -162,6 +164,9 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
             body = {"metrics": {g: m.to_dict() for g, m in clean.items()}, **result.to_dict()}
             if shortcuts:
                 body["shortcuts"] = [e.to_dict() for e in shortcut_effects(result, SHORTCUTS)]
+            shares = uncertain_shares(result)
+            if shares:  # an artifact with the OOD output; per condition also under conditions.<c>.uncertain
+                body["uncertain"] = shares[0].to_dict()
             click.echo(json.dumps(body, indent=2))
             return
         for name, metrics in result.metrics.items():
@@ -173,6 +178,12 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
         if shortcuts:
             click.echo("== verdict flips after a change of delivery (--shortcuts)")
             click.echo(shortcut_table(shortcut_effects(result, SHORTCUTS)))
+        shares = uncertain_shares(result)
+        if shares:
+            click.echo(
+                "== verdicts flagged uncertain (ood above the artifact's OOD threshold): share of images"
+            )
+            click.echo(uncertain_table(shares))
         for path, reason in result.skipped:
             click.echo(f"skipped {path}: {reason}", err=True)
         scorer = f"; {result.scorer['backend']}, {result.scorer['precision']}" if result.scorer else ""

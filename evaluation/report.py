@@ -26,7 +26,7 @@ from i2p.base.files import write_bytes_atomic
 from i2p.runtime.preprocess import ImageError, load_image
 
 from .metrics import MEAN, TABLE_COLUMNS, Metrics, _counts_by_threshold, expected_calibration_error
-from .robustness import ImageScores, SweepResult
+from .robustness import ImageScores, SweepResult, UncertainShare, uncertain_shares
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 REAL, FAKE, ALL = "#1f77b4", "#d62728", "#111111"
@@ -432,6 +432,23 @@ def sweep_html(result: SweepResult, metric: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def uncertain_html(shares: Sequence[UncertainShare]) -> str:
+    """One row per condition: the share of images flagged uncertain, per generator, among wrong and right."""
+    generators = list(shares[0].per_generator)
+    head = "".join(f"<th>{esc(c)}</th>" for c in ("condition", "all", *generators, "of wrong", "of right"))
+
+    def cell(v: float) -> str:
+        return f"<td>{'n/a' if math.isnan(v) else f'{v:.1%}'}</td>"
+
+    body = [
+        f"<tr><th>{esc(s.condition)}</th>{cell(s.flagged)}"
+        + "".join(cell(s.per_generator.get(g, math.nan)) for g in generators)
+        + f"{cell(s.wrong)}{cell(s.right)}</tr>"
+        for s in shares
+    ]
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1180px; padding: 0 16px 40px; color: #222; }
 h1 { font-size: 1.4em; margin-top: 20px; } h2 { font-size: 1.15em; margin-top: 28px; border-bottom: 1px solid #ddd; }
@@ -482,6 +499,12 @@ def render_report(
         sections.append(("robustness", "Robustness sweep", f"{metric} of the same images under each degradation.",
                          f'<div class="figures">{sweep_figure(result, metric)}</div>'
                          + sweep_html(result, metric)))  # fmt: skip
+    shares = uncertain_shares(result)
+    if shares:
+        sections.append(("uncertain", "Verdicts flagged uncertain", "Share of images whose OOD score is above the "
+                         "artifact's threshold (unlike the training images): overall, per generator, and among "
+                         "the wrong and the right verdicts. A useful flag catches more of the wrong ones.",
+                         uncertain_html(shares)))  # fmt: skip
     sections += [
         ("false-positives", "Real images called fake", "Highest score first.",
          gallery_html(fp, n_fp, thumb_px, "none: every real image scored below the threshold")),
