@@ -36,8 +36,8 @@ from ray.data import DataContext
 from i2p.base.files import sha256_file, write_bytes_atomic
 from i2p.base.tables import format_table
 
+from .cells import csv_cell, display
 from .manifest import MANIFEST, ArtifactError, read_manifest
-from .outputs import csv_cell, display
 from .ray_stage import RESULT_COLUMNS, DetectImages
 from .scan_sources import SourceError, list_inputs
 
@@ -224,6 +224,8 @@ def _schema() -> Any:
             ("operating_point", string),
             ("model_sha256", string),
             ("error", string),
+            ("ood", pa.float64()),  # null: an error row, or an artifact without the OOD output
+            ("uncertain", pa.bool_()),
         ]
     )
 
@@ -239,8 +241,9 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     text = io.StringIO()
     writer = csv_module.writer(text)
     writer.writerow(OUTPUT_COLUMNS)
-    for row in rows:
-        writer.writerow([csv_cell(display(v)) if isinstance(v, str) else v for v in row.values()])
+    for row in rows:  # by name: a shard written before the ood columns lacks them (empty cells)
+        cells = (row.get(c) for c in OUTPUT_COLUMNS)
+        writer.writerow([csv_cell(display(v)) if isinstance(v, str) else v for v in cells])
     write_bytes_atomic(path, text.getvalue().encode())
 
 

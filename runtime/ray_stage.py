@@ -22,8 +22,18 @@ import numpy as np
 from .detector import Detector, Prediction, Prepared
 from .preprocess import MAX_INPUT_BYTES, ImageInput, describe
 
-# The columns DetectImages adds (``verdict``: "fake", "real", or None on an error row).
-RESULT_COLUMNS = ("probability", "verdict", "threshold", "operating_point", "model_sha256", "error")
+# The columns DetectImages adds (``verdict``: "fake", "real", or None on an error row; ``ood`` and
+# ``uncertain``: ``Prediction.ood``/``uncertain``, null on error rows and for artifacts without the OOD output).
+RESULT_COLUMNS = (
+    "probability",
+    "verdict",
+    "threshold",
+    "operating_point",
+    "model_sha256",
+    "error",
+    "ood",
+    "uncertain",
+)
 INPUT_COLUMNS = ("bytes", "path")  # looked for in this order when no column is named
 OBJECT_STORES = ("s3", "gs", "gcs")  # pyarrow's path in them is the URI without its scheme
 
@@ -116,6 +126,8 @@ class DetectImages:
             "operating_point": np.array([self.operating_point] * n, object),
             "model_sha256": np.array([self.model_sha256] * n, object),
             "error": np.array([p.error for p in predictions], object),
+            "ood": np.array([np.nan if p.ood is None else p.ood for p in predictions], np.float64),
+            "uncertain": np.array([p.uncertain for p in predictions], object),  # None: no flag
         }
 
 
@@ -174,9 +186,13 @@ def _source_name(item: Any) -> str:
 def _assigned_cpus() -> int | None:
     """The CPUs Ray reserved for this actor (ONNX Runtime's thread count), None outside a Ray worker.
 
-    Asked only of a connected Ray: ``get_runtime_context`` would start a local instance otherwise."""
+    Asked only of a connected Ray (``get_runtime_context`` would start a local instance otherwise), and only
+    in a worker: a driver connected to Ray has no assigned resources (Ray asserts there)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    cpus = context.get_assigned_resources().get("CPU")
     return max(1, int(cpus)) if cpus else None
