@@ -6,7 +6,8 @@ size as a CUDA graph, and preprocesses decoded images on the GPU straight into t
 
 Uses only the tensor-name API (TensorRT >= 8.5): ``num_io_tensors``, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``. tensorrt and pycuda are imported lazily, so this
-module imports on any machine.
+module imports on any machine. An artifact with the OOD output (``manifest.ood``) builds an engine with
+the ``ood`` tensor too: ``infer`` then returns [N, 2] (logit, ood), as the ONNX Runtime backend does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..manifest import Manifest, verify_file
 from ..model_check import check_loadable
 from ..preprocess import ResizePlan, resize_plan
 from ..resample import kernel_batch, kernel_tables
+from ..schema import OOD_OUTPUT
 from ..tensorrt.api import (
     EngineBuildError,
     TensorRTUnavailableError,
@@ -78,6 +80,7 @@ class TensorRTBackend:
         self.spec = manifest.preprocess
         self.size = self.spec.size
         self.input_name, self.output_name = tensor_names(manifest)
+        self.ood_name = OOD_OUTPUT if manifest.ood is not None else None  # also fetched when set
         self.device = device
         self.max_batch = max_batch
         self._cuda = kernels.driver()
@@ -159,16 +162,12 @@ class TensorRTBackend:
         self._host: dict[str, np.ndarray] = {}
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if inputs != [self.input_name] or self.output_name not in names:
-            raise EngineBuildError(
-                f"{self.engine_path}: expected input {self.input_name!r} and output {self.output_name!r} "
-                f"(from the manifest), found {names}"
-            )
+        check_engine_io(self.engine_path, names, inputs, self.input_name, self._outputs())
         for name in names:
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             shape = tuple(self.max_batch if d < 0 else d for d in self._engine.get_tensor_shape(name))
             self._device_buffers[name] = cuda.mem_alloc(max(1, int(np.prod(shape))) * dtype.itemsize)
-            if name in (self.input_name, self.output_name):
+            if name == self.input_name or name in self._outputs():
                 self._host[name] = cuda.pagelocked_empty(shape, dtype)
         self._bind(self._exec)
 
@@ -227,18 +226,27 @@ class TensorRTBackend:
 
     # -- inference ----------------------------------------------------------------------------------
 
+    def _outputs(self) -> tuple[str, ...]:
+        """The tensors copied back per call: the logit, and the ood score when the artifact has it."""
+        return (self.output_name, *((self.ood_name,) if self.ood_name else ()))
+
     def _execute(self, n: int) -> np.ndarray:
-        """Run the engine on the first ``n`` rows of the input binding and return their logits."""
+        """Run the engine on the first ``n`` rows of the input binding: their logits [n], or [n, 2] (logit,
+        ood) with the OOD output."""
         if self._graph is not None and n == self._graph_batch:
             self._graph.launch(self._stream.handle)
         else:
             self._set_batch(self._exec, n)
             if not self._exec.execute_async_v3(self._stream.handle):
                 raise InferenceError("TensorRT execute_async_v3 failed (see its log)")
-        out = self._host[self.output_name][:n]
-        self._cuda.memcpy_dtoh_async(out, self._device_buffers[self.output_name], self._stream)
+        outs = []
+        for name in self._outputs():
+            out = self._host[name][:n]
+            self._cuda.memcpy_dtoh_async(out, self._device_buffers[name], self._stream)
+            outs.append(out)
         self._stream.synchronize()
-        return out.astype(np.float32).reshape(n)
+        scores = [out.astype(np.float32).reshape(n) for out in outs]
+        return scores[0] if len(scores) == 1 else np.stack(scores, axis=1)
 
     def _check_batch(self, n: int) -> None:
         if self._closed:
@@ -247,7 +255,7 @@ class TensorRTBackend:
             raise ValueError(f"batch of {n} exceeds max_batch={self.max_batch} (the engine's profile)")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, S, S] with N <= max_batch -> float32 logits [N]."""
+        """float32 [N, 3, S, S] with N <= max_batch -> float32 logits [N] ([N, 2] with the ood score)."""
         if batch.ndim != 4 or batch.shape[1:] != (3, self.size, self.size):
             raise ValueError(f"expected a [N, 3, {self.size}, {self.size}] batch, got {batch.shape}")
         n = len(batch)
@@ -315,3 +323,15 @@ class TensorRTBackend:
                 self._exec = self._graph_exec = self._engine = self._runtime = None
                 self._stream = None
         self.accepts_images = False
+
+
+def check_engine_io(
+    engine_path: Path, names: Sequence[str], inputs: Sequence[str], input_name: str, outputs: Sequence[str]
+) -> None:
+    """The engine must have the manifest's one input and every output the backend copies back."""
+    missing = [o for o in outputs if o not in names]
+    if list(inputs) != [input_name] or missing:
+        raise EngineBuildError(
+            f"{engine_path}: expected input {input_name!r} and outputs {list(outputs)} (from the manifest), "
+            f"found {list(names)}"
+        )
