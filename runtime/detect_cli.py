@@ -16,32 +16,18 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-import numpy as np
 
 from i2p.base.files import sha256_file
 from i2p.base.progress import HEARTBEAT_SECONDS, Progress
 from i2p.base.tables import format_table
 
 from . import schema
-from .backends import InferenceError
+from .cells import Row, path_cell, safe_row
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
 from .manifest import MANIFEST, ArtifactError
-from .outputs import (
-    ROW_COLUMNS,
-    DoneSet,
-    OutputError,
-    Row,
-    Scorer,
-    file_row,
-    file_sink,
-    partial_path,
-    path_cell,
-    safe_row,
-)
+from .output_open import OutputError
+from .outputs import ROW_COLUMNS, DoneSet, Scorer, file_row, file_sink, partial_path
 from .sources import iter_images, predict_stream, survey
-
-MAX_BENCH_BATCH = 1024  # i2p-bench: a [1024, 3, 224, 224] float32 input is 600 MB
-MAX_BENCH_INPUT_BYTES = 2**30  # and no input batch over 1 GiB, whatever the input size
 
 
 class _ClickHandler(logging.Handler):
@@ -85,7 +71,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _load(
+def load_detector(
     model: str, backend: str, device: int, precision: str | None, threads: int | None, **kw: Any
 ) -> Detector:
     _log_to_stderr()
@@ -193,7 +179,7 @@ def detect(
     if server:
         detector = _connect(server, batch_size, workers, timeout, threshold)
     else:
-        detector = _load(
+        detector = load_detector(
             model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold,
             operating_point=operating_point,
         )  # fmt: skip
@@ -218,7 +204,7 @@ def detect(
         "precision": detector.backend.precision,
         "threshold": detector.threshold,
     }
-    _echo(json.dumps(summary) if as_json else format_table([summary]), err=not out or not complete)
+    echo(json.dumps(summary) if as_json else format_table([summary]), err=not out or not complete)
     if not complete:
         where = f"the rows so far are in {partial_path(out)}; " if out else ""
         click.echo(
@@ -282,7 +268,7 @@ def threshold_option(value: float | None) -> float | None:
         raise click.BadParameter(f"{value} is not a probability in [0, 1]") from None
 
 
-def _echo(text: str, err: bool = False) -> None:
+def echo(text: str, err: bool = False) -> None:
     """click.echo; a full disk or a closed pipe is one clear error, not a traceback."""
     stream = "standard error" if err else "standard output"
     try:
@@ -344,11 +330,11 @@ def _row_sink(
         with file_sink(csv_out or jsonl_out, "csv" if csv_out else "jsonl", resume, scorer) as sink:
             yield sink
     elif as_json:
-        yield (lambda row: _echo(json.dumps(file_row(row, scorer)))), DoneSet()
+        yield (lambda row: echo(json.dumps(file_row(row, scorer)))), DoneSet()
     else:  # a table needs every row for its column widths; use --csv/--jsonl for very large runs
         rows: list[Row] = []
         yield (lambda row: rows.append(safe_row(row))), DoneSet()
-        _echo(format_table(rows, ROW_COLUMNS))
+        echo(format_table(rows, ROW_COLUMNS))
 
 
 @contextmanager
@@ -368,90 +354,3 @@ def _progress(
 
         threading.Thread(target=count, name="i2p-count-inputs", daemon=True).start()
         yield bar
-
-
-# -- i2p-bench ------------------------------------------------------------------------------------------
-
-
-def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{value!r}: give positive integers separated by commas, e.g. 1,8,32")
-    if max(sizes) > MAX_BENCH_BATCH:
-        raise click.BadParameter(f"{max(sizes)}: batch sizes go up to {MAX_BENCH_BATCH}")
-    return sizes
-
-
-def _timed_call(detector: Detector, x: np.ndarray) -> float:
-    """Seconds of one ``predict_batch``; a network failing on the batch is a message, not a traceback."""
-    t0 = time.perf_counter()
-    try:
-        detector.predict_batch(x)
-    except InferenceError as e:
-        raise click.ClickException(f"the network failed on a batch of {len(x)}: {e}") from e
-    return time.perf_counter() - t0
-
-
-@click.command()
-@model_options
-@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_batch_sizes)
-@click.option(
-    "--iters", type=click.IntRange(1), default=50, show_default=True, help="Timed calls per batch size."
-)
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed calls first.")
-@click.option("--json", "as_json", is_flag=True)
-def bench(
-    model: str,
-    backend: str,
-    device: int,
-    precision: str | None,
-    threads: int | None,
-    batch_sizes: list[int],
-    iters: int,
-    warmup: int,
-    as_json: bool,
-) -> None:
-    """Latency percentiles and throughput of the network (preprocessing excluded) per batch size."""
-    detector = _load(model, backend, device, precision, threads, batch_size=max(batch_sizes))
-    size = detector.spec.size
-    if max(batch_sizes) * 3 * size * size * 4 > MAX_BENCH_INPUT_BYTES:  # a large --model input side
-        largest = MAX_BENCH_INPUT_BYTES // (3 * size * size * 4)
-        raise click.BadParameter(
-            f"at {size}x{size}, batch sizes go up to {largest}", param_hint="--batch-sizes"
-        )
-    rng = np.random.default_rng(0)
-    rows = []
-    for bs in batch_sizes:
-        x = rng.standard_normal((bs, 3, size, size), dtype=np.float32)
-        for _ in range(warmup):
-            _timed_call(detector, x)
-        times = np.array([_timed_call(detector, x) for _ in range(iters)])
-        p50, p90, p99 = np.percentile(times, [50, 90, 99]) * 1e3
-        rows.append(
-            {
-                "batch_size": bs,
-                "p50_ms": float(p50),
-                "p90_ms": float(p90),
-                "p99_ms": float(p99),
-                "mean_ms": float(times.mean() * 1e3),
-                "images_per_s": float(bs / times.mean()),
-            }
-        )
-    m = detector.manifest
-    header = {
-        "model": m.name,
-        "backbone": m.backbone,
-        "layers": f"{m.layer}/{m.num_layers}",
-        "input": f"{size}x{size}",
-        "backend": detector.backend.name,
-        "precision": detector.backend.precision,
-        "iters": iters,
-        "warmup": warmup,
-    }
-    if as_json:
-        _echo(json.dumps({**header, "results": rows}, indent=2))
-    else:
-        _echo(", ".join(f"{k} {v}" for k, v in header.items()) + "\n" + format_table(rows))

@@ -1,15 +1,7 @@
 """Where ``i2p-detect`` rows go: exact paths, safe text, CSV/JSONL files that are never lost or half-trusted.
 
-- The ``path`` cell of a CSV/JSONL row (and of ``--json`` lines) is the file's exact path, readable back
-  with ``os.fsdecode(urllib.parse.unquote_to_bytes(cell))``: ``%``, control, format (Unicode Cf: U+202E
-  and other bidi controls, zero-width characters), separator, surrogate and unassigned characters, bytes
-  that are not UTF-8, and a first character a spreadsheet would run as a formula (``=``, ``+``, ``-``,
-  ``@``) are percent-encoded as their UTF-8 (or raw) bytes. Ordinary names are written as they are.
-  ``--resume`` matches files on this exact form, so two files never share a row.
-- Every other text cell, and every table cell, goes through ``display``: undecodable bytes as ``\\xNN``,
-  the same characters escaped (``\\n``, ``\\x1b``, ``\\u202e``), so a name cannot forge a row, a terminal
-  sequence or reorder the text around it; CSV cells a spreadsheet would run as a formula get a leading
-  ``'`` (OWASP). JSON output stays strict UTF-8.
+- Cells: the ``path`` cell is the file's exact path, every other text cell is made safe to show
+  (``i2p.runtime.cells``); ``--resume`` matches files on the exact form, so two files never share a row.
 - Every row records the scorer: ``model`` (``sha256:`` + the manifest's sha256, or the Triton ensemble)
   and ``threshold``; ``--resume`` refuses a file scored by another model or threshold, and a file of an
   earlier i2p-detect (keyed on display names, no model) with the reason.
@@ -20,24 +12,17 @@
   ``OUT.partial`` (or continues a complete ``OUT`` in place, renamed, never copied) with bounded line
   reads: a torn last line of any length is cut off, a line over 1 MiB or one that is not a row of ours is
   refused naming its line number.
-- A destination that is a device or a FIFO (``/dev/stdout``, ``/dev/full``) is written directly; it is
-  opened non-blocking, so a FIFO nothing reads is an error, not a hang.
+- Files are opened by ``i2p.runtime.output_open``: no planted link followed, no second writer.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
 import secrets
-import stat
-import unicodedata
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -46,29 +31,21 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+from .cells import Row, csv_cell, display, path_cell
+from .output_open import OutputError, open_regular, open_stream, path_kind
+
 ROW_COLUMNS = ("path", "probability", "label", "error")  # the table
 FILE_COLUMNS = (*ROW_COLUMNS, "model", "threshold", "ood", "uncertain")  # CSV/JSONL files and --json lines
 # A CSV written before the OOD score: --resume continues it with these columns (ood/uncertain left out).
 LEGACY_COLUMNS = FILE_COLUMNS[:6]
 _LEGACY_HEADER = ",".join(LEGACY_COLUMNS).encode() + b"\r\n"
 PARTIAL_SUFFIX = ".partial"
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 MAX_LINE_BYTES = 1 << 20  # a row of ours is at most a few times PATH_MAX
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Cn"})
-_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_ASCII_UNSAFE = re.compile(r"[%\x00-\x1f\x7f]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _EARLIER = (
     "was written by an earlier i2p-detect (rows keyed on display names, no model column), so its rows "
     "cannot be matched to files exactly; run without --resume to start over (or move it aside)"
 )
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-Row = dict[str, Any]
 log = logging.getLogger("i2p")
-
-
-class OutputError(Exception):
-    """The output cannot be written (no space, not writable, not a file we can resume from)."""
 
 
 @dataclass(frozen=True)
@@ -77,68 +54,6 @@ class Scorer:
 
     model: str  # "sha256:<manifest.json sha256>", or the Triton ensemble ("triton:...")
     threshold: float | None  # None: the server's own labels (it sent no threshold)
-
-
-# -- text -------------------------------------------------------------------------------------------------
-
-
-def _hidden(ch: str) -> bool:
-    """A character that must not reach a cell raw: control, format (bidi, zero-width), separator, unassigned."""
-    return unicodedata.category(ch) in _HIDDEN_CATEGORIES
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    if ch in _NAMED:
-        return _NAMED[ch]
-    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def display(text: str) -> str:
-    """``text`` as valid UTF-8 on one line: undecodable bytes as ``\\xNN``, hidden characters escaped."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (from an API caller)
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if text.isascii():
-        return _ASCII_CONTROL.sub(lambda m: _escape(m.group()), text)
-    return "".join(_escape(c) if _hidden(c) else c for c in text)
-
-
-def safe_row(row: Row) -> Row:
-    """Every string cell through ``display`` (the table)."""
-    return {k: display(v) if isinstance(v, str) else v for k, v in row.items()}
-
-
-def csv_cell(value: Any) -> Any:
-    """A cell a spreadsheet shows as text: formula-like strings get a leading apostrophe."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
-
-
-def path_cell(path: str) -> str:
-    """The exact path as one inert cell, percent-encoded where needed (see the module docstring)."""
-    if path.isascii() and not _ASCII_UNSAFE.search(path) and not path.startswith(FORMULA_STARTS):
-        return path
-    return "".join(
-        "".join(f"%{b:02X}" for b in _raw_bytes(c))
-        if c == "%" or _hidden(c) or (not i and c in "=+-@")
-        else c
-        for i, c in enumerate(path)
-    )
-
-
-def read_path(cell: str) -> str:
-    """The path a ``path`` cell holds (the inverse of ``path_cell`` for any name a file system can hold)."""
-    return os.fsdecode(urllib.parse.unquote_to_bytes(cell))
-
-
-def _raw_bytes(ch: str) -> bytes:
-    try:
-        return ch.encode("utf-8", "surrogateescape")  # a byte that was not UTF-8 is that byte again
-    except UnicodeEncodeError:  # a lone surrogate from an API caller: no file system holds it anyway
-        return ch.encode("utf-8", "surrogatepass")
 
 
 def file_row(row: Row, scorer: Scorer) -> Row:
@@ -317,70 +232,6 @@ def _same_threshold(cell: Any, threshold: float | None) -> bool:
         return False
 
 
-# -- opening the files ---------------------------------------------------------------------------------------
-
-
-def _open_regular(path: Path, create: bool) -> int:
-    """A descriptor on ``path`` (read-write, appending), refused unless a regular file with one link."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | _OPEN_FLAGS | (os.O_CREAT if create else 0), 0o666)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OutputError(f"{path}: is a symbolic link; refusing to follow it (remove it)") from None
-        if e.errno == errno.ENXIO:  # a FIFO (or socket) nothing holds open
-            raise OutputError(f"{path}: not a regular file; refusing to write it (remove it)") from None
-        raise OutputError(f"{path}: cannot open for writing ({e.strerror or e})") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OutputError(f"{path}: not a regular file; refusing to write it (remove it)")
-        if st.st_nlink != 1:
-            raise OutputError(f"{path}: has {st.st_nlink - 1} other hard link(s); refusing to write it")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(
-                f"{path}: another i2p-detect is writing it (it is locked); wait for it, or write another file"
-            ) from None
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_stream(path: Path) -> int:
-    """A descriptor on a device or FIFO the user named (``/dev/stdout`` is a link: followed here)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as e:
-        if e.errno == errno.ENXIO:
-            raise OutputError(f"{path}: a FIFO nothing is reading; start its reader first") from None
-        raise OutputError(f"{path}: cannot open for writing ({e.strerror or e})") from e
-    if stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the check
-        os.close(fd)
-        raise OutputError(f"{path}: changed while it was opened; run again")
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd
-
-
-def _kind(path: Path) -> str:
-    """'absent', 'file', 'link' (to a regular file or nothing) or 'stream' (a device or FIFO, maybe linked)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "absent"
-    if stat.S_ISREG(st.st_mode):
-        return "file"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "link"  # dangling
-    if stat.S_ISREG(st.st_mode):
-        return "link"
-    return "stream"
-
-
 # -- the sink -----------------------------------------------------------------------------------------------
 
 
@@ -390,11 +241,11 @@ def file_sink(
 ) -> Iterator[tuple[Callable[[Row], None], DoneSet]]:
     """(write one row, path cells already done) for a CSV or JSONL file; see the module docstring."""
     target = Path(path)
-    kind = _kind(target)
+    kind = path_kind(target)
     if kind == "stream":  # a device or FIFO: no rename, nothing to resume
         if resume:
             raise OutputError(f"{path}: --resume needs a regular file to read the previous rows from")
-        with _written(_open_stream(target), target, fmt, scorer, header=True) as write:
+        with _written(open_stream(target), target, fmt, scorer, header=True) as write:
             yield write, DoneSet()
         return
     partial = partial_path(target)
@@ -415,7 +266,7 @@ def _open_partial(
             raise OutputError(
                 f"{target}: is a symbolic link; --resume reads and continues regular files only"
             )
-        fd = _open_regular(target, create=False)  # a complete output: continued in place, never copied
+        fd = open_regular(target, create=False)  # a complete output: continued in place, never copied
         try:
             done = _resumed(fd, target, fmt, scorer)
             os.rename(target, partial)
@@ -425,7 +276,7 @@ def _open_partial(
         return fd, done
     if not resume and os.path.lexists(partial):
         log.warning("i2p: starting over: %s (an unfinished run) is replaced; --resume continues it", partial)
-    fd = _open_regular(partial, create=True)
+    fd = open_regular(partial, create=True)
     try:
         if resume:
             return fd, _resumed(fd, partial, fmt, scorer)

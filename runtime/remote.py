@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .cells import display
 from .detector import Prediction
-from .outputs import display
 from .preprocess import ImageError, _read_file, describe
 from .schema import MAX_OOD
 from .serving import ENSEMBLE, IMAGE, OOD_ABSENT, OOD_VERDICT, VERDICT

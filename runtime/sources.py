@@ -15,8 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from i2p.base.files import IMAGE_EXTENSIONS, is_image_name
 
+from .cells import display
 from .detector import Detector, Prediction, Prepared
-from .outputs import display
 
 log = logging.getLogger("i2p")
 

@@ -14,7 +14,8 @@ from i2p.base.files import sha256_file
 from i2p.cli import main as i2p_main
 from i2p.runtime import Detector
 from i2p.runtime import sources as sources_module
-from i2p.runtime.detect_cli import bench, detect
+from i2p.runtime.bench_cli import bench
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.sources import iter_images, predict_stream
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact

@@ -29,7 +29,8 @@ from i2p.base.files import sha256_file
 from i2p.runtime import ArtifactError, Detector
 from i2p.runtime.backends import InferenceError, checked_logits
 from i2p.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from i2p.runtime.detect_cli import bench, detect
+from i2p.runtime.bench_cli import bench
+from i2p.runtime.detect_cli import detect
 from i2p.runtime.model_check import (
     ALLOWED_OPS,
     MAX_INITIALIZERS,

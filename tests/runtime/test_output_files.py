@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from i2p.runtime.cells import display, path_cell, read_path
 from i2p.runtime.detect_cli import detect
-from i2p.runtime.outputs import display, path_cell, read_path
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact
 

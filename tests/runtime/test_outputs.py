@@ -17,8 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from i2p.runtime import detect_cli as cli_module
-from i2p.runtime.detect_cli import bench, detect
-from i2p.runtime.outputs import FORMULA_STARTS, DoneSet, csv_cell, display, path_cell, read_path
+from i2p.runtime.bench_cli import bench
+from i2p.runtime.cells import FORMULA_STARTS, csv_cell, display, path_cell, read_path
+from i2p.runtime.detect_cli import detect
+from i2p.runtime.outputs import DoneSet
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact
 
@@ -135,7 +137,7 @@ def test_a_full_disk_is_a_message(artifact: Path, tmp_path: Path) -> None:
     assert proc.returncode == 1 and "standard output: cannot write (No space left on device)" in proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
     rows = tmp_path / "rows.csv"  # rows to a file, the summary to a full stdout; and i2p-bench's report
-    bench_cmd = [sys.executable, "-c", "from i2p.runtime.detect_cli import bench; bench()"]
+    bench_cmd = [sys.executable, "-c", "from i2p.runtime.bench_cli import bench; bench()"]
     for cmd in (
         [*DETECT, str(image), "--model", str(artifact), "--csv", str(rows)],
         [*bench_cmd, "--model", str(artifact), "--batch-sizes", "1", "--iters", "2"],
