@@ -22,6 +22,7 @@ FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 @pytest.fixture(scope="module")
 def ood_artifact(tmp_path_factory) -> Path:
+    pytest.importorskip("torch", reason="exporting an artifact with an OOD output needs the [export] extra")
     from i2p.export.pipeline import ExportOptions, run_export
     from tests.support.checkpoints import make_checkpoint
 
