@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/perf_detect.py --model det.i2p --images DIR [--count 512] [--rss-images 2000]
 
 Model-only: ``Detector.predict_batch`` on tensors preprocessed beforehand (decoding excluded). End to
-end: ``runtime.sources.predict_stream`` over the files, which is what ``i2p-detect`` runs (threaded
+end: ``Detector.predict_stream`` over the files, which is what ``i2p-detect`` runs (threaded
 decoding overlapped with inference). The two alternate chunk by chunk on the same Detector, so their
 ratio is measured side by side. Then one long stream (files cycled) samples RSS every 100 images.
 Imports the runtime only (no torch), like a deployment. Prints one JSON object; run by benchmarks/perf.py.
@@ -25,7 +25,7 @@ import psutil
 
 from i2p.runtime import Detector
 from i2p.runtime.preprocess import preprocess
-from i2p.runtime.sources import iter_images, predict_stream
+from i2p.runtime.sources import iter_images
 
 
 def rss_mb() -> float:
@@ -56,7 +56,7 @@ def main() -> None:
         det.predict_batch(tensors)  # split into batch_size batches inside, like the stream's batches
 
     def end_to_end(paths: list[str]) -> int:
-        return sum(not p.ok for p in predict_stream(det, paths, args.workers))
+        return sum(not p.ok for p in det.predict_stream(paths, args.workers))
 
     model_only()
     end_to_end(files[: args.batch_size])  # warm-up: thread pool, Pillow's decoders
@@ -74,7 +74,7 @@ def main() -> None:
     rss = [(0, rss_mb())]
     cycled = itertools.islice(itertools.cycle(files), args.rss_images)
     t0 = time.perf_counter()
-    for i, _ in enumerate(predict_stream(det, cycled, args.workers), 1):
+    for i, _ in enumerate(det.predict_stream(cycled, args.workers), 1):
         if i % 100 == 0:
             rss.append((i, rss_mb()))
     long_ips = args.rss_images / (time.perf_counter() - t0)

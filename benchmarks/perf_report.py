@@ -425,7 +425,7 @@ def e2e_section(r: dict[str, Any]) -> list[str]:
         "### End to end",
         "",
         f"`{e['command']}`: {md(e['model'])} (`{e['model_file']}`), images: {r['images']}. Model-only =",
-        "`Detector.predict_batch` on tensors decoded beforehand; end to end = `runtime.sources.predict_stream`",
+        "`Detector.predict_batch` on tensors decoded beforehand; end to end = `Detector.predict_stream`",
         f"(what `i2p-detect` runs), batch {e['batch_size']}, {e['workers']} decode workers, alternating in chunks",
         f"of {e['chunk']} images: {e['end_to_end_images_per_s']:.1f} vs {e['model_only_images_per_s']:.1f} images/s",
         f"(ratio {e['ratio']:.2f}); RSS grew {e['rss_growth_after_200_mb']:.1f} MB from image 200 to {e['rss_images']:,}.",

@@ -17,17 +17,17 @@ from typing import Any
 
 import click
 
-from i2p.base.files import sha256_file
 from i2p.base.progress import HEARTBEAT_SECONDS, Progress
 from i2p.base.tables import format_table
 
 from . import schema
 from .cells import Row, path_cell, safe_row
 from .detector import BACKENDS, PRECISIONS, BackendUnavailableError, Detector, Prediction
-from .manifest import MANIFEST, ArtifactError
+from .manifest import ArtifactError
 from .output_open import OutputError
 from .outputs import ROW_COLUMNS, DoneSet, Scorer, file_row, file_sink, partial_path
-from .sources import iter_images, predict_stream, survey
+from .sources import iter_images, survey
+from .streaming import StreamingDetector
 
 
 class _ClickHandler(logging.Handler):
@@ -176,6 +176,7 @@ def detect(
         raise click.UsageError(
             "--operating-point names a point of a local --model; with --server, pass that point's --threshold"
         )
+    detector: StreamingDetector
     if server:
         detector = _connect(server, batch_size, workers, timeout, threshold)
     else:
@@ -183,11 +184,11 @@ def detect(
             model, backend, device, precision, threads, batch_size=batch_size, threshold=threshold,
             operating_point=operating_point,
         )  # fmt: skip
-    scorer = Scorer(detector.model_id if server else _model_id(model), detector.threshold)
+    scorer = Scorer(detector.scorer.model_id, detector.threshold)
     out = csv_out or jsonl_out
     start = time.perf_counter()
     counts, skipped, complete = _score(
-        detector, paths, recursive, workers, bool(server), csv_out, jsonl_out, as_json, resume, scorer
+        detector, paths, recursive, workers, csv_out, jsonl_out, as_json, resume, scorer
     )
     elapsed = time.perf_counter() - start
     files = sum(counts.values())
@@ -200,8 +201,8 @@ def detect(
         "complete": complete,
         "seconds": round(elapsed, 3),
         "images_per_s": round(files / elapsed, 1) if elapsed > 0 else None,
-        "backend": detector.backend.name,
-        "precision": detector.backend.precision,
+        "backend": detector.scorer.name,
+        "precision": detector.scorer.precision,
         "threshold": detector.threshold,
     }
     echo(json.dumps(summary) if as_json else format_table([summary]), err=not out or not complete)
@@ -217,11 +218,10 @@ def detect(
 
 
 def _score(
-    detector: Any,
+    detector: StreamingDetector,
     paths: tuple[str, ...],
     recursive: bool,
     workers: int,
-    remote: bool,
     csv_out: str | None,
     jsonl_out: str | None,
     as_json: bool,
@@ -240,9 +240,7 @@ def _score(
             sources = iter_images(paths, recursive)
             if skipped:
                 sources = (p for p in sources if path_cell(p) not in done)
-            stream = (
-                detector.predict_stream(sources) if remote else predict_stream(detector, sources, workers)
-            )
+            stream = detector.predict_stream(sources, workers)
             with _progress(stream, paths, recursive, skipped) as bar:
                 for prediction in bar:
                     write(_row(prediction))
@@ -289,7 +287,9 @@ def _silence_stdout() -> None:
         pass
 
 
-def _connect(server: str, batch_size: int, workers: int, timeout: float, threshold: float | None) -> Any:
+def _connect(
+    server: str, batch_size: int, workers: int, timeout: float, threshold: float | None
+) -> StreamingDetector:
     from .remote import RemoteDetector, ServerError
 
     _log_to_stderr()
@@ -301,12 +301,6 @@ def _connect(server: str, batch_size: int, workers: int, timeout: float, thresho
         raise click.BadParameter(str(e), param_hint="--server") from e
     except ServerError as e:
         raise click.ClickException(str(e)) from e
-
-
-def _model_id(model: str) -> str:
-    """What every output row records as the scorer: the sha256 of the artifact's manifest (which hashes
-    every file the runtime loads)."""
-    return f"sha256:{sha256_file(os.path.join(model, MANIFEST))}"
 
 
 def _row(p: Prediction) -> Row:

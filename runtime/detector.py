@@ -9,6 +9,7 @@ order of ``model_files.CATALOGUE``: ``model.int8.onnx``, else the fused FP32 ``m
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -21,9 +22,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from i2p.base.files import sha256_file
+
 from . import schema
 from .backends import Backend, InferenceError, checked_scores, tensor_names
 from .manifest import (
+    MANIFEST,
     PRECISIONS,
     ArtifactError,
     check_session_io,
@@ -33,12 +37,15 @@ from .manifest import (
 from .memory import decode_memory_bytes
 from .model_check import check_model_files
 from .preprocess import ImageError, ImageInput, ResizePlan, decode, describe, preprocess, resize_plan
+from .streaming import ScorerInfo, stream_predictions
 
 log = logging.getLogger("i2p")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 _SINGLE = (str, os.PathLike, bytes, Image.Image, np.ndarray)
 NON_FINITE = "the network returned a non-finite output"  # the error of a NaN or infinite logit
+
+DEFAULT_WORKERS = 2  # decoding threads of predict_stream
 
 
 class BackendUnavailableError(RuntimeError):
@@ -266,6 +273,19 @@ class Detector:
         self.close()
 
     # -- inference ---------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def scorer(self) -> ScorerInfo:
+        """Who scores here: the backend, its precision, and the sha256 of the manifest (which hashes every
+        file the runtime loads), as output rows record it."""
+        manifest_sha = sha256_file(self.path / MANIFEST)
+        return ScorerInfo(self.backend.name, self.backend.precision, f"sha256:{manifest_sha}")
+
+    def predict_stream(
+        self, sources: Iterable[ImageInput], workers: int | None = None
+    ) -> Iterator[Prediction]:
+        """Predictions in source order for a stream of any length, decoding on ``workers`` threads (2)."""
+        return stream_predictions(self, sources, DEFAULT_WORKERS if workers is None else workers)
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput) -> list[Prediction]:
         """One Prediction per input (paths, bytes, PIL images, uint8 HxWx3 arrays), in order.

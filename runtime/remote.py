@@ -35,6 +35,7 @@ from .detector import Prediction
 from .preprocess import ImageError, _read_file, describe
 from .schema import MAX_OOD
 from .serving import ENSEMBLE, IMAGE, OOD_ABSENT, OOD_VERDICT, VERDICT
+from .streaming import ScorerInfo
 from .triton_http import MAX_RESPONSE_BYTES, TritonHttp
 
 SCHEMES = {"grpc": ("grpc", False), "grpcs": ("grpc", True), "http": ("http", False), "https": ("http", True)}
@@ -62,14 +63,6 @@ class ServerAddress:
             raise ValueError(f"{url!r}: expected grpc://HOST:PORT or http://HOST:PORT")
         protocol, ssl = SCHEMES[scheme]
         return cls(protocol, rest.strip("/"), ssl)
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """What the summary reports about the serving side (``Detector.backend`` has the same two fields)."""
-
-    name: str
-    precision: str
 
 
 class RemoteDetector:
@@ -100,12 +93,12 @@ class RemoteDetector:
         self.ood_threshold = _ood_threshold(params.get("ood_threshold"), outputs, where)
         self._relabel = threshold is not None
         self.threshold = threshold if threshold is not None else self.server_threshold
-        self.model_id = display(
-            f"triton:{params.get('artifact', '?')}/{params.get('network', '?')}/{params.get('precision', '?')}"
-        )  # what output rows record as the scorer (the server names its artifact, not its hash)
-        self.backend = ServerInfo(
+        self.scorer = ScorerInfo(  # the server names its artifact, not its hash: rows record that
             f"triton {self.address.protocol}://{self.address.host_port} {model} ({params.get('network', '?')})",
             params.get("precision", "?"),
+            display(
+                f"triton:{params.get('artifact', '?')}/{params.get('network', '?')}/{params.get('precision', '?')}"
+            ),
         )
 
     def __repr__(self) -> str:
@@ -177,8 +170,12 @@ class RemoteDetector:
                 )
         return list(self.predict_stream(items))
 
-    def predict_stream(self, sources: Iterable[str | Path | bytes]) -> Iterator[Prediction]:
-        """Predictions in source order; up to ``concurrency`` requests of ``batch_size`` images in flight."""
+    def predict_stream(
+        self, sources: Iterable[str | Path | bytes], workers: int | None = None
+    ) -> Iterator[Prediction]:
+        """Predictions in source order; up to ``workers`` (at most ``concurrency``) requests of ``batch_size``
+        images in flight (``StreamingDetector``: the server decodes, so concurrency is in requests)."""
+        in_flight = self.concurrency if workers is None else max(1, min(workers, self.concurrency))
         it = iter(sources)
         chunks = iter(lambda: list(islice(it, self.batch_size)), [])
         with self._lock:
@@ -189,7 +186,7 @@ class RemoteDetector:
         try:
             for chunk in chunks:
                 pending.append(pool.submit(self._predict_chunk, chunk))
-                if len(pending) >= self.concurrency:
+                if len(pending) >= in_flight:
                     yield from pending.popleft().result()
             while pending:
                 yield from pending.popleft().result()

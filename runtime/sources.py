@@ -1,8 +1,8 @@
-"""Streaming over image files for ``i2p-detect``: discovery, threaded decoding, in-order batches.
+"""The image files ``i2p-detect`` scores: discovered while directories are read, in bounded memory.
 
 Files are yielded while directories are being read (only the names of subdirectories still to visit
-are kept), and at most a fixed number of decoded images are in flight, so a tree of millions of files
-runs in bounded memory.
+are kept), so a tree of millions of files is walked in bounded memory; ``survey`` says why a walk found
+nothing. Scoring the stream is ``i2p.runtime.streaming``'s.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import logging
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from i2p.base.files import IMAGE_EXTENSIONS, is_image_name
 
 from .cells import display
-from .detector import Detector, Prediction, Prepared
 
 log = logging.getLogger("i2p")
 
@@ -49,36 +47,6 @@ def _walk(top: str, recursive: bool) -> Iterator[str]:
                         yield entry.path  # a non-file named like an image gets its error row
         except OSError as e:
             log.warning("i2p: skipping directory %s: %s", display(directory), e.strerror or e)
-
-
-def prepare_stream(
-    detector: Detector, sources: Iterable[str], workers: int, ahead: int
-) -> Iterator[Prepared]:
-    """``detector.prepare`` over ``sources`` in ``workers`` threads, in order, at most ``ahead`` in flight."""
-    with ThreadPoolExecutor(workers, thread_name_prefix="i2p-decode") as pool:
-        pending: deque[Future[Prepared]] = deque()
-        try:
-            for src in sources:
-                pending.append(pool.submit(detector.prepare, src))
-                if len(pending) >= ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
-def predict_stream(detector: Detector, sources: Iterable[str], workers: int) -> Iterator[Prediction]:
-    """Predictions in source order; decoding of the next batch overlaps inference on this one."""
-    batch: list[Prepared] = []
-    for item in prepare_stream(detector, sources, workers, ahead=2 * detector.batch_size + workers):
-        batch.append(item)
-        if len(batch) == detector.batch_size:
-            yield from detector.predict_prepared(batch)
-            batch = []
-    if batch:
-        yield from detector.predict_prepared(batch)
 
 
 def survey(paths: Iterable[str | os.PathLike], recursive: bool) -> str:

@@ -73,7 +73,7 @@ def test_results_equal_detector_predict(served, images, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
     files = [str(p) for p in images]
     with RemoteDetector(url, batch_size=5, concurrency=3) as remote:
-        assert remote.threshold == 0.3 and remote.backend.precision == "fp32"
+        assert remote.threshold == 0.3 and remote.scorer.precision == "fp32"
         got = remote.predict(files)
     expected = Detector(artifact).predict(files)
     assert all(p.ok for p in expected) and {p.label for p in expected} == {"real", "fake"}

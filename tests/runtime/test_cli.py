@@ -16,7 +16,7 @@ from i2p.runtime import Detector
 from i2p.runtime import sources as sources_module
 from i2p.runtime.bench_cli import bench
 from i2p.runtime.detect_cli import detect
-from i2p.runtime.sources import iter_images, predict_stream
+from i2p.runtime.sources import iter_images
 from tests.support.corpus import base_image, encode
 from tests.support.fake_artifact import make_artifact
 
@@ -89,7 +89,7 @@ def test_predict_stream_keeps_order_and_bounds_work_in_flight(artifact: Path, tr
             pulled += 1
             yield p
 
-    stream = predict_stream(det, sources(), workers=3)
+    stream = det.predict_stream(sources(), workers=3)
     first = next(stream)
     assert pulled <= 2 * det.batch_size + 3 + det.batch_size  # read-ahead is bounded, not the whole list
     results = [first, *stream]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from i2p.runtime import detect_cli as cli_module
+from i2p.runtime import Detector
 from i2p.runtime.bench_cli import bench
 from i2p.runtime.cells import FORMULA_STARTS, csv_cell, display, path_cell, read_path
 from i2p.runtime.detect_cli import detect
@@ -149,15 +149,15 @@ def test_a_full_disk_is_a_message(artifact: Path, tmp_path: Path) -> None:
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    real = cli_module.predict_stream
+    real = Detector.predict_stream
 
-    def stream(detector, sources, workers):
+    def stream(detector, sources, workers=None):
         for i, p in enumerate(real(detector, sources, workers)):
             if i == n:
                 raise KeyboardInterrupt
             yield p
 
-    monkeypatch.setattr(cli_module, "predict_stream", stream)
+    monkeypatch.setattr(Detector, "predict_stream", stream)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
