@@ -6,7 +6,6 @@ import json
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from i2p.train import importance, stages
+from i2p.train.backbone import load_backbone
 from i2p.train.distributed import Placement
 
-WIDTH = 8
+WIDTH = 64  # i2p-tiny-vit's width
 
 
 def _profile() -> importance.ImportanceProfile:
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         return _profile(), torch.nn.Linear(WIDTH, 1).requires_grad_(False)
 
     stages.perceive = perceive
-    tower = SimpleNamespace(transformer=SimpleNamespace(width=WIDTH))
+    tower, _ = load_backbone("i2p-tiny-vit", "none", seed=0)  # a real tower: ranks > 0 size the probe from it
     profile, probe = stages.perceive_once(
         None, tower, None, None, Placement(torch.device("cpu"), rank, world)
     )
