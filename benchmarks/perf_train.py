@@ -69,8 +69,7 @@ def main() -> None:
     model.train()
     model.tower.eval()  # as i2p-train: the frozen tower keeps dropout off
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    size = model.tower.image_size
-    size = size if isinstance(size, int) else size[0]
+    size = model.family.image_size(model.tower)  # any backbone family's input size
     x, y = torch.randn(args.batch, 3, size, size), torch.randint(0, 2, (args.batch,)).float()
     rss_before = psutil.Process().memory_info().rss / 2**20
     reset_peak_rss()
