@@ -133,8 +133,9 @@ def run(
             **row,
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        torn = out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n")
+        with out.open("a") as f:  # after a torn last line (a killed run), the new line starts its own
+            f.write(("\n" if torn else "") + json.dumps(row) + "\n")
         echo(json.dumps(row))
         measured.append(model)
     return measured
