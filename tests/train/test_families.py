@@ -257,3 +257,33 @@ def test_pool_is_checked_and_checkpoints_before_families_read_as_open_clip_cls()
             dataclasses.replace(meta.backbone, pool=bad)
     manifest = json.loads((Path(v0).parent / "artifact" / "manifest.json").read_text())
     assert "pool" not in manifest and Manifest.from_dict(manifest).pool == "cls"
+
+
+@pytest.mark.slow  # ~6 s for the first case under load (a real i2p-train run), ~1 s after
+@pytest.mark.parametrize("model", ["i2p-tiny-dinov2", "i2p-tiny-siglip2"])  # class token; mean-pooled patches
+def test_baseline_trains_a_linear_probe_on_the_frozen_final_features_of_a_family(tmp_path, data_dir, model):
+    """``--baseline`` ("Simplicity Prevails" probe, UnivFD recipe) on a timm family: the whole tower stays
+    frozen at its random init, its final norm is the head's, and only the linear layer trains."""
+    from click.testing import CliRunner
+
+    from i2p.train.train_cli import train as train_cmd
+    from tests.support.training import TINY
+
+    out = tmp_path / "probe"
+    args = ["--data", str(data_dir), "--out", str(out), "--epochs", "1", "--baseline"]
+    res = CliRunner().invoke(train_cmd, [*args, *TINY, "--model", model], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(out / "checkpoint.safetensors")
+    meta = ckpt.meta
+    assert meta.baseline and meta.layer == meta.num_layers == 3
+    assert (meta.backbone.model, meta.backbone.family) == (
+        model,
+        "timm" if "dinov2" in model else "open_clip_timm",
+    )
+    assert not any(k.startswith("delta.") for k in ckpt.tensors)
+    trained, _ = load_model(out / "checkpoint.safetensors")
+    fresh = I2PModel(load_backbone(model, "none", 0)[0], 3, baseline=True)
+    for name, value in fresh.state_dict().items():  # tower and final norm: the frozen init, bit for bit
+        if not name.startswith("head.fc."):
+            assert torch.equal(trained.state_dict()[name], value), name
+    assert not torch.equal(trained.head.fc.weight, fresh.head.fc.weight)  # the probe trained
