@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument(
+        "--table", action="store_true", help="print --out as the docs' Markdown table; measure nothing"
+    )
     args = ap.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.train_batch < 1:
         ap.error("--threads, --repeats and --train-batch must be >= 1")
@@ -94,17 +97,7 @@ def family_of(model: str) -> str:
 
 def done_models(out: Path) -> set[str]:
     """Models whose line is in ``out`` already; a torn last line (a run killed mid-write) is ignored."""
-    if not out.exists():
-        return set()
-    done = set()
-    for line in out.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("model"), str):
-            done.add(row["model"])
-    return done
+    return {row["model"] for row in read_rows(out)}
 
 
 def run(
@@ -139,6 +132,67 @@ def run(
         echo(json.dumps(row))
         measured.append(model)
     return measured
+
+
+COLUMNS = (
+    "family",
+    "model",
+    "params (M)",
+    "input",
+    "L* = N/2, N",
+    "export s",
+    "ONNX MB",
+    "images/s batch 1",
+    "images/s batch 8",
+    "train peak RSS MB",
+    "train step s",
+)
+
+
+def table(rows: Iterable[dict[str, Any]]) -> str:
+    """The Markdown table of docs/performance.md: one row per model, "N/2 value / N value" cells."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if "error" in row:
+            cells = [row["family"], f"`{row['model']}`", f"failed: {row['error']}"] + [""] * (
+                len(COLUMNS) - 3
+            )
+        else:
+            layers = sorted({max(1, row["layers"] // 2), row["layers"]})
+            per = [row[f"L{n}"] for n in layers]
+
+            def pair(key: str, per: list[dict] = per) -> str:  # 3 significant digits, thousands separated
+                return " / ".join(f"{float(f'{p[key]:.3g}'):,g}" for p in per)
+
+            train = row["train"]
+            cells = [
+                row["family"],
+                f"`{row['model']}`",
+                f"{row['params'] / 1e6:.1f}",
+                f"{row['input_size']} px",
+                " / ".join(str(n) for n in layers),
+                pair("export_s"),
+                pair("onnx_mb"),
+                pair("images_per_s_b1"),
+                pair("images_per_s_b8"),
+                f"{train['peak_rss_mb']:,}",
+                f"{train['step_s']}",
+            ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """The measured lines of ``out`` (torn or foreign lines skipped, as ``done_models`` does)."""
+    rows = []
+    for line in out.read_text().splitlines() if out.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("model"), str):
+            rows.append(row)
+    return rows
 
 
 def measure(model: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -234,6 +288,9 @@ def train_step(model: str, layer: int, args: argparse.Namespace) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.table:
+        print(table(read_rows(args.out)))
+        return
     import torch
 
     torch.set_num_threads(args.threads)

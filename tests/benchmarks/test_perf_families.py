@@ -110,3 +110,31 @@ def test_a_line_appended_after_a_torn_one_is_read_back(tmp_path):
     out.write_text('{"model": "a", "params": 1}\n{"model": "b", "par')
     assert pf.run(["a", "b"], out, lambda m: {"params": 2}, echo=lambda _: None) == ["b"]
     assert pf.done_models(out) == {"a", "b"}
+
+
+def test_table_has_one_row_per_model_with_n_half_and_n_cells_and_names_failures(tmp_path, capsys):
+    out = tmp_path / "families.jsonl"
+    per = {"export_s": 31.4, "onnx_mb": 163.2, "images_per_s_b1": 4.5678, "images_per_s_b8": 1234.5}
+    full = {**per, "export_s": 60.0, "onnx_mb": 327.0, "images_per_s_b1": 2.0, "images_per_s_b8": 2.5}
+    good = {"params": 86_192_640, "layers": 12, "input_size": 224, "L6": per, "L12": full}
+    good["train"] = {"peak_rss_mb": 2353, "step_s": 2.4}
+    pf.run(["ViT-B-16", "PE-Core-B-16"], out, lambda m: good if m == "ViT-B-16" else 1 / 0, echo=print)
+    capsys.readouterr()
+    pf.main(["--out", str(out), "--table"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| family | model |")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == [
+        "CLIP (open_clip ViT)",
+        "`ViT-B-16`",
+        "86.2",
+        "224 px",
+        "6 / 12",
+        "31.4 / 60",
+        "163 / 327",
+        "4.57 / 2",
+        "1,230 / 2.5",
+        "2,353",
+        "2.4",
+    ]
+    assert "`PE-Core-B-16` | failed: ZeroDivisionError" in lines[3]
