@@ -19,13 +19,15 @@ from pathlib import Path
 from benchmarks.support.corpus import base_image, encode, png_bytes
 
 SCRIPT = """
-import json, resource, sys
+import json, sys
 from concurrent.futures import ThreadPoolExecutor
 from i2p.runtime.preprocess import ImageError, PreprocessSpec, preprocess
 from benchmarks.support.corpus import base_image, encode
+from benchmarks.support.memory import peak_rss_mb, reset_peak_rss
 spec = PreprocessSpec(size=224)
 preprocess(encode(base_image(), "PNG"), spec)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak_rss()
+base = peak_rss_mb()
 def one(p):
     try:
         preprocess(p, spec)
@@ -34,7 +36,7 @@ def one(p):
         return str(e)[-60:]
 with ThreadPoolExecutor(len(sys.argv) - 1) as pool:
     outcome = list(pool.map(one, sys.argv[1:]))
-print(json.dumps([outcome[0], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024]))
+print(json.dumps([outcome[0], peak_rss_mb() - base]))
 """
 
 

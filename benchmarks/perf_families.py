@@ -11,7 +11,7 @@ For each model at its default input size, one JSON line in ``--out``:
   ONNX size, then images/s of the artifact through ``Detector.predict_batch`` (ONNX Runtime CPU,
   ``--threads`` threads) on random input of the right size, batch 1 and 8, median of ``--repeats``;
 - ``train``: one training step of I2P's subspace mode (``benchmarks/perf_train.py``, i2p-train's step)
-  at L* = N/2, batch ``--train-batch``, in its own process: its peak RSS (``ru_maxrss``) and step time.
+  at L* = N/2, batch ``--train-batch``, in its own process: its peak RSS with the model and batch in memory (``VmHWM``) and step time.
 
 Resumable: a model whose line is already in ``--out`` is skipped, so a slow machine can run it in parts.
 ``--quick`` measures the small variant of each family instead of the default one.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -256,10 +255,11 @@ def export_and_time(model: str, layer: int, size: int, args: argparse.Namespace,
 
 
 def train_step(model: str, layer: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One subspace training step in its own process: its whole-process peak RSS (ru_maxrss)."""
+    """One subspace training step in its own process: its peak RSS from the model built on (VmHWM)."""
     cmd = [
         sys.executable,
-        str(REPO / "benchmarks" / "perf_train.py"),
+        "-m",
+        "benchmarks.perf_train",
         "--mode=subspace",
         f"--model={model}",
         f"--layer={layer}",
@@ -269,19 +269,16 @@ def train_step(model: str, layer: int, args: argparse.Namespace) -> dict[str, An
         "--warmup=0",
         f"--threads={args.threads}",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # small: one JSON line and warnings
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise RuntimeError(f"perf_train.py exited {proc.returncode}: {stderr.strip()[-500:]}")
-    step = json.loads(stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"perf_train.py exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    step = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
         "layer": layer,
         "batch": args.train_batch,
         "rank": 16,
         "step_s": round(step["step_s"][0], 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: kilobytes
+        "peak_rss_mb": round(step["peak_rss_mb"]),
         "trainable_parameters": step["trainable_parameters"],
     }
 

@@ -18,27 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import psutil
 import torch
 import torch.nn.functional as F
 
+from benchmarks.support.memory import peak_rss_mb, reset_peak_rss
 from i2p.train import subspace
 from i2p.train.backbone import load_backbone
 from i2p.train.model import I2PModel
 
 MODES = ("subspace", "full", "probe")
-
-
-def reset_peak_rss() -> None:
-    """Start VmHWM afresh (Linux >= 4.0), so the peak is the training steps', not the model build's."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 def build(mode: str, model_name: str, layer: int, rank: int) -> I2PModel:

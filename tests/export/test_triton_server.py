@@ -165,7 +165,9 @@ def test_the_server_restarts_cleanly(served, images):
         before = remote.predict(files)
     stubs = psutil.Process(server.process.pid).children(recursive=True)
     assert stubs  # the Python backend's stub processes
-    assert server.stop() == 0
+    log = server.log
+    code = server.stop()
+    assert code == 0, log.read_text(errors="replace")[-4000:]
     assert not [p for p in stubs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     server.start()
     with RemoteDetector(server.grpc_url) as remote:

@@ -435,7 +435,9 @@ def test_lookup_finds_a_verified_engine_or_says_where_to_build(tmp_path: Path) -
     """In the runtime's own cache; engines in the artifact: tests/runtime/test_engine_cache.py."""
     cache = tmp_path / "cache" / "engines"
     miss = lookup(cache, KEY)
-    assert not miss.found and miss.path == cache / KEY.filename and len(miss.reasons) == 1 and miss.data is None
+    assert (
+        not miss.found and miss.path == cache / KEY.filename and len(miss.reasons) == 1 and miss.data is None
+    )
     write_engine(cache / KEY.filename, b"engine", KEY)
     hit = lookup(cache, KEY)
     assert hit.found and hit.path == cache / KEY.filename and hit.data == b"engine"  # the bytes verified

@@ -133,14 +133,16 @@ def test_16_bit_conversion_is_exact_integer_rounding() -> None:
 def _peak_mb(code: str, env: dict[str, str] | None = None) -> float:
     """Peak RSS growth (MB) of ``code`` in a fresh interpreter, above the peak after imports and a warm-up."""
     script = f"""
-import json, resource, numpy as np
+import json, numpy as np
 from i2p.runtime.preprocess import preprocess, PreprocessSpec
 from tests.support.corpus import base_image, encode
+from benchmarks.support.memory import peak_rss_mb, reset_peak_rss
 spec = PreprocessSpec(size=224)
 preprocess(encode(base_image(), "PNG"), spec)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak_rss()
+base = peak_rss_mb()
 {code}
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))
+print(json.dumps(peak_rss_mb() - base))
 """
     out = subprocess.run(
         [sys.executable, "-c", script],

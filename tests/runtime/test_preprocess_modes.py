@@ -68,7 +68,10 @@ def test_the_modes_differ_from_each_other_and_from_the_default() -> None:
     ("spec", "geometry"),
     [  # (out_w, out_h, left, top): torchvision's Resize + CenterCrop as timm and open_clip compose them
         (PreprocessSpec(size=224), (298, 224, 37, 0)),
-        (PreprocessSpec(size=224, crop_pct=0.9), (329, 248, 52, 12)),  # floor(224 / 0.9) = 248; round(52.5) = 52
+        (
+            PreprocessSpec(size=224, crop_pct=0.9),
+            (329, 248, 52, 12),
+        ),  # floor(224 / 0.9) = 248; round(52.5) = 52
         (PreprocessSpec(size=224, crop_pct=0.875), (340, 256, 58, 16)),
         (PreprocessSpec(size=224, resize="squash"), (224, 224, 0, 0)),
         (PreprocessSpec(size=224, resize="squash", crop_pct=0.9), (248, 248, 12, 12)),

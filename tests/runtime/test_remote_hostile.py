@@ -7,7 +7,6 @@ import functools
 import gzip
 import json
 import math
-import resource
 import threading
 import time
 import zlib
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("tritonclient.http", reason="the client needs tritonclient (the [serve] extra)")
 
+from benchmarks.support.memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 from i2p.runtime.detect_cli import detect  # noqa: E402
 from i2p.runtime.remote import RemoteDetector, ServerError  # noqa: E402
 from i2p.runtime.triton_http import MAX_RESPONSE_BYTES  # noqa: E402
@@ -317,10 +317,11 @@ def test_a_compression_bomb_is_not_inflated(server, encoding: str, wbits: int) -
     url, behaviour = server
     bomb = _bomb(512 << 20, wbits)  # 512 MiB of zeros in about 2 MB: 32 times the cap
     behaviour.infer = lambda h, n: send(h, bomb, {"Content-Encoding": encoding})
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()  # pytest's own earlier peak would hide the growth
+    before = peak_rss_mb()
     with RemoteDetector(url, timeout=30) as remote:
         rows = remote.predict(BLOBS)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    grown_mb = peak_rss_mb() - before
     assert all("inflates beyond" in p.error for p in rows), rows
     assert grown_mb < 200, grown_mb
 
