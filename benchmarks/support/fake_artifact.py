@@ -100,14 +100,19 @@ def make_artifact(
     format_version: int = FORMAT_VERSION,
     int8: bool = False,
     ood_threshold: float | None = None,
+    preprocess: PreprocessSpec | None = None,
 ) -> Path:
     """Write ``directory`` as an artifact (model.onnx, model.fp16.onnx, manifest.json) and return it.
+
+    ``preprocess``: the manifest's preprocessing (its ``size`` overrides ``size``); default: the CLIP mode.
 
     ``int8``: also model.int8.onnx, ONNX Runtime's dynamic INT8 of the same graph (per-call input scales).
     ``ood_threshold``: the network also has the ``ood`` output, and the manifest its OodSpec.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
+    preprocess = preprocess or PreprocessSpec(size=size)
+    size = preprocess.size
     ood = ood_threshold is not None
     model = build_model(size, seed, ood)
     onnx.save(model, root / "model.onnx")
@@ -124,7 +129,7 @@ def make_artifact(
         layer=1,
         num_layers=2,
         threshold=threshold,
-        preprocess=PreprocessSpec(size=size),
+        preprocess=preprocess,
         inputs=(TensorSpec("image", "float32", ("batch", 3, size, size)),),
         outputs=tuple(
             TensorSpec(o, "float32", ("batch",))

@@ -19,6 +19,7 @@ from i2p.export.triton import TritonOptions, write_repository
 from i2p.runtime import Detector
 from i2p.runtime.detect_cli import detect
 from i2p.runtime.manifest import read_manifest
+from i2p.runtime.preprocess import PreprocessSpec
 from i2p.runtime.remote import RemoteDetector, ServerError
 from tests.support.concurrency import run_in_threads
 from tests.support.corpus import base_image, encode, make_bad_corpus
@@ -43,13 +44,25 @@ def assert_same(remote, local, atol: float = 1e-6) -> None:
             assert abs(r.probability - lo.probability) <= atol, (r, lo)
 
 
+# Every preprocessing field the non-CLIP backbone families change (issue 23), in one more ensemble of the
+# same server: SigLIP 2's and PE-Core's squash resize, PE-Core's bilinear filter, EVA-02's crop fraction.
+FAMILY_MODE = "i2p_families"
+FAMILY_SPEC = PreprocessSpec(size=32, resize="squash", interpolation="bilinear", crop_pct=0.9)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(server, artifact): the fake-but-real ONNX artifact behind the ensemble, Python-backend network."""
+    """(server, artifact): the fake-but-real ONNX artifact behind the ensemble, Python-backend network.
+
+    The same repository also holds the ensemble ``FAMILY_MODE``, serving ``<FAMILY_MODE>.i2p``.
+    """
     root = tmp_path_factory.mktemp("triton")
     artifact = make_artifact(root / "fake.i2p", size=32, threshold=0.3)
     opts = TritonOptions(backend="python", max_batch=16)
     write_repository(root / "repo", artifact, read_manifest(artifact), opts, force=False)
+    other = make_artifact(root / f"{FAMILY_MODE}.i2p", threshold=0.3, preprocess=FAMILY_SPEC)
+    mode = TritonOptions(backend="python", max_batch=16, name=FAMILY_MODE, preprocess_instances=1)
+    write_repository(root / "repo", other, read_manifest(other), mode, force=False)
     server = TritonServer(root / "repo", root / "server").start()
     yield server, artifact
     server.stop()
@@ -78,6 +91,18 @@ def test_results_equal_detector_predict(served, images, protocol):
     expected = Detector(artifact).predict(files)
     assert all(p.ok for p in expected) and {p.label for p in expected} == {"real", "fake"}
     assert_same(got, expected)
+
+
+def test_the_families_preprocessing_equals_detector_predict(served, images):
+    """The preprocess model applies the manifest's resize mode, filter and crop fraction as the runtime does."""
+    server, artifact = served
+    files = [str(p) for p in images]
+    with RemoteDetector(server.grpc_url, model=FAMILY_MODE, batch_size=5) as remote:
+        got = remote.predict(files)
+    expected = Detector(artifact.with_name(f"{FAMILY_MODE}.i2p")).predict(files)
+    assert_same(got, expected)
+    clip_mode = Detector(artifact).predict(files)  # same weights, CLIP preprocessing: other numbers
+    assert max(abs(a.probability - b.probability) for a, b in zip(got, clip_mode, strict=True)) > 1e-4
 
 
 def test_hostile_files_are_error_rows_and_the_model_stays_up(served, tmp_path, images):
