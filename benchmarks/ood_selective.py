@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.support.provenance import git_commit
 from i2p.evaluation.labels import discover
 from i2p.evaluation.perturb import parse_condition
 from i2p.runtime.preprocess import fit_aspect, load_image, normalize, resize_crop
@@ -143,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         results[condition] = row
         print(condition, json.dumps(row), flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     record = {
         "date": datetime.date.today().isoformat(),
         "commit": commit,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from benchmarks.support.provenance import git_commit
 from i2p.runtime.sources import iter_images
 from i2p.train.checkpoint import read_checkpoint
 from i2p.train.density import PREFIX
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             rates[name].append(detect_rate(artifacts[name], folder, args.workers))
             print(name, f"{rates[name][-1]:.3f} img/s", flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     record = {
         "date": datetime.date.today().isoformat(),
         "commit": commit,

@@ -47,6 +47,7 @@ import numpy as np
 import psutil
 
 from benchmarks.perf_report import table, write_report
+from benchmarks.support.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE, LAYER = "ViT-L-14-quickgelu", 12  # OpenAI CLIP ViT-L/14 (QuickGELU), UnivFD's backbone
@@ -131,10 +132,6 @@ def machine() -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    snapshot = (
-        REPO / "GIT_COMMIT"
-    )  # a `git archive` snapshot (benchmarks run on frozen code) names its commit
     return {
         "cpu": cpu,
         "physical_cores": psutil.cpu_count(logical=False),
@@ -142,7 +139,7 @@ def machine() -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}",
         "versions": versions,
-        "git_commit": commit.stdout.strip() or (snapshot.read_text().strip() if snapshot.is_file() else None),
+        "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

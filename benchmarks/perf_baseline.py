@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.support.provenance import git_commit
 from i2p.evaluation.labels import Sample, discover
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,14 +154,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"--feature-views {views}: {runs[views]['mean_epoch_s']:.1f} s/epoch", file=sys.stderr, flush=True
         )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     result = {
         "model": MODEL,
         "train_images": a.train,
         "val_images": a.val,
         "epochs": a.epochs,
         "threads": a.threads,
-        "commit": commit.stdout.strip(),
+        "commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "loadavg": os.getloadavg(),
         **summarize(runs[a.epochs], runs[1], a.epochs),

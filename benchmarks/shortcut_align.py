@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.support.provenance import git_commit
 from i2p.evaluation.labels import discover
 
 RESAVES = {"png": ("PNG", {}), "jpeg95": ("JPEG", {"quality": 95}), "jpeg75": ("JPEG", {"quality": 75})}
@@ -138,9 +139,7 @@ def main() -> None:
         }
         row["threshold"] = json.loads(evaluation.read_text())["threshold"]
         results["runs"][name] = row
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     results |= {
         "date": datetime.date.today().isoformat(),
         "commit": commit,

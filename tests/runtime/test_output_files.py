@@ -14,15 +14,19 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from i2p.runtime.cells import display, path_cell, read_path
-from i2p.runtime.detect_cli import detect
-from tests.support.corpus import base_image, encode
+from tests.runtime.test_outputs import png, run
 from tests.support.fake_artifact import make_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 DETECT = [sys.executable, "-c", "from i2p.runtime.detect_cli import detect; detect()"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("artifact") / "a.i2p")
+
 
 # Pairs of names that the escaped display shows alike: one file of each pair, then both.
 LOOKALIKES = [
@@ -34,23 +38,6 @@ LOOKALIKES = [
     ("%41.png", "A.png"),
     ("cr\r.png", "cr\\r.png"),
 ]
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_artifact(tmp_path_factory.mktemp("artifact") / "a.i2p")
-
-
-def png(path: Path, seed: int = 0) -> Path:
-    path.write_bytes(encode(base_image(40, 30, seed=seed), "PNG"))
-    return path
-
-
-def run(args: list[object]) -> tuple[int, str, str]:
-    result = CliRunner().invoke(detect, [os.fsdecode(a) if isinstance(a, Path) else str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def file_paths(out: Path) -> list[str]:
