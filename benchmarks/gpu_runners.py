@@ -23,6 +23,13 @@ from i2p.runtime.preprocess import PreprocessSpec
 from i2p.runtime.resample import kernel_batch, preprocess_reference
 
 SPEC = PreprocessSpec(size=224)
+# The other backbone families' modes (issue 23): the kernel reads them from its tables, so each must stay
+# bit-exact with the reference too (SigLIP 2 and PE-Core squash, PE-Core bilinear, EVA-02 crop_pct 0.9).
+FAMILY_SPECS = {
+    "squash_bilinear": PreprocessSpec(size=224, resize="squash", interpolation="bilinear"),
+    "squash_bicubic": PreprocessSpec(size=224, resize="squash"),
+    "crop_pct_0.9": PreprocessSpec(size=224, crop_pct=0.9),
+}
 BATCHES = (1, 8, 64)
 # Mixed sizes, tall (vertical pass first on Pillow >= 13), odd, 1x1, elongated; then the extremes.
 MIXED = [(1, 1), (3, 47), (47, 3), (224, 224), (225, 223), (640, 480), (57, 913), (300, 1400), (120, 1900),
@@ -53,24 +60,30 @@ def _tolerance_failures(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
 
 
 @cache
-def corpus() -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
-    """name -> (images, float32 reference [N, 3, S, S]), computed once for both kernel checks."""
+def corpus() -> dict[str, tuple[PreprocessSpec, list[np.ndarray], np.ndarray]]:
+    """name -> (spec, images, float32 reference [N, 3, S, S]), computed once for both kernel checks.
+
+    Every batch in the CLIP mode; the mixed sizes also in each of ``FAMILY_SPECS``.
+    """
     rng = np.random.default_rng(11)
     batches = {"mixed": MIXED, "extremes": EXTREMES}
     batches["batch64"] = [(int(rng.integers(1, 700)), int(rng.integers(1, 700))) for _ in range(64)]
-    out = {}
-    for name, sizes in batches.items():
-        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
-        out[name] = (images, np.stack([preprocess_reference(img, SPEC) for img in images]))
-    return out
+    images = {name: [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+              for name, sizes in batches.items()}  # fmt: skip
+    cases = [(name, SPEC, batch) for name, batch in images.items()]
+    cases += [(f"mixed_{mode}", spec, images["mixed"]) for mode, spec in FAMILY_SPECS.items()]
+    return {
+        name: (spec, batch, np.stack([preprocess_reference(img, spec) for img in batch]))
+        for name, spec, batch in cases
+    }
 
 
 def _compare_kernel(run: Callable[[list[np.ndarray], list[Any], type], np.ndarray]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     bad = []
     for dtype in (np.float32, np.float16):
-        for name, (images, reference) in corpus().items():
-            fitted, tables = kernel_batch(images, SPEC)
+        for name, (spec, images, reference) in corpus().items():
+            fitted, tables = kernel_batch(images, spec)
             got = run(fitted, tables, dtype)
             want = reference.astype(dtype)
             mismatched = int(
@@ -80,7 +93,7 @@ def _compare_kernel(run: Callable[[list[np.ndarray], list[Any], type], np.ndarra
             figures[key] = mismatched
             if mismatched:
                 bad.append(key)
-        images, _ = corpus()["batch64"]
+        _, images, _ = corpus()["batch64"]
         fitted, tables = kernel_batch(images, SPEC)
         run(fitted, tables, dtype)
         start = time.perf_counter()

@@ -189,3 +189,23 @@ def test_malformed_tables_are_refused() -> None:
         kernels.plan_batch([fitted[0].shape], [tables[0], tables[0]], 8)
     with pytest.raises(ValueError, match="gridDim.z"):
         kernels.launch_shape(224, kernels.MAX_BATCH + 1)
+
+
+@pytest.mark.slow  # the GPU check's corpus: an 8000x6000 image and a timed batch of 64, on the host
+def test_the_gpu_check_compares_every_family_mode_and_passes_on_the_host_kernel(
+    host_kernels: ctypes.CDLL,
+) -> None:
+    """``benchmarks.gpu_runners``' bit-exactness check, run through the host build of the same source: the
+    first lent GPU then only swaps the launcher, and its report covers every preprocessing mode."""
+    from benchmarks import gpu_runners
+
+    spec = gpu_runners.SPEC
+    figures = gpu_runners._compare_kernel(
+        lambda images, tables, dtype: run_host_kernel(
+            host_kernels, images, tables, spec.size, spec.mean, spec.std, dtype
+        )
+    )
+    counts = {k: v for k, v in figures.items() if k.endswith("_mismatched_bytes")}
+    for mode in gpu_runners.FAMILY_SPECS:
+        assert f"mixed_{mode}_float16_mismatched_bytes" in counts
+    assert counts and not any(counts.values()), counts
