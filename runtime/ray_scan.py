@@ -132,7 +132,7 @@ def scan(
                 _write_csv(out / _csv_name(s), _read_rows(out / s.name))
     start = time.perf_counter()
     if pending:
-        ds = _dataset(pending).map_batches(
+        ds = _dataset(pending, batch_size).map_batches(
             stage,
             fn_constructor_kwargs={
                 "model": os.path.abspath(model),
@@ -169,19 +169,26 @@ class ScanError(RuntimeError):
     """The scan cannot run or did not complete; the message says what to do."""
 
 
-def _dataset(shards: Sequence[Shard]) -> Any:
-    """One block per shard: path, shard number, index in the shard."""
+def _dataset(shards: Sequence[Shard], block_rows: int) -> Any:
+    """Blocks of at most ``block_rows`` inputs (path, shard number, index in the shard).
+
+    A block is what one actor call takes, so blocks as small as a batch keep every actor busy to the end:
+    with one block per shard, 3 shards on 2 actors left one actor idle for the last third of the scan.
+    Rows carry their shard and index, so shards are reassembled whatever the blocks.
+    """
     return ray.data.from_arrow(
-        [
-            pa.table(
-                {
-                    "path": pa.array(s.paths, pa.string()),
-                    "shard": pa.array(np.full(len(s.paths), s.number, np.int64)),
-                    "index": pa.array(np.arange(len(s.paths), dtype=np.int64)),
-                }
-            )
-            for s in shards
-        ]
+        [_block(s, start, block_rows) for s in shards for start in range(0, len(s.paths), block_rows)]
+    )
+
+
+def _block(shard: Shard, start: int, rows: int) -> pa.Table:
+    paths = shard.paths[start : start + rows]
+    return pa.table(
+        {
+            "path": pa.array(paths, pa.string()),
+            "shard": pa.array(np.full(len(paths), shard.number, np.int64)),
+            "index": pa.array(np.arange(start, start + len(paths), dtype=np.int64)),
+        }
     )
 
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from i2p.runtime import Detector  # noqa: E402
 from i2p.runtime.preprocess import MAX_INPUT_BYTES  # noqa: E402
-from i2p.runtime.ray_scan import ScanError, scan  # noqa: E402
+from i2p.runtime.ray_scan import ScanError, _dataset, plan_shards, scan  # noqa: E402
 from i2p.runtime.ray_stage import RESULT_COLUMNS, DetectImages, read_uri  # noqa: E402
 from i2p.runtime.scan_sources import SourceError, list_inputs  # noqa: E402
 from tests.support.corpus import base_image, encode, make_bad_corpus  # noqa: E402
@@ -163,6 +163,19 @@ def test_killed_actor_is_retried_without_lost_or_doubled_rows(
     rows = read_out(tmp_path / "out")
     assert sorted(r["path"] for r in rows) == paths  # each once
     assert all(r["error"] is None for r in rows) and summary.scored == len(paths)
+
+
+def test_blocks_hold_at_most_a_batch_so_no_actor_idles_at_the_end(cluster: str) -> None:
+    """Blocks are what one actor call takes: with one block per shard, 3 shards on 2 actors left one actor
+    alone on the last shard. Blocks of a batch cut every shard; rows keep their shard and index."""
+    shards = plan_shards([f"/x/{i:03d}.png" for i in range(25)], "key", shard_size=10)
+    ds = _dataset(shards, block_rows=4)
+    assert ds.num_blocks() == 3 + 3 + 2  # 10 -> 4+4+2, 10 -> 4+4+2, 5 -> 4+1
+    rows = ds.to_pandas()
+    assert sorted(zip(rows["shard"], rows["index"], strict=True)) == [
+        (s.number, i) for s in shards for i in range(len(s.paths))
+    ]
+    assert rows["path"].tolist() == [p for s in shards for p in s.paths]
 
 
 @pytest.mark.slow
