@@ -295,13 +295,9 @@ def read_manifest(artifact: str | os.PathLike) -> Manifest:
     path = root / MANIFEST
     text = _read_capped(path, root)
     try:
-        data = json.loads(text, object_pairs_hook=schema.unique_keys)
+        data = schema.parse_json(text)
     except SchemaError as e:
-        raise ArtifactError(f"{path}: unreadable manifest, {e}") from e
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: unreadable manifest, not valid JSON ({e})") from e
-    except RecursionError as e:
-        raise ArtifactError(f"{path}: unreadable manifest, JSON nested too deeply") from e
+        raise ArtifactError(f"{path}: unreadable manifest, {e}") from None
     try:
         return Manifest.from_dict(data)
     except ArtifactError as e:

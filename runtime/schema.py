@@ -228,6 +228,22 @@ def default_point(threshold: float | None, points: Mapping[str, OperatingPoint] 
         )
 
 
+def parse_json(text: str | bytes) -> Any:
+    """Untrusted JSON (a manifest, a checkpoint's metadata): every way it can be bad is one SchemaError.
+
+    Besides malformed text, that is a key twice in one object, nesting deeper than the parser's stack
+    (RecursionError) and an integer too long to convert (Python's 4,300-digit limit, a ValueError).
+    """
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except SchemaError:
+        raise
+    except RecursionError:
+        raise SchemaError("not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, an over-long integer
+        raise SchemaError(f"not valid JSON ({str(e)[:200]})") from None
+
+
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json.loads(object_pairs_hook=...)``: a key twice in one object (two points of one name) is refused."""
     d = dict(pairs)

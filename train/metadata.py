@@ -112,9 +112,9 @@ class CheckpointMeta:
     def from_json(cls, raw: str, path: str | Path) -> CheckpointMeta:
         """Parse and check the stored JSON of ``path``; every problem is a CheckpointError naming it."""
         try:
-            d = json.loads(raw, object_pairs_hook=schema.unique_keys)
-        except ValueError as e:  # SchemaError (a key twice) is a ValueError too
-            raise CheckpointError(f"{path}: the i2p metadata is not valid JSON ({e})") from e
+            d = schema.parse_json(raw)
+        except SchemaError as e:
+            raise CheckpointError(f"{path}: unreadable i2p metadata, {e}") from None
         return _parse(d, _Fields(path))
 
 

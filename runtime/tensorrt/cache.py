@@ -15,7 +15,6 @@ ever written into the artifact.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from i2p.base.files import cache_root, sha256_file, write_bytes_atomic, write_js
 from ..manifest import MANIFEST, ArtifactError, Manifest, ModelFile, confined_file
 from ..model_files import ENGINE_PRECISIONS
 from ..private_cache import UntrustedCacheError, private_dir, read_own_file
+from ..schema import parse_json
 from .api import EngineBuildError, major
 
 SIDECAR_FORMAT = "i2p-tensorrt-engine"
@@ -129,7 +129,7 @@ def read_engine(engine_path: str | os.PathLike, key: EngineKey) -> bytes:
 
 def _check_sidecar(raw: bytes, name: str, key: EngineKey, actual_sha: str, engine: str) -> None:
     try:
-        meta = json.loads(raw)
+        meta = parse_json(raw)  # SchemaError is a ValueError
         built = EngineKey(
             **{
                 **{f: meta[f] for f in EngineKey.__dataclass_fields__},

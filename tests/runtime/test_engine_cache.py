@@ -27,9 +27,11 @@ from i2p.runtime.tensorrt.api import EngineBuildError
 from i2p.runtime.tensorrt.cache import (
     ENGINES,
     EngineKey,
+    StaleEngine,
     engine_cache,
     engine_mismatch,
     lookup,
+    read_engine,
     sidecar_path,
     write_engine,
 )
@@ -275,3 +277,19 @@ def test_the_onnxruntime_tensorrt_ep_caches_engines_only_in_a_private_dir(
     assert "trt_engine_cache_enable" not in opts and "is a symlink" in caplog.text
     with pytest.raises(UntrustedCacheError):
         private_dir(linked)
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [b"[" * 30_000 + b"]" * 30_000, b'{"sha256": ' + b"7" * 5000 + b"}", b"{not json", b"[]"],
+    ids=["nested", "long-int", "bad-json", "list"],
+)
+def test_a_malformed_sidecar_means_rebuild_not_a_crash(
+    cache_dir: Path, artifact: Path, sidecar: bytes
+) -> None:
+    key = key_for(artifact)
+    path = private_dir(engine_cache()) / "x.engine"
+    write_engine(path, ENGINE, key)
+    sidecar_path(path).write_bytes(sidecar)
+    with pytest.raises(StaleEngine):
+        read_engine(path, key)

@@ -147,9 +147,22 @@ def test_every_field_is_typed_and_ranged(artifact: Path, field: str, value: Any,
         (b"{not json", "not valid JSON"),
         (b'{"format": "i2p-artifact", "name": "\xff\xfe"}', "not UTF-8"),
         (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+        (b'{"format": "i2p-artifact", "threshold": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (b'{"format_version": -' + b"1" * 100_000 + b"}", "not valid JSON"),
         (b'{"format": "onnx"}', "not an i2p artifact manifest"),
     ],
-    ids=["list", "string", "bad-json", "not-utf8", "deep", "other-format"],
+    ids=[
+        "list",
+        "string",
+        "bad-json",
+        "not-utf8",
+        "deep",
+        "deep-objects",
+        "long-int",
+        "long-negative-int",
+        "other-format",
+    ],  # fmt: skip
 )
 def test_malformed_manifest_files(artifact: Path, text: bytes, message: str) -> None:
     (artifact / "manifest.json").write_bytes(text)

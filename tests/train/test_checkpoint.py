@@ -104,6 +104,11 @@ def _without(prefix: str):
 
 BROKEN_META = {
     "bad JSON": (lambda m: '{"format": "i2p-checkpoint", ', "not valid JSON"),
+    "nested too deeply": (lambda m: '{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+    "an over-long integer": (
+        lambda m: json.dumps(m)[:-1] + ', "layer": ' + "7" * 5000 + "}",
+        "not valid JSON",
+    ),
     "a list": (lambda m: json.dumps([m]), "JSON object"),
     "string version": (_set("format_version", "1"), "'format_version' must be int"),
     "bool version": (_set("format_version", True), "'format_version' must be int"),
