@@ -8,8 +8,11 @@
    already JPEG 95 like its fakes, so keeping their bytes would leave the classes' pixels alike and there
    would be no shortcut to learn; a second, lower-quality JPEG is what web photos carry). Train and
    validation alike, ``--train-per-class`` / ``--val-per-class`` images a class drawn at random.
-2. ``i2p-train --baseline`` (frozen CLIP ViT-B/16 and a linear head on cached features: minutes on a CPU),
-   once as is and once with ``--align``. ``i2p audit`` of the training set is printed by both.
+2. ``i2p-train``, once as is and once with ``--align``: ``--recipe baseline`` (the default:
+   ``--baseline``, frozen CLIP ViT-B/16 and a linear head on cached features, minutes on a CPU) or
+   ``--recipe i2p`` (the default recipe: stage 1 picks L*, the subspace of blocks 1..L* trains; with
+   ``--calib-size`` and ``--max-steps-per-epoch`` to fit a CPU). ``i2p audit`` of the training set is
+   printed by both.
 3. ``i2p eval --ckpt`` of both on: the test generators as sid-mini has them (AUC), and the same real test
    photos saved as PNG, as JPEG 95 and as JPEG 75 (false-positive rate at each checkpoint's threshold).
 
@@ -107,6 +110,9 @@ def main() -> None:
     ap.add_argument("--val-per-class", type=int, default=0, help="0: all")
     ap.add_argument("--test-per-class", type=int, default=50, help="per generator and class; 0: all")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--recipe", choices=("baseline", "i2p"), default="baseline")
+    ap.add_argument("--calib-size", type=int, default=512, help="--recipe i2p: stage 1's images per split")
+    ap.add_argument("--max-steps-per-epoch", type=int, default=0, help="--recipe i2p: 0 = whole epochs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -117,13 +123,15 @@ def main() -> None:
     manifest = test_manifest(a.data / "test", data / "test", a.test_per_class, a.seed)
     audit = json.loads(i2p("audit", str(data / "train"), "--json", log=a.out / "audit.log"))
     results = {"audit_auc": audit["classifier_auc"], "audit_warnings": audit["warnings"], "runs": {}}
+    recipe = ["--baseline"] if a.recipe == "baseline" else [
+        "--calib-size", str(a.calib_size), "--max-steps-per-epoch", str(a.max_steps_per_epoch)]  # fmt: skip
     for name, extra in (("biased", []), (f"--align {a.align}", ["--align", a.align])):
         run = a.out / ("aligned" if extra else "plain")
         ckpt = run / "checkpoint.safetensors"
         log = a.out / f"{run.name}.log"
         if not ckpt.exists():
             i2p("train", "--data", str(data / "train"), "--val", str(data / "val"), "--model", a.model,
-                "--pretrained", a.pretrained, "--baseline", "--epochs", str(a.epochs), "--workers",
+                "--pretrained", a.pretrained, *recipe, "--epochs", str(a.epochs), "--workers",
                 str(a.workers), "--seed", str(a.seed), "--out", str(run), *extra, log=log)  # fmt: skip
         evaluation = run / "eval.json"
         if not evaluation.exists():
