@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return "n/a" if math.isnan(v) else f"{v:.4f}"  # NaN: undefined (no wrong verdicts, one class)
     return "" if v is None else str(v)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Left-aligned text columns, numbers to 4 decimals; columns default to the first row's keys."""
+    """Left-aligned text columns, numbers to 4 decimals (NaN as n/a); columns default to the first row's keys."""
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())

@@ -23,16 +23,8 @@ from i2p.runtime.manifest import PRECISIONS
 from .metrics import TABLE_COLUMNS, metrics_table
 from .perturb import SHORTCUTS, Condition, parse_sweeps
 from .report import write_report
-from .robustness import (
-    SweepResult,
-    evaluate_artifact,
-    plot_sweep,
-    shortcut_effects,
-    shortcut_table,
-    sweep_table,
-    uncertain_shares,
-    uncertain_table,
-)
+from .robustness import SweepResult, evaluate_artifact, plot_sweep, sweep_table
+from .verdicts import shortcut_effects, shortcut_table, uncertain_shares, uncertain_table
 
 # (ckpt, data, backbone weights, threshold, options, conditions, operating point) -> result
 CheckpointEvaluator = Callable[

@@ -24,8 +24,9 @@ from i2p.base.files import write_bytes_atomic
 from i2p.runtime.preprocess import ImageError, load_image
 
 from .metrics import MEAN, TABLE_COLUMNS, Metrics, _counts_by_threshold, expected_calibration_error
-from .robustness import ImageScores, SweepResult, UncertainShare, uncertain_shares
+from .robustness import ImageScores, SweepResult
 from .svg_chart import ALL, FAKE, PALETTE, REAL, Chart, category_axis, det_axis, esc, linear_axis, message_svg
+from .verdicts import UncertainShare, uncertain_shares
 
 CURVE_POINTS = 800  # a ROC/DET polyline is decimated to about this many points (100k images stay small)
 CALIBRATION_BINS = 15  # the bins of metrics.expected_calibration_error

@@ -14,7 +14,8 @@ from i2p.evaluation.cli import evaluate
 from i2p.evaluation.labels import discover
 from i2p.evaluation.metrics import evaluate as metrics
 from i2p.evaluation.report import render_report
-from i2p.evaluation.robustness import ImageScores, SweepResult, uncertain_shares
+from i2p.evaluation.robustness import ImageScores, SweepResult
+from i2p.evaluation.verdicts import uncertain_shares
 from i2p.runtime import Detector
 from i2p.synthetic import make_image_folder
 from tests.support.fake_artifact import make_artifact

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from PIL import Image
 from i2p.evaluation.cli import evaluate
 from i2p.evaluation.labels import Sample, discover
 from i2p.evaluation.perturb import SHORTCUTS, jpeg, parse_condition, parse_sweeps
-from i2p.evaluation.robustness import ImageScores, SweepResult, shortcut_effects, shortcut_table, sweep
+from i2p.evaluation.robustness import ImageScores, SweepResult, sweep
+from i2p.evaluation.verdicts import shortcut_effects, shortcut_table
 from i2p.runtime.preprocess import load_image
 from tests.support.fake_artifact import make_artifact
 
@@ -135,3 +137,11 @@ def test_eval_shortcuts_on_an_artifact(tmp_path):
     text = CliRunner().invoke(evaluate, args)
     assert text.exit_code == 0 and "verdict flips after a change of delivery" in text.stdout
     assert "noexif" in text.stdout
+
+
+def test_undefined_shares_print_as_n_a_in_every_table() -> None:
+    """A condition with no wrong verdicts has no "flagged among wrong" share: the table says n/a, not nan."""
+    from i2p.base.tables import format_table
+
+    lines = format_table([{"condition": "clean", "of wrong": math.nan, "of right": 0.25}]).splitlines()
+    assert lines[2].split() == ["clean", "n/a", "0.2500"]
