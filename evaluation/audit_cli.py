@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,9 @@ def audit_command(data: str, as_json: bool, plot: str | None, limit: int, worker
     click.echo(f"\n{len(result.samples)} images audited{subset}.")
     for line in result.warnings:
         click.echo(f"warning: {line}")
-    if not result.warnings:
+    if not result.warnings and math.isnan(result.classifier_auc):
+        click.echo("no shortcut check: it needs readable images of both classes (2 or more of each)")
+    elif not result.warnings:
         click.echo(
             f"no shortcut found: metadata-only AUC {result.classifier_auc:.2f} (warning at {WARN_AUC})"
         )

@@ -204,3 +204,16 @@ def test_cli_table_json_and_plot(tmp_path):
     assert body["distributions"]["d"]["fake"]["format"]["counts"] == {"PNG": N}
     bad = runner.invoke(main, ["audit", str(tmp_path / "d"), "--plot", str(tmp_path / "no" / "a.png")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+@pytest.mark.parametrize("n", [1, 0])
+def test_a_set_too_small_to_check_says_so_rather_than_auc_nan(tmp_path, n):
+    """One image a class (or none of one class) gives no cross-validated AUC: the CLI says what it needs."""
+    _make_set(tmp_path / "d", jpg(95), png(), n=1)
+    if n == 0:
+        for f in (tmp_path / "d" / "1_fake").iterdir():
+            f.write_bytes(b"not an image")
+    out = CliRunner().invoke(main, ["audit", str(tmp_path / "d")])
+    assert out.exit_code == 0, out.output
+    assert "no shortcut check: it needs readable images of both classes" in out.stdout
+    assert "nan" not in out.stdout
