@@ -39,7 +39,7 @@ from i2p.base.tables import format_table
 from .cells import csv_cell, display
 from .manifest import MANIFEST, ArtifactError, read_manifest
 from .ray_stage import RESULT_COLUMNS, DetectImages
-from .scan_sources import SourceError, list_inputs
+from .scan_sources import MissingSource, SourceError, list_inputs
 
 SHARD_SIZE = 10_000  # inputs per output file
 PART_GLOB = "part-*.parquet"
@@ -374,6 +374,8 @@ def scan_command(
     try:
         read_manifest(model)  # refuse a broken artifact here, before any worker starts
         inputs = list_inputs(source)
+    except MissingSource as e:
+        raise click.UsageError(str(e)) from None
     except (ArtifactError, SourceError) as e:
         raise click.ClickException(str(e)) from None
     if not inputs.paths:

@@ -30,6 +30,10 @@ class SourceError(ValueError):
     """SOURCE cannot be listed; the message names it and what is wrong."""
 
 
+class MissingSource(SourceError):
+    """SOURCE names nothing that exists: a usage error (exit 2), as a missing path is in every command."""
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The sorted, unique inputs of a SOURCE and how many duplicate entries were dropped."""
@@ -64,7 +68,7 @@ def _list(source: str) -> Iterable[str]:
         )
     if any(c in source for c in GLOB_CHARS):
         return (os.path.abspath(p) for p in glob.iglob(source, recursive=True) if os.path.isfile(p))
-    raise SourceError(f"{source}: no such file, folder or glob match")
+    raise MissingSource(f"{source}: no such file, folder or glob match")
 
 
 def is_uri(text: str) -> bool:

@@ -339,20 +339,31 @@ def test_unreadable_uri_is_an_error_row(artifact: Path, tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("problem", ["no source", "empty folder", "not an artifact"])
-def test_scan_command_refuses_before_starting_ray(artifact: Path, tmp_path: Path, problem: str) -> None:
-    """Usage problems are one clear line, found on the driver before any Ray instance starts."""
+@pytest.mark.parametrize(
+    ("problem", "code"),
+    [("no source", 2), ("no glob match", 1), ("empty folder", 1), ("not an artifact", 1)],
+)
+def test_scan_command_refuses_before_starting_ray(
+    artifact: Path, tmp_path: Path, problem: str, code: int
+) -> None:
+    """Problems are one clear line, found on the driver before any Ray instance starts; a SOURCE that
+    does not exist is a usage error (2), as a missing path is in every command; nothing to scan (an
+    empty folder, a glob matching nothing) and a bad artifact are 1."""
     from click.testing import CliRunner
 
     from i2p.cli import main
 
     (tmp_path / "empty").mkdir()
-    source = {"no source": tmp_path / "missing", "empty folder": tmp_path / "empty"}.get(problem, tmp_path)
+    source = {
+        "no source": tmp_path / "missing",
+        "no glob match": tmp_path / "missing-*.png",
+        "empty folder": tmp_path / "empty",
+    }.get(problem, tmp_path)
     model = tmp_path / "empty" if problem == "not an artifact" else artifact
     was_running = ray.is_initialized()
     result = CliRunner().invoke(
         main, ["scan", str(source), "--model", str(model), "--out", str(tmp_path / "o")]
     )
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.exit_code == code and "Traceback" not in result.output, result.output
     assert str(source if problem != "not an artifact" else model) in result.output
     assert ray.is_initialized() == was_running
