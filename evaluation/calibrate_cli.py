@@ -9,6 +9,7 @@ import click
 
 from i2p.runtime.detector import BACKENDS
 from i2p.runtime.manifest import PRECISIONS
+from i2p.runtime.schema import SchemaError, point_name
 
 from .calibrate import Calibration, calibrate
 from .cli import run_cli
@@ -31,6 +32,21 @@ def _lines(result: Calibration) -> list[str]:
     return lines
 
 
+def _target_fpr(value: float) -> float:
+    """--target-fpr checked while the command line is parsed (NaN too): a usage error (exit 2)."""
+    if not 0.0 < value < 1.0:  # False for NaN
+        raise click.BadParameter(f"{value!r} is not a fraction in (0, 1), e.g. 0.01 for 1%")
+    return value
+
+
+def _point_name(value: str) -> str:
+    """--name checked while the command line is parsed: a bad one is a usage error (exit 2)."""
+    try:
+        return point_name(value, "--name")
+    except SchemaError as e:
+        raise click.BadParameter(str(e).removeprefix("field '--name': ")) from None
+
+
 @click.command("calibrate")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -48,9 +64,15 @@ def _lines(result: Calibration) -> list[str]:
     "--target-fpr",
     required=True,
     type=float,
+    callback=lambda ctx, param, value: _target_fpr(value),
     help="At most this fraction of the reals called fake, e.g. 0.01 (needs >= 299 reals).",
 )
-@click.option("--name", required=True, help="The point's name (letters, digits, _ . + -), e.g. uploads_1pct.")
+@click.option(
+    "--name",
+    required=True,
+    callback=lambda ctx, param, value: _point_name(value),
+    help="The point's name (letters, digits, _ . + -), e.g. uploads_1pct.",
+)
 @click.option("--default", "make_default", is_flag=True, help="Also make it the artifact's default point.")
 @click.option("--replace", "replace_point", is_flag=True, help="Replace an existing point of this name.")
 @click.option(

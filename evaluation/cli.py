@@ -129,7 +129,10 @@ def eval_command(evaluate_checkpoint: CheckpointEvaluator | None = None) -> clic
             raise click.UsageError("--precision picks a model file of --model (an exported artifact)")
         if metric not in TABLE_COLUMNS or metric == "n":
             raise click.UsageError(f"--metric must be one of {', '.join(TABLE_COLUMNS[1:])}")
-        conditions = run_cli(parse_sweeps, perturb + (SHORTCUTS if shortcuts else ()))
+        try:  # a bad --perturb value is a usage error (2), like every other option's
+            conditions = parse_sweeps(perturb + (SHORTCUTS if shortcuts else ()))
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
         if report and not Path(report).parent.is_dir():  # before the evaluation, which may take hours
             raise click.BadParameter(f"folder {Path(report).parent} does not exist", param_hint="--report")
         if artifact is None and evaluate_checkpoint is None:

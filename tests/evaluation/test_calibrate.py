@@ -223,13 +223,17 @@ def test_unreadable_files_do_not_count_towards_the_reals_needed(artifact, tmp_pa
         calibrate(artifact, tmp_path / "reals", 0.05, "x")
 
 
-@pytest.mark.parametrize("target", ["0", "1", "-0.1", "nan", "1.5"])
-def test_bad_targets_and_names_are_refused(artifact, data, target):
+@pytest.mark.parametrize("target", ["0", "1", "-0.1", "nan", "inf", "1.5"])
+def test_bad_targets_and_names_are_usage_errors(artifact, data, target):
+    """Out-of-range options exit 2 in every command (the README's table), before any image is read;
+    the library function refuses the same values for API users."""
     args = ["calibrate", str(artifact), "--reals", str(data / "0_real")]
     result = CliRunner().invoke(main, [*args, "--target-fpr", target, "--name", "x"])
-    assert result.exit_code == 1 and "--target-fpr must be a fraction in (0, 1)" in result.output
+    assert result.exit_code == 2 and "is not a fraction in (0, 1)" in result.output
     bad = CliRunner().invoke(main, [*args, "--target-fpr", "0.05", "--name", "a b/../c"])
-    assert bad.exit_code == 1 and "is not an operating point name" in bad.output
+    assert bad.exit_code == 2 and "is not an operating point name" in bad.output
+    with pytest.raises(CalibrationError, match=r"--target-fpr must be a fraction in \(0, 1\)"):
+        calibrate(artifact, data / "0_real", float(target), "x")
 
 
 def test_unreadable_reals_are_reported_and_left_out(artifact, data, tmp_path):

@@ -144,3 +144,5 @@ def test_the_same_mistake_exits_with_the_same_code_in_every_command(tmp_path, da
         assert res.exit_code == 1 and "training checkpoint" in res.output, (name, res.output)
     misuse = CliRunner().invoke(main, ["detect", str(data_dir), "--model", str(ckpt), "--batch-size", "0"])
     assert misuse.exit_code == 2  # a usage error stays 2
+    bad_perturb = _eval("--model", str(ckpt), "--data", str(data_dir), "--perturb", "jpeg:500", lean=True)
+    assert bad_perturb.exit_code == 2 and "jpeg takes an integer quality 1..100" in bad_perturb.output
