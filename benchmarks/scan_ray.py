@@ -95,7 +95,8 @@ class ActorRss:
 
 
 def run_scans(paths: list[str], model: Path, work: Path, cpus: int) -> dict[int, dict[str, Any]]:
-    from i2p.runtime.ray_scan import ray_session, scan
+    from i2p.runtime.ray_scan import scan
+    from i2p.runtime.scan_cli import ray_session
 
     results = {}
     with ray_session(None, cpus):

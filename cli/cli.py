@@ -21,7 +21,7 @@ COMMANDS = {
     "export": "i2p.export.export_cli:export",
     "detect": "i2p.runtime.detect_cli:detect",
     "bench": "i2p.runtime.bench_cli:bench",
-    "scan": "i2p.runtime.ray_scan:scan_command",  # needs the [ray] extra
+    "scan": "i2p.runtime.scan_cli:scan_command",  # needs the [ray] extra
 }
 # module prefix -> the pip extra its imports need (the demo trains and exports)
 EXTRAS = (
