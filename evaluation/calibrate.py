@@ -32,7 +32,7 @@ from i2p.runtime import Detector
 from i2p.runtime.detector import Prepared
 from i2p.runtime.manifest import MANIFEST, ArtifactError, Manifest, read_manifest
 from i2p.runtime.preprocess import MAX_INPUT_BYTES, describe
-from i2p.runtime.schema import CALIBRATED, OperatingPoint, SchemaError, point_digest, point_name
+from i2p.runtime.schema import CALIBRATED, OodSpec, OperatingPoint, SchemaError, point_digest, point_name
 from i2p.runtime.sources import iter_images
 
 CONFIDENCE = 0.95
@@ -147,6 +147,7 @@ class Scored:
     relpath: str
     sha256: str
     probability: float
+    ood: float | None = None  # the artifact's out-of-distribution score, where its network has one
 
 
 def files_digest(items: Sequence[Scored]) -> str:
@@ -218,7 +219,7 @@ def score_folder(
             for (_, digest), path, pred in zip(prepared, chunk, predictions, strict=True):
                 if pred.ok:
                     rel = Path(path).relative_to(root).as_posix()
-                    scored.append(Scored(label, rel, digest, float(pred.probability)))
+                    scored.append(Scored(label, rel, digest, float(pred.probability), pred.ood))
                 else:
                     errors.append(pred.error or f"{path}: no score")
     return scored, errors
@@ -245,6 +246,8 @@ class Calibration:
     precision: str
     before: dict[str, float] = field(default_factory=dict)  # point name -> FPR on these reals
     errors: list[str] = field(default_factory=list)  # unreadable files, excluded
+    ood: OodSpec | None = None  # with ood=True: the artifact's new OOD threshold, taken on these reals
+    ood_flagged_before: float | None = None  # the share of these reals the old OOD threshold flagged
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,6 +260,8 @@ class Calibration:
             "precision": self.precision,
             "fpr_before": self.before,
             "excluded": self.errors,
+            "ood": self.ood.to_dict() if self.ood is not None else None,
+            "ood_flagged_before": self.ood_flagged_before,
         }
 
 
@@ -269,9 +274,15 @@ def calibrate(
     make_default: bool = False,
     replace_point: bool = False,
     workers: int = 2,
+    ood: bool = False,
     **detector_options: Any,
 ) -> Calibration:
-    """Score ``reals`` (and ``fakes``) with the artifact's Detector, add point ``name``, write the manifest."""
+    """Score ``reals`` (and ``fakes``) with the artifact's Detector, add point ``name``, write the manifest.
+
+    ``ood``: also take the artifact's OOD threshold on these reals (the same quantile as at training, of
+    their OOD scores), so that ``uncertain`` means "unlike your traffic". It is the artifact's one
+    threshold, for every operating point.
+    """
     try:
         point_name(name, "--name")
     except SchemaError as e:
@@ -281,6 +292,11 @@ def calibrate(
             f"--target-fpr must be a fraction in (0, 1), e.g. 0.01 for 1%, got {target_fpr!r}"
         )
     manifest = read_manifest(artifact)
+    if ood and manifest.ood is None:
+        raise CalibrationError(
+            f"{artifact}: this artifact has no OOD output to calibrate (exported before the OOD score, or "
+            "from a checkpoint without its density); leave out --ood, or re-export from a current checkpoint"
+        )
     if name in manifest.operating_points and not replace_point:
         raise CalibrationError(
             f"{artifact}: it already has an operating point {name!r}; choose another --name or pass --replace"
@@ -311,7 +327,8 @@ def calibrate(
     )
     point = replace(point, digest=point_digest(name, point))
     before = {n: float((p_real >= p.threshold).mean()) for n, p in manifest.operating_points.items()}
-    write_point(artifact, manifest, name, point, make_default)
+    new_ood, flagged_before = _ood_on_reals(manifest.ood, real) if ood else (None, None)
+    write_point(artifact, manifest, name, point, make_default, new_ood)
     return Calibration(
         str(artifact),
         name,
@@ -322,7 +339,22 @@ def calibrate(
         precision,
         before,
         errors + fake_errors,
+        new_ood,
+        flagged_before,
     )
+
+
+def _ood_on_reals(spec: OodSpec, real: Sequence[Scored]) -> tuple[OodSpec, float]:
+    """The OOD spec with its threshold taken on these reals (its own quantile, as training takes it on the
+    validation images), and the share of them the old threshold flagged."""
+    scores = np.array([s.ood for s in real if s.ood is not None and math.isfinite(s.ood)], np.float64)
+    if len(scores) < len(real):
+        raise CalibrationError(
+            f"{len(real) - len(scores)} of the {len(real)} reals have no OOD score from this artifact's "
+            "network; its OOD output cannot be calibrated"
+        )
+    threshold = float(np.quantile(scores, spec.quantile))
+    return replace(spec, threshold=threshold, n_val=len(scores)), float((scores > spec.threshold).mean())
 
 
 def _check_count(n: int, needed: int, target_fpr: float, reals: str | os.PathLike, errors: list[str]) -> None:
@@ -357,22 +389,30 @@ def _scored_model(detector: Detector) -> str:
 
 
 def write_point(
-    artifact: str | os.PathLike, manifest: Manifest, name: str, point: OperatingPoint, make_default: bool
+    artifact: str | os.PathLike,
+    manifest: Manifest,
+    name: str,
+    point: OperatingPoint,
+    make_default: bool,
+    ood: OodSpec | None = None,
 ) -> Manifest:
     """Add or replace ``name``, every other point unchanged; atomic, checked before and re-read after.
 
     The manifest's threshold follows its default point: making this point the default, or replacing the
-    point that is the default, moves it.
+    point that is the default, moves it. ``ood``: a new OOD spec (else the manifest's stays).
     """
     points = {**manifest.operating_points, name: point}
     default = name if make_default else manifest.operating_point
     threshold = points[default].threshold if default else manifest.threshold
-    updated = replace(manifest, operating_points=points, operating_point=default, threshold=threshold)
+    ood = ood or manifest.ood
+    updated = replace(
+        manifest, operating_points=points, operating_point=default, threshold=threshold, ood=ood
+    )
     text = updated.to_json()
     Manifest.from_dict(json.loads(text))  # the manifest's own checks before anything is written
     path = Path(artifact) / MANIFEST
     write_bytes_atomic(path, text.encode())  # a new file renamed over the old: a planted link is replaced
     reread = read_manifest(artifact)
-    if reread.operating_points != points or reread.threshold != threshold:
+    if reread.operating_points != points or reread.threshold != threshold or reread.ood != ood:
         raise ArtifactError(f"{path}: the manifest read back differs from the one written; check the disk")
     return reread

@@ -29,6 +29,12 @@ def _lines(result: Calibration) -> list[str]:
     for name, fpr in result.before.items():
         lines.append(f"  for comparison, point {name!r} calls {fpr:.4f} of these reals fake")
     lines.append(f"files sha256 {p.files_sha256}" + ("; now the default point" if result.default else ""))
+    if result.ood is not None:
+        lines.append(
+            f"OOD threshold now {result.ood.threshold:.6g}, the {result.ood.quantile:.0%} quantile of these "
+            f"{result.ood.n_val} reals' OOD scores (the old one flagged {result.ood_flagged_before:.4f} of "
+            "them uncertain); it applies to every operating point"
+        )
     return lines
 
 
@@ -76,6 +82,11 @@ def _point_name(value: str) -> str:
 @click.option("--default", "make_default", is_flag=True, help="Also make it the artifact's default point.")
 @click.option("--replace", "replace_point", is_flag=True, help="Replace an existing point of this name.")
 @click.option(
+    "--ood",
+    is_flag=True,
+    help="Also take the artifact's OOD threshold on these reals, so 'uncertain' means unlike your traffic.",
+)
+@click.option(
     "--backend",
     type=click.Choice(BACKENDS),
     default="auto",
@@ -93,7 +104,7 @@ def _point_name(value: str) -> str:
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="Decoding threads.")
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
 def calibrate_command(artifact: str, reals: str, fakes: str | None, target_fpr: float, name: str,
-                      make_default: bool, replace_point: bool, backend: str, precision: str | None,
+                      make_default: bool, replace_point: bool, ood: bool, backend: str, precision: str | None,
                       device: int, batch_size: int, workers: int, as_json: bool) -> None:  # fmt: skip
     """Add an operating point to ARTIFACT at a target false-positive rate on your own real images.
 
@@ -101,7 +112,7 @@ def calibrate_command(artifact: str, reals: str, fakes: str | None, target_fpr: 
     stderr and left out. The manifest is rewritten atomically and re-checked; other points are kept.
     """
     options = {"backend": backend, "precision": precision, "device": device, "batch_size": batch_size}
-    run = functools.partial(calibrate, workers=workers, **options)
+    run = functools.partial(calibrate, workers=workers, ood=ood, **options)
     # run_cli: ArtifactError and ValueError (CalibrationError, a refused option) become clean errors
     result = run_cli(run, artifact, reals, target_fpr, name, fakes, make_default, replace_point)
     for error in result.errors:

@@ -428,3 +428,32 @@ def test_calibrate_runs_without_torch(artifact, data):
     )
     assert proc.returncode == 0, proc.stderr
     assert "lean" in read_manifest(artifact).operating_points
+
+
+def test_ood_threshold_is_taken_on_the_same_reals(tmp_path, data):
+    """--ood: the artifact's one OOD threshold becomes its quantile of these reals' OOD scores, as the
+    deployed network computes them; the points are calibrated as without it."""
+    from tests.support.fake_artifact import make_artifact
+
+    art = make_artifact(tmp_path / "ood.i2p", threshold=0.5, ood_threshold=1e-9)  # flags every image
+    reals = sorted(str(p) for p in (data / "0_real").iterdir())
+    scores = np.array([p.ood for p in Detector(art).predict(reals)])
+    args = ["calibrate", str(art), "--reals", str(data / "0_real"), "--target-fpr", "0.05", "--json"]
+    result = CliRunner().invoke(main, [*args, "--name", "web", "--ood"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    spec = read_manifest(art).ood
+    assert spec.threshold == pytest.approx(float(np.quantile(scores, spec.quantile)), rel=1e-6)
+    assert spec.n_val == len(reals) and body["ood"]["threshold"] == spec.threshold
+    assert body["ood_flagged_before"] == 1.0  # the old threshold flagged all of them
+    flagged = np.mean([p.uncertain for p in Detector(art).predict(reals)])
+    assert 0 < flagged <= 1 - spec.quantile + 1 / len(reals)
+    again = CliRunner().invoke(main, [*args, "--name", "web2"])  # without --ood: the threshold stays
+    assert again.exit_code == 0 and read_manifest(art).ood == spec
+
+
+def test_ood_on_an_artifact_without_the_ood_output_is_refused(artifact, data):
+    args = ["calibrate", str(artifact), "--reals", str(data / "0_real"), "--target-fpr", "0.05"]
+    result = CliRunner().invoke(main, [*args, "--name", "web", "--ood"])
+    assert result.exit_code == 1 and "no OOD output to calibrate" in result.output
+    assert "web" not in read_manifest(artifact).operating_points  # refused before anything is written
