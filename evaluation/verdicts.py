@@ -33,7 +33,7 @@ class UncertainShare:
     n_wrong: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+        return _json(self)
 
 
 def uncertain_shares(result: SweepResult) -> list[UncertainShare]:
@@ -67,7 +67,7 @@ def uncertain_table(shares: Sequence[UncertainShare]) -> str:
                 "condition": s.condition,
                 "n": s.n,
                 "uncertain": s.flagged,
-                **{g: v for g, v in s.per_generator.items()},
+                **s.per_generator,
                 "of wrong": s.wrong,
                 "of right": s.right,
                 "wrong": s.n_wrong,
@@ -90,7 +90,7 @@ class ShortcutEffect:
     max_abs_delta: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+        return _json(self)
 
 
 def shortcut_effects(result: SweepResult, conditions: Sequence[str]) -> list[ShortcutEffect]:
@@ -121,6 +121,11 @@ def shortcut_effects(result: SweepResult, conditions: Sequence[str]) -> list[Sho
             )  # fmt: skip
         )
     return out
+
+
+def _json(share: UncertainShare | ShortcutEffect) -> dict[str, Any]:
+    """The fields as JSON: an undefined share (NaN, e.g. of no wrong verdicts) is null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in share.__dict__.items()}
 
 
 def _mean(values: np.ndarray) -> float:
