@@ -162,7 +162,7 @@ def test_every_field_is_typed_and_ranged(artifact: Path, field: str, value: Any,
         "long-int",
         "long-negative-int",
         "other-format",
-    ],  # fmt: skip
+    ],
 )
 def test_malformed_manifest_files(artifact: Path, text: bytes, message: str) -> None:
     (artifact / "manifest.json").write_bytes(text)
